@@ -1,0 +1,1 @@
+"""vtcbench: benchmark and profile visual token compression in LLaVA-family models."""

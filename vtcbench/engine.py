@@ -1,0 +1,410 @@
+"""The compression engine (DESIGN.md section 3): applies a method's plan to a LLaVA-family model.
+
+`with compress(model, method) as engine:` attaches forward pre-hooks and removes them on exit;
+no transformers class is patched. Three hook points:
+
+- the multimodal model (`LlavaModel`): locates image tokens from `input_ids == image_token_index`
+  and decides prefill (no cache yet) or decode (a cache that already holds the prompt);
+- the language model (`LlamaModel`): records the prompt's positions and padding, applies a
+  layer-0 action to the embeddings (so the model builds its masks and caches in the compressed
+  space), and during decode slices the 2-D padding mask to the kept columns;
+- the decoder layers from the first planned one on: apply an action at its layer, and give each
+  layer the attention mask, position ids and RoPE tables of the sequence it actually sees.
+
+Bookkeeping is in "spaces": a space is the token sequence as some layers see it, stored as
+indices into the layer-0 sequence (`index0`), plus positions, padding and image flags. The model
+builds one mask and one RoPE table for layer 0; every later space gathers its rows/columns from
+them at prefill, and at decode gathers the columns of its cached tokens plus the new ones. Per
+layer the KV cache therefore holds only that layer's tokens. New tokens continue from the
+prompt's last position in each space (for FastV/LLaVolta that is the original length; for
+PyramidDrop's compacted positions, the compacted length, as an uncached rerun would give).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+from vtcbench.errors import VtcbenchError
+from vtcbench.methods.base import Keep, LayerContext, Method, Replace
+
+SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+@dataclass
+class Space:
+    """The sequence as a run of layers sees it; all tensors [batch, seq] unless noted."""
+
+    index0: torch.Tensor  # indices into the layer-0 sequence (mask columns)
+    position_ids: torch.Tensor
+    valid: torch.Tensor  # bool: not padding
+    is_image: torch.Tensor  # bool
+    shift: torch.Tensor  # [batch]: layer-0 position of the last prompt token minus ours
+    mask: torch.Tensor | None = None  # the attention mask in this space (prefill)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
+    decode_memo: tuple = field(default=(), repr=False)  # (mask_in, position_ids_in, mask_out, pos_out, emb_out)
+
+    @property
+    def image_index(self) -> torch.Tensor:
+        return _row_nonzero(self.is_image)
+
+    @property
+    def image_count(self) -> int:
+        return int(self.is_image[0].sum())
+
+
+@dataclass
+class _Request:
+    """One forward's state, created at prefill and kept for the decode steps that follow."""
+
+    image_mask: torch.Tensor  # [batch, seq] in the original prompt
+    sample_keys: list[int]
+    n_image: int  # N0 per sample
+    original_length: int = 0  # padded prompt length before any compression
+    lm_index: torch.Tensor | None = None  # layer-0 space in original indices, if layer 0 acted
+    space0: Space | None = None
+    space: Space | None = None  # current space while the prefill runs through the layers
+    layer_space: dict[int, Space] = field(default_factory=dict)
+    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # action layer -> [batch, seq]
+    decoding: bool = False
+
+
+class CompressionEngine:
+    """Reversible context manager that applies `method` to `model` (a LLaVA-family model)."""
+
+    def __init__(self, model: nn.Module, method: Method):
+        self.model = model
+        self.method = method
+        self.multimodal = model.model
+        self.language_model = self.multimodal.language_model
+        self.layers = self.language_model.layers
+        self.n_layers = len(self.layers)
+        self.image_token_index = model.config.image_token_index
+        self.plan = method.plan(self.n_layers)
+        self.score_layers = {score: action for action, score in self.plan.items() if score is not None}
+        #: visual tokens per sample that entered each decoder layer at the last prefill
+        self.applied_image_tokens_per_layer: list[int] = []
+        self._handles: list = []
+        self._request: _Request | None = None
+
+    # -- context manager -------------------------------------------------------------------------
+    def __enter__(self) -> CompressionEngine:
+        attention = self.model.config._attn_implementation
+        if attention not in SUPPORTED_ATTENTION:
+            raise VtcbenchError(
+                f"attention backend {attention!r} is not supported by the engine; valid: {', '.join(SUPPORTED_ATTENTION)}"
+            )
+        self.method.validate_for(self._image_tokens_per_image(), self.n_layers)
+        hook = self._handles.append
+        hook(self.multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
+        if self.method.where == "pre_llm":
+            hook(self.multimodal.multi_modal_projector.register_forward_hook(self._on_projector))
+        if self.plan:
+            hook(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+            first = min([*self.plan, *self.score_layers])
+            for index in range(max(first, 1), self.n_layers):
+                hook(self.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._request = None
+
+    # -- inputs ------------------------------------------------------------------------------------
+    def prepare(self, inputs: dict) -> dict:
+        """Shrink each image's run of placeholder tokens to what a pre-LLM method outputs.
+
+        In-LLM methods need no change. A pre-LLM method (pooling before the LLM) makes the prompt
+        itself shorter, so the prompt must carry the pooled count of `<image>` tokens.
+        """
+        if self.method.where != "pre_llm":
+            return dict(inputs)
+        per_image = self._image_tokens_per_image()
+        kept = self.method.pre_llm_tokens(per_image)
+        input_ids = inputs["input_ids"]
+        is_image = input_ids == self.image_token_index
+        rank_in_image = (is_image.cumsum(dim=1) - 1) % per_image
+        keep = ~is_image | (rank_in_image < kept)
+        counts = keep.sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise VtcbenchError("every prompt in a batch must hold the same number of images")
+        out = dict(inputs)
+        for key in ("input_ids", "attention_mask"):
+            if key in inputs and inputs[key] is not None:
+                out[key] = inputs[key][keep].reshape(input_ids.shape[0], -1)
+        return out
+
+    def _image_tokens_per_image(self) -> int:
+        vision = self.model.config.vision_config
+        tokens = (vision.image_size // vision.patch_size) ** 2
+        return tokens + (self.model.config.vision_feature_select_strategy == "full")
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _on_multimodal(self, module, args, kwargs):
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("past_key_values")
+        if cache is not None and cache.get_seq_length() > 0:
+            if self._request is not None:
+                self._request.decoding = True
+            return None
+        self._request = None
+        if input_ids is None:
+            if self.plan:
+                raise VtcbenchError("the engine locates image tokens from input_ids; pass input_ids, not inputs_embeds")
+            return None
+        image_mask = input_ids == self.image_token_index
+        counts = image_mask.sum(dim=1)
+        if not bool(counts.any()):
+            self.applied_image_tokens_per_layer = [0] * self.n_layers
+            return None
+        if not bool((counts == counts[0]).all()):
+            raise VtcbenchError(
+                f"the engine needs the same number of image tokens in every prompt of a batch; got {counts.tolist()}"
+            )
+        n_image = int(counts[0])
+        if self.method.where == "pre_llm":
+            self._check_pre_llm_prompt(n_image)
+        self.applied_image_tokens_per_layer = [n_image] * self.n_layers
+        if not self.plan:
+            return None
+        self.method.validate_for(n_image, self.n_layers)
+        attention_mask = kwargs.get("attention_mask")
+        valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
+        keys = [zlib.crc32(ids[ok].cpu().numpy().tobytes()) for ids, ok in zip(input_ids, valid)]
+        self._request = _Request(image_mask=image_mask, sample_keys=keys, n_image=n_image)
+        return None
+
+    def _check_pre_llm_prompt(self, n_image: int) -> None:
+        per_image = self._image_tokens_per_image()
+        pooled = self.method.pre_llm_tokens(per_image)
+        if n_image % pooled or n_image % per_image == 0 and pooled != per_image:
+            raise VtcbenchError(
+                f"{self.method.name} shortens the prompt to {pooled} image tokens per image; "
+                "pass the inputs through engine.prepare(inputs) first"
+            )
+
+    def _on_projector(self, module, args, output):
+        return self.method.pre_llm(output)
+
+    def _on_language_model(self, module, args, kwargs):
+        request = self._request
+        if request is None:
+            return None
+        if request.decoding:
+            return args, self._language_model_decode(request, kwargs)
+        embeds = kwargs["inputs_embeds"]
+        batch, length = embeds.shape[:2]
+        attention_mask = kwargs.get("attention_mask")
+        valid = request.image_mask.new_ones(batch, length) if attention_mask is None else attention_mask.bool()
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            position_ids = torch.arange(length, device=embeds.device).expand(batch, -1)
+        position_ids = position_ids.expand(batch, -1)
+        request.original_length = length
+        space = Space(
+            index0=torch.arange(length, device=embeds.device).expand(batch, -1),
+            position_ids=position_ids,
+            valid=valid,
+            is_image=request.image_mask,
+            shift=position_ids.new_zeros(batch),
+        )
+        if 0 in self.plan:
+            if self.plan[0] == 0:
+                cos_sin = self.language_model.rotary_emb(embeds, position_ids)
+                request.scores[0] = _last_token_attention(self.layers[0], embeds, cos_sin, valid)
+            space, embeds = self._act(request, 0, space, embeds)
+            request.lm_index = space.index0
+            kwargs = dict(kwargs, inputs_embeds=embeds, position_ids=space.position_ids)
+            if attention_mask is not None:
+                kwargs["attention_mask"] = space.valid.to(attention_mask.dtype)
+            space = Space(
+                index0=torch.arange(space.index0.shape[1], device=embeds.device).expand(batch, -1),
+                position_ids=space.position_ids,
+                valid=space.valid,
+                is_image=space.is_image,
+                shift=space.shift,
+            )
+        else:
+            kwargs = dict(kwargs, position_ids=position_ids)
+        request.space0 = request.space = space
+        return args, kwargs
+
+    def _language_model_decode(self, request: _Request, kwargs: dict) -> dict:
+        """Explicit positions for the new tokens, and the padding mask of layer 0's cache."""
+        embeds = kwargs["inputs_embeds"]
+        batch, new = embeds.shape[:2]
+        space0 = request.space0
+        cached0 = kwargs["past_key_values"].get_seq_length()  # layer 0 is in the layer-0 space
+        position_ids = kwargs.get("position_ids")
+        if position_ids is None:
+            start = request.original_length + cached0 - space0.index0.shape[1]
+            position_ids = torch.arange(start, start + new, device=embeds.device).expand(batch, -1)
+        kwargs = dict(kwargs, position_ids=position_ids - space0.shift[:, None])
+        attention_mask = kwargs.get("attention_mask")
+        if request.lm_index is not None and attention_mask is not None and attention_mask.ndim == 2:
+            columns = _decode_columns(request.lm_index, request.original_length, attention_mask.shape[1])
+            kwargs["attention_mask"] = attention_mask.gather(1, columns)
+        return kwargs
+
+    def _layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            request = self._request
+            if request is None or request.space is None:
+                return None
+            if request.decoding:
+                space = request.layer_space.get(index, request.space0)
+                if space is request.space0:
+                    return None
+                return args, self._decode_kwargs(space, request.space0.index0.shape[1], kwargs)
+            hidden = args[0] if args else kwargs["hidden_states"]
+            space = request.space
+            if index in self.score_layers:
+                embeddings = self._prefill_kwargs(request, space, kwargs)["position_embeddings"]
+                action_layer = self.score_layers[index]
+                request.scores[action_layer] = _last_token_attention(module, hidden, embeddings, space.valid)
+            if index in self.plan:
+                space, hidden = self._act(request, index, space, hidden)
+                request.space = space
+                if args:
+                    args = (hidden, *args[1:])
+                else:
+                    kwargs = dict(kwargs, hidden_states=hidden)
+            request.layer_space[index] = space
+            return args, self._prefill_kwargs(request, space, kwargs)
+
+        return hook
+
+    # -- prefill -----------------------------------------------------------------------------------
+    def _act(self, request: _Request, layer: int, space: Space, hidden: torch.Tensor) -> tuple[Space, torch.Tensor]:
+        """Run the method at `layer` and build the space (and hidden states) that follow."""
+        image_index = space.image_index
+        scores = request.scores.pop(layer, None)
+        ctx = LayerContext(
+            layer=layer,
+            hidden_states=hidden,
+            image_index=image_index,
+            position_ids=space.position_ids,
+            n_image_original=request.n_image,
+            n_layers=self.n_layers,
+            sample_keys=request.sample_keys,
+            scores_fn=None if scores is None else (lambda: scores.gather(1, image_index)),
+        )
+        action = self.method.select(ctx)
+        chosen = action.indices if isinstance(action, Keep) else action.anchors
+        kept_image = image_index.gather(1, chosen)
+        text_index = _row_nonzero(~space.is_image)
+        order = torch.cat([text_index, kept_image], dim=1).sort(dim=1).values
+        is_image = space.is_image.gather(1, order)
+        valid = space.valid.gather(1, order)
+        hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        position_ids = space.position_ids.gather(1, order)
+        if isinstance(action, Replace):
+            hidden = hidden.masked_scatter(is_image.unsqueeze(-1), action.hidden.to(hidden.dtype))
+            position_ids = position_ids.masked_scatter(is_image, action.position_ids.to(position_ids.dtype))
+        if self.method.position_policy == "compact":
+            position_ids = ((valid.cumsum(dim=1) - 1) * valid).to(position_ids.dtype)
+        reference = request.space0 or space  # layer 0's space (or this one, when layer 0 acts)
+        new_space = Space(
+            index0=space.index0.gather(1, order),
+            position_ids=position_ids,
+            valid=valid,
+            is_image=is_image,
+            shift=reference.position_ids[:, -1] - position_ids[:, -1],
+        )
+        count = new_space.image_count
+        self.applied_image_tokens_per_layer[layer:] = [count] * (self.n_layers - layer)
+        return new_space, hidden
+
+    def _prefill_kwargs(self, request: _Request, space: Space, kwargs: dict) -> dict:
+        """The layer kwargs of `space`, derived once from the model's layer-0 kwargs."""
+        if space is request.space0:
+            return kwargs
+        if space.position_embeddings is None:
+            mask = kwargs.get("attention_mask")
+            space.mask = None if mask is None else _gather_mask(mask, space.index0, rows=True)
+            cos, _ = kwargs["position_embeddings"]
+            space.position_embeddings = self.language_model.rotary_emb(cos, space.position_ids)
+        return dict(
+            kwargs,
+            attention_mask=space.mask,
+            position_ids=space.position_ids,
+            position_embeddings=space.position_embeddings,
+        )
+
+    # -- decode ------------------------------------------------------------------------------------
+    def _decode_kwargs(self, space: Space, prompt_length0: int, kwargs: dict) -> dict:
+        """Mask columns of this layer's cached tokens plus the new ones; positions shifted."""
+        mask, position_ids = kwargs.get("attention_mask"), kwargs["position_ids"]
+        memo = space.decode_memo
+        if not memo or memo[0] is not mask or memo[1] is not position_ids:
+            if mask is not None:
+                columns = _decode_columns(space.index0, prompt_length0, mask.shape[-1])
+                mask_out = _gather_mask(mask, columns, rows=False)
+            else:
+                mask_out = None
+            pos_out = position_ids - space.shift[:, None]
+            cos, _ = kwargs["position_embeddings"]
+            emb_out = self.language_model.rotary_emb(cos, pos_out)
+            memo = space.decode_memo = (mask, position_ids, mask_out, pos_out, emb_out)
+        return dict(kwargs, attention_mask=memo[2], position_ids=memo[3], position_embeddings=memo[4])
+
+
+def compress(model: nn.Module, method: Method) -> CompressionEngine:
+    """`with compress(model, method) as engine: model.generate(**engine.prepare(inputs))`."""
+    return CompressionEngine(model, method)
+
+
+# -- tensor helpers ------------------------------------------------------------------------------------
+
+
+def _row_nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """Column indices of True per row, [batch, count]; rows must hold the same count."""
+    return mask.nonzero()[:, 1].reshape(mask.shape[0], -1)
+
+
+def _decode_columns(kept: torch.Tensor, prompt_length: int, total: int) -> torch.Tensor:
+    """Columns [kept prompt tokens, every token after the prompt] of a mask of width `total`."""
+    new = torch.arange(prompt_length, total, device=kept.device).expand(kept.shape[0], -1)
+    return torch.cat([kept, new], dim=1)
+
+
+def _gather_mask(mask: torch.Tensor, index: torch.Tensor, *, rows: bool) -> torch.Tensor:
+    """Select key columns (and query rows at prefill) of a 2-D padding or 4-D attention mask."""
+    batch = index.shape[0]
+    if mask.ndim == 2:
+        return mask.expand(batch, -1).gather(1, index)
+    mask = mask.expand(batch, *mask.shape[1:])
+    heads = mask.shape[1]
+    if rows:
+        mask = mask.gather(2, index[:, None, :, None].expand(batch, heads, -1, mask.shape[3]))
+    return mask.gather(3, index[:, None, None, :].expand(batch, heads, mask.shape[2], -1))
+
+
+@torch.no_grad()
+def _last_token_attention(
+    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], valid: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q_last . K / sqrt(d)) averaged over heads, [batch, seq], from the layer's input.
+
+    The same row eager attention would return, recomputed so any attention backend works:
+    `input_layernorm`, `q_proj` (last token only), `k_proj`, RoPE, `repeat_kv`; padding keys masked.
+    """
+    attention = layer.self_attn
+    batch, length, _ = hidden.shape
+    normed = layer.input_layernorm(hidden)
+    head_dim = attention.head_dim
+    query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
+    key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    cos, sin = position_embeddings
+    query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
+    _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    key = repeat_kv(key, attention.num_key_value_groups)
+    logits = (query @ key.transpose(-1, -2)).float() * attention.scaling  # [batch, heads, 1, seq]
+    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=1)[:, 0]

@@ -1,0 +1,51 @@
+"""Spatial average pooling before the language model: STF Table 5's pooling baseline, here
+training-free.
+
+STF (section 4.3, Table 5) compares its learned token fusion with plain k x k average pooling of
+the 24 x 24 patch grid. We pool the projector's output (the embeddings the LLM reads), so the
+language model sees averages of inputs it was trained on; the prompt then carries N / k^2 image
+tokens with ordinary compact positions, as a model trained with pooling would see them.
+
+Difference: STF trains with its pooling; this baseline applies it to a model trained without.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vtcbench.errors import VtcbenchError
+from vtcbench.methods.base import Method, Where, check_positive, register
+
+
+@register
+@dataclass
+class AvgPool(Method):
+    kernel: int = 2
+
+    name: ClassVar[str] = "avgpool"
+    where: ClassVar[Where] = "pre_llm"
+    description: ClassVar[str] = "k x k spatial average pooling of the image-token grid before the LLM"
+
+    def __post_init__(self) -> None:
+        check_positive(self.name, "kernel", self.kernel)
+
+    def validate_for(self, n_image: int, n_layers: int) -> None:
+        side = math.isqrt(n_image)
+        if side * side != n_image or side % self.kernel:
+            divisors = [d for d in range(1, side + 1) if side % d == 0] if side * side == n_image else []
+            valid = ", ".join(map(str, divisors)) or "none (the image tokens do not form a square grid)"
+            raise VtcbenchError(
+                f"{self.name}: kernel={self.kernel} does not tile the {n_image} image tokens; valid kernels: {valid}"
+            )
+
+    def pre_llm_tokens(self, n_image: int) -> int:
+        return n_image // self.kernel**2
+
+    def pre_llm(self, image_features: torch.Tensor) -> torch.Tensor:
+        images, n, dim = image_features.shape
+        side = math.isqrt(n)
+        grid = image_features.transpose(1, 2).reshape(images, dim, side, side)
+        pooled = torch.nn.functional.avg_pool2d(grid, self.kernel)
+        return pooled.flatten(2).transpose(1, 2)

@@ -1,0 +1,237 @@
+"""The method protocol (DESIGN.md section 3) and the registry of methods by name.
+
+A method is a dataclass whose fields are its hyperparameters, validated in `__post_init__`
+(model-independent ranges) and `validate_for` (ranges that depend on the model's depth and
+visual-token count). It declares where it acts and implements only that:
+
+- in-LLM methods give `plan(n_layers) -> {action_layer: score_layer | None}` and
+  `select(ctx) -> Keep | Replace`; the engine calls `select` at the start of each action layer
+  with the layer's input and, when a score layer is named, the last prompt token's attention
+  over the image tokens computed from that layer's input.
+- pre-LLM methods give `pre_llm(image_features)` and `pre_llm_tokens(n_image)`.
+
+Every method gives `image_tokens_per_layer(n_image, n_layers)`, the analytic plan that FLOPs
+counting uses without a model; the engine records what it actually applied and tests compare.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from vtcbench.errors import VtcbenchError, choices_error
+
+Where = Literal["none", "in_llm", "pre_llm"]
+PositionPolicy = Literal["keep", "compact", "pooled"]
+
+
+@dataclass(frozen=True)
+class Keep:
+    """Keep these image tokens: indices into the current image tokens, shape [batch, k], ascending."""
+
+    indices: torch.Tensor
+
+
+@dataclass(frozen=True)
+class Replace:
+    """Substitute the current image tokens with new ones (pooling, merging).
+
+    `hidden` [batch, k, d] are the new tokens, `position_ids` [batch, k] their RoPE positions and
+    `anchors` [batch, k] (ascending indices into the current image tokens) a representative
+    original token of each, which fixes its place in the sequence and its attention-mask column.
+    """
+
+    hidden: torch.Tensor
+    position_ids: torch.Tensor
+    anchors: torch.Tensor
+
+
+@dataclass
+class LayerContext:
+    """What a method sees at the start of an action layer (all tensors in the current sequence)."""
+
+    layer: int
+    hidden_states: torch.Tensor  # [batch, seq, d], the layer's input
+    image_index: torch.Tensor  # [batch, n] sequence indices of the current image tokens
+    position_ids: torch.Tensor  # [batch, seq]
+    n_image_original: int  # N0: image tokens per sample before any compression
+    n_layers: int
+    sample_keys: list[int]  # a stable per-sample key (hash of the prompt's token ids)
+    scores_fn: Callable[[], torch.Tensor] | None = None
+    _scores: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def n_image(self) -> int:
+        return self.image_index.shape[1]
+
+    @property
+    def scores(self) -> torch.Tensor:
+        """Head-averaged attention of the last prompt token to each image token, [batch, n]."""
+        if self.scores_fn is None:
+            raise RuntimeError(f"layer {self.layer}: the method's plan names no score layer")
+        if self._scores is None:
+            self._scores = self.scores_fn()
+        return self._scores
+
+    def image_hidden(self) -> torch.Tensor:
+        """Hidden states of the current image tokens, [batch, n, d]."""
+        index = self.image_index.unsqueeze(-1).expand(-1, -1, self.hidden_states.shape[-1])
+        return self.hidden_states.gather(1, index)
+
+    def image_positions(self) -> torch.Tensor:
+        return self.position_ids.gather(1, self.image_index)
+
+
+@dataclass
+class Method:
+    """Base of all methods. Subclasses are dataclasses registered with `@register`."""
+
+    name: ClassVar[str]
+    where: ClassVar[Where] = "none"
+    position_policy: ClassVar[PositionPolicy] = "keep"
+    description: ClassVar[str] = ""
+    trainable: ClassVar[bool] = True  # the engine's hooks keep gradients to the kept tokens
+
+    # -- in-LLM protocol -------------------------------------------------------------------
+    def plan(self, n_layers: int) -> dict[int, int | None]:
+        """{action layer: layer whose input gives the attention scores (or None)}."""
+        return {}
+
+    def select(self, ctx: LayerContext) -> Keep | Replace:
+        raise TypeError(f"{self.name} does not act inside the language model")
+
+    # -- pre-LLM protocol ------------------------------------------------------------------
+    def pre_llm(self, image_features: torch.Tensor) -> torch.Tensor:
+        """Map projector output [images, n, d] to [images, pre_llm_tokens(n), d]."""
+        return image_features
+
+    def pre_llm_tokens(self, n_image: int) -> int:
+        return n_image
+
+    # -- analytic plan and validation --------------------------------------------------------
+    def image_tokens_per_layer(self, n_image: int, n_layers: int) -> list[int]:
+        """Visual tokens entering each decoder layer, per image-bearing sample."""
+        self.validate_for(n_image, n_layers)
+        plan = self.plan(n_layers)
+        counts, current = [], self.pre_llm_tokens(n_image)
+        for layer in range(n_layers):
+            if layer in plan:
+                current = self.action_count(layer, current, n_image, n_layers)
+            counts.append(current)
+        return counts
+
+    def action_count(self, layer: int, n_current: int, n_image_original: int, n_layers: int) -> int:
+        """Image tokens left by this layer's action: what `select` returns, for FLOPs without a model."""
+        raise NotImplementedError  # abstract: every in-LLM method defines it
+
+    def validate_for(self, n_image: int, n_layers: int) -> None:
+        """Check hyperparameters against a model's depth and visual-token count."""
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def _check_layer(self, key: str, layer: int, n_layers: int, low: int = 0) -> None:
+        if not low <= layer < n_layers:
+            raise VtcbenchError(
+                f"{self.name}: {key}={layer} is outside this model's decoder layers; "
+                f"valid range: {low}..{n_layers - 1}"
+            )
+
+
+class ScoredDrop(Method):
+    """Drop image tokens by a per-token score: top-k per sample, original order kept (kvpress's
+    ScorerPress analogue). Subclasses give the schedule (`plan`, `action_count`) and the score."""
+
+    where: ClassVar[Where] = "in_llm"
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        return ctx.scores
+
+    def select(self, ctx: LayerContext) -> Keep:
+        k = self.action_count(ctx.layer, ctx.n_image, ctx.n_image_original, ctx.n_layers)
+        top = self.score(ctx).topk(k, dim=-1, sorted=False).indices
+        return Keep(top.sort(dim=-1).values)
+
+
+# -- validation helpers --------------------------------------------------------------------------
+
+
+def check_ratio(method: str, key: str, value: float, *, low_open: bool = False, high_closed: bool = False) -> None:
+    """Ratios live in [0, 1) by default (a drop ratio of 1 would remove every image token)."""
+    low_ok = value > 0 if low_open else value >= 0
+    high_ok = value <= 1 if high_closed else value < 1
+    if not (low_ok and high_ok):
+        valid = f"{'(' if low_open else '['}0, 1{']' if high_closed else ')'}"
+        raise VtcbenchError(f"{method}: {key}={value} is out of range; valid range: {valid}")
+
+
+def check_positive(method: str, key: str, value: int) -> None:
+    if value < 1:
+        raise VtcbenchError(f"{method}: {key}={value} is out of range; valid: an integer >= 1")
+
+
+# -- registry ----------------------------------------------------------------------------------------
+
+METHODS: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    METHODS[cls.name] = cls
+    return cls
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise choices_error("method", name, list(METHODS))
+    return METHODS[name]
+
+
+def get_method(name: str, **params: Any) -> Method:
+    """Build a method by name; `params` may be typed values or the CLI's strings."""
+    cls = method_class(name)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in params:
+        if key not in fields:
+            valid = ", ".join(fields) or "(this method has no hyperparameters)"
+            raise VtcbenchError(f"{name}: unknown hyperparameter {key!r}; valid: {valid}")
+    hints = typing.get_type_hints(cls)
+    typed = {key: _coerce(name, key, value, hints[key]) for key, value in params.items()}
+    return cls(**typed)
+
+
+def parse_set_options(options: list[str]) -> dict[str, str]:
+    """Parse repeated `--set key=value` options into a dict of strings."""
+    parsed: dict[str, str] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key.strip():
+            raise VtcbenchError(f"--set {option!r} is not of the form key=value (e.g. --set layer=2)")
+        parsed[key.strip()] = value.strip()
+    return parsed
+
+
+def _coerce(method: str, key: str, value: Any, hint: Any) -> Any:
+    if not isinstance(value, str):
+        return tuple(value) if typing.get_origin(hint) is tuple else value
+    try:
+        if typing.get_origin(hint) is tuple:
+            (item, *_) = typing.get_args(hint)
+            return tuple(item(v) for v in value.split(",") if v.strip())
+        if hint is bool:
+            if value.lower() not in {"true", "false", "1", "0"}:
+                raise ValueError(value)
+            return value.lower() in {"true", "1"}
+        if isinstance(hint, type):
+            return hint(value)
+        if isinstance(hint, types.UnionType):
+            return next(t(value) for t in typing.get_args(hint) if t is not type(None))
+    except ValueError:
+        pass
+    kind = getattr(hint, "__name__", str(hint))
+    raise VtcbenchError(f"{method}: {key}={value!r} is not a valid {kind}")

@@ -1,0 +1,43 @@
+"""Random drop: LLaVolta Table 3's "random" compressor, a training-free control for FastV.
+
+At the start of layer K keep round(N * (1 - R)) image tokens chosen uniformly at random,
+positions kept. The draw is seeded by `seed` and by a hash of each sample's prompt tokens, so a
+sample gets the same draw alone or in a batch and on every rerun.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vtcbench.methods.base import LayerContext, ScoredDrop, check_ratio, register
+
+
+@register
+@dataclass
+class RandomDrop(ScoredDrop):
+    layer: int = 2
+    drop_ratio: float = 0.5
+    seed: int = 0
+
+    name: ClassVar[str] = "random"
+    description: ClassVar[str] = "drop a seeded uniform-random subset of image tokens at layer K"
+
+    def __post_init__(self) -> None:
+        check_ratio(self.name, "drop_ratio", self.drop_ratio)
+
+    def validate_for(self, n_image: int, n_layers: int) -> None:
+        self._check_layer("layer", self.layer, n_layers)
+
+    def plan(self, n_layers: int) -> dict[int, int | None]:
+        return {self.layer: None}
+
+    def action_count(self, layer: int, n_current: int, n_image_original: int, n_layers: int) -> int:
+        return round(n_image_original * (1 - self.drop_ratio))
+
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        rows = []
+        for key in ctx.sample_keys:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
+            rows.append(torch.rand(ctx.n_image, generator=generator))
+        return torch.stack(rows).to(ctx.hidden_states.device)

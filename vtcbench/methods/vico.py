@@ -1,0 +1,36 @@
+"""ViCo (conical visual concentration), the supplement's S-stage schedule.
+
+Supplement section on the schedule: PyramidDrop's ranking and keep rule with S equal stages, so
+the drops happen at layers floor(L/S) * s for s = 1..S-1 (S=4 on 32 layers gives 8, 16, 24) and
+stage s keeps int(N0 * lambda^s). Everything else (own-layer scoring, compacted positions)
+follows PyramidDrop; see `pdrop.py`.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vtcbench.errors import VtcbenchError
+from vtcbench.methods.base import check_positive, check_ratio, register
+from vtcbench.methods.pdrop import StagedDrop
+
+
+@register
+@dataclass
+class ViCo(StagedDrop):
+    stages: int = 4
+    keep_ratio: float = 0.5
+
+    name: ClassVar[str] = "vico"
+    description: ClassVar[str] = "PyramidDrop with S equal stages (drops at floor(L/S)*s)"
+
+    def __post_init__(self) -> None:
+        check_positive(self.name, "stages", self.stages)
+        check_ratio(self.name, "keep_ratio", self.keep_ratio, low_open=True, high_closed=True)
+
+    def stage_layers(self, n_layers: int) -> tuple[int, ...]:
+        width = n_layers // self.stages
+        return tuple(width * s for s in range(1, self.stages))
+
+    def validate_for(self, n_image: int, n_layers: int) -> None:
+        if self.stages > n_layers:
+            raise VtcbenchError(f"{self.name}: stages={self.stages} is out of range; valid range: 1..{n_layers}")
