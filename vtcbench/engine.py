@@ -31,6 +31,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repea
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods.base import Keep, LayerContext, Method, Replace
+from vtcbench.models import image_token_mask, language_model, model_facts
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
@@ -80,10 +81,10 @@ class CompressionEngine:
         self.model = model
         self.method = method
         self.multimodal = model.model
-        self.language_model = self.multimodal.language_model
+        self.language_model = language_model(model)
         self.layers = self.language_model.layers
         self.n_layers = len(self.layers)
-        self.image_token_index = model.config.image_token_index
+        self.facts = model_facts(model)
         self.plan = method.plan(self.n_layers)
         self.score_layers = {score: action for action, score in self.plan.items() if score is not None}
         #: visual tokens per sample that entered each decoder layer at the last prefill
@@ -98,7 +99,12 @@ class CompressionEngine:
             raise VtcbenchError(
                 f"attention backend {attention!r} is not supported by the engine; valid: {', '.join(SUPPORTED_ATTENTION)}"
             )
-        self.method.validate_for(self._image_tokens_per_image(), self.n_layers)
+        if self.method.where == "pre_llm" and self.facts.family != "llava":
+            raise VtcbenchError(
+                f"{self.method.name} pools a fixed image grid before the LLM; it supports the llava family only, "
+                f"not {self.facts.family} (whose AnyRes token counts vary per image)"
+            )
+        self.method.validate_for(self.facts.image_tokens, self.n_layers)
         hook = self._handles.append
         hook(self.multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
         if self.method.where == "pre_llm":
@@ -125,10 +131,10 @@ class CompressionEngine:
         """
         if self.method.where != "pre_llm":
             return dict(inputs)
-        per_image = self._image_tokens_per_image()
+        per_image = self.facts.image_tokens
         kept = self.method.pre_llm_tokens(per_image)
         input_ids = inputs["input_ids"]
-        is_image = input_ids == self.image_token_index
+        is_image = image_token_mask(input_ids, self.facts.image_token_index)
         rank_in_image = (is_image.cumsum(dim=1) - 1) % per_image
         keep = ~is_image | (rank_in_image < kept)
         counts = keep.sum(dim=1)
@@ -139,11 +145,6 @@ class CompressionEngine:
             if key in inputs and inputs[key] is not None:
                 out[key] = inputs[key][keep].reshape(input_ids.shape[0], -1)
         return out
-
-    def _image_tokens_per_image(self) -> int:
-        vision = self.model.config.vision_config
-        tokens = (vision.image_size // vision.patch_size) ** 2
-        return tokens + (self.model.config.vision_feature_select_strategy == "full")
 
     # -- hooks -----------------------------------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
@@ -158,7 +159,7 @@ class CompressionEngine:
             if self.plan:
                 raise VtcbenchError("the engine locates image tokens from input_ids; pass input_ids, not inputs_embeds")
             return None
-        image_mask = input_ids == self.image_token_index
+        image_mask = image_token_mask(input_ids, self.facts.image_token_index)
         counts = image_mask.sum(dim=1)
         if not bool(counts.any()):
             self.applied_image_tokens_per_layer = [0] * self.n_layers
@@ -169,7 +170,7 @@ class CompressionEngine:
             )
         n_image = int(counts[0])
         if self.method.where == "pre_llm":
-            self._check_pre_llm_prompt(n_image)
+            self._check_pre_llm_prompt(image_mask, kwargs.get("pixel_values"))
         self.applied_image_tokens_per_layer = [n_image] * self.n_layers
         if not self.plan:
             return None
@@ -180,10 +181,9 @@ class CompressionEngine:
         self._request = _Request(image_mask=image_mask, sample_keys=keys, n_image=n_image)
         return None
 
-    def _check_pre_llm_prompt(self, n_image: int) -> None:
-        per_image = self._image_tokens_per_image()
-        pooled = self.method.pre_llm_tokens(per_image)
-        if n_image % pooled or n_image % per_image == 0 and pooled != per_image:
+    def _check_pre_llm_prompt(self, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+        pooled = self.method.pre_llm_tokens(self.facts.image_tokens)
+        if pixel_values is not None and int(image_mask.sum()) != pixel_values.shape[0] * pooled:
             raise VtcbenchError(
                 f"{self.method.name} shortens the prompt to {pooled} image tokens per image; "
                 "pass the inputs through engine.prepare(inputs) first"

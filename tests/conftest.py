@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny random-weight LLaVA (built offline from the shipped config) and prompts."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("COLUMNS", "200")  # rich tables unwrapped under the test runner
+
+from vtcbench.models import load_model  # noqa: E402
+
+# Configurations that act on the tiny model (4 decoder layers, 64 image tokens) ...
+TINY_DEFAULTS: dict[str, dict] = {
+    "vanilla": {},
+    "fastv": {"layer": 2, "drop_ratio": 0.5},
+    "pdrop": {"layers": (1, 3), "keep_ratio": 0.5},
+    "vico": {"stages": 4, "keep_ratio": 0.5},
+    "llavolta": {"layer": 2, "stride": 8},
+    "random": {"layer": 1, "drop_ratio": 0.5},
+    "kmeans": {"layer": 2, "clusters": 16},
+    "avgpool": {"kernel": 2},
+}
+# ... and the same methods configured to keep every token.
+KEEP_ALL: dict[str, dict] = {
+    "vanilla": {},
+    "fastv": {"layer": 2, "drop_ratio": 0.0},
+    "pdrop": {"layers": (1, 3), "keep_ratio": 1.0},
+    "vico": {"stages": 4, "keep_ratio": 1.0},
+    "llavolta": {"layer": 2, "stride": 1},
+    "random": {"layer": 1, "drop_ratio": 0.0},
+    "kmeans": {"layer": 2, "clusters": 64},
+    "avgpool": {"kernel": 1},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """tiny(attn) -> a random-weight tiny LLaVA with that attention backend (cached)."""
+    models: dict[str, torch.nn.Module] = {}
+
+    def get(attn: str = "sdpa"):
+        if attn not in models:
+            models[attn] = load_model("tiny", random_weights=True, attn_implementation=attn)[0]
+        return models[attn]
+
+    return get
+
+
+def prompt_ids(model, n_before: int, n_after: int, seed: int) -> torch.Tensor:
+    """[1, seq]: BOS, random text, the image placeholders, random text."""
+    config = model.config
+    generator = torch.Generator().manual_seed(seed)
+    vocab = config.text_config.vocab_size
+    reserved = {config.image_token_index, config.pad_token_id or 0, 0, 1, 2}
+
+    def text(n: int) -> list[int]:
+        ids = torch.randint(10, vocab, (n * 2,), generator=generator).tolist()
+        return [i for i in ids if i not in reserved][:n]
+
+    n_image = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    ids = [1, *text(n_before), *[config.image_token_index] * n_image, *text(n_after)]
+    return torch.tensor([ids])
+
+
+def pixels(seed: int, size: int = 56) -> torch.Tensor:
+    return torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(p.shape[1] for p in prompts)
+    ids = torch.full((len(prompts), length), pad_id)
+    mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        ids[row, length - p.shape[1]:] = p[0]
+        mask[row, length - p.shape[1]:] = 1
+    return ids, mask

@@ -1,0 +1,106 @@
+"""Methods: hyperparameter parsing and validation, and the analytic per-layer plans."""
+
+from __future__ import annotations
+
+import pytest
+
+from vtcbench.errors import VtcbenchError
+from vtcbench.methods import METHODS, get_method, parse_set_options
+
+
+def test_every_method_documents_itself():
+    for name, cls in METHODS.items():
+        assert cls.description, name
+        assert cls.__doc__ and len(cls.__module__) > 0
+        assert cls.where in {"none", "in_llm", "pre_llm"}
+
+
+def test_defaults_follow_the_design_table():
+    assert get_method("fastv").params() == {"layer": 2, "drop_ratio": 0.5}
+    assert get_method("pdrop").params() == {"layers": (8, 16, 24), "keep_ratio": 0.5}
+    assert get_method("vico").params() == {"stages": 4, "keep_ratio": 0.5}
+    assert get_method("llavolta").params() == {"layer": 2, "stride": 8}
+    assert get_method("random").params() == {"layer": 2, "drop_ratio": 0.5, "seed": 0}
+    assert get_method("kmeans").params()["clusters"] == 72
+    assert get_method("avgpool").params() == {"kernel": 2}
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "expected"),
+    [
+        ("vanilla", {}, [576] * 32),
+        ("fastv", {}, [576] * 2 + [288] * 30),
+        ("pdrop", {}, [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8),
+        ("pdrop", {"keep_ratio": 0.4}, [576] * 8 + [230] * 8 + [92] * 8 + [36] * 8),
+        ("vico", {"stages": 3}, [576] * 10 + [288] * 10 + [144] * 12),
+        ("vico", {}, [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8),
+        ("llavolta", {}, [576] * 2 + [72] * 30),
+        ("llavolta", {"layer": 16, "stride": 2}, [576] * 16 + [288] * 16),
+        ("random", {"drop_ratio": 0.25}, [576] * 2 + [432] * 30),
+        ("kmeans", {}, [576] * 2 + [72] * 30),
+        ("avgpool", {}, [144] * 32),
+    ],
+)
+def test_image_tokens_per_layer_on_llava_1_5(name, params, expected):
+    assert get_method(name, **params).image_tokens_per_layer(576, 32) == expected
+
+
+@pytest.mark.parametrize(
+    ("layer", "stride", "total", "cr_percent"),
+    [(2, 8, 3312, 557), (2, 2, 9792, 188), (16, 8, 10368, 178), (16, 2, 13824, 133)],
+)
+def test_llavolta_visual_token_totals_match_table_5(layer, stride, total, cr_percent):
+    """LLaVolta Table 5: visual tokens summed over layers, CR = N*L / total (none: 18432)."""
+    per_layer = get_method("llavolta", layer=layer, stride=stride).image_tokens_per_layer(576, 32)
+    assert sum(per_layer) == total
+    assert round(100 * 32 * 576 / total) == cr_percent
+
+
+def test_set_options_are_typed_from_the_dataclass_fields():
+    params = parse_set_options(["layers=8,16", "keep_ratio=0.4"])
+    method = get_method("pdrop", **params)
+    assert method.layers == (8, 16) and method.keep_ratio == 0.4
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "fragment"),
+    [
+        ("nosuch", {}, "valid choices: avgpool, fastv"),
+        ("fastv", {"ratio": "0.5"}, "valid: layer, drop_ratio"),
+        ("fastv", {"drop_ratio": "1.0"}, "valid range: [0, 1)"),
+        ("fastv", {"drop_ratio": "-0.1"}, "drop_ratio=-0.1"),
+        ("fastv", {"layer": "two"}, "layer='two' is not a valid int"),
+        ("pdrop", {"keep_ratio": "0"}, "valid range: (0, 1]"),
+        ("pdrop", {"layers": "16,8"}, "strictly increasing"),
+        ("llavolta", {"stride": "0"}, "integer >= 1"),
+        ("vanilla", {"layer": "2"}, "no hyperparameters"),
+    ],
+)
+def test_bad_hyperparameters_name_the_value_and_the_valid_choices(name, params, fragment):
+    with pytest.raises(VtcbenchError, match=None) as error:
+        get_method(name, **params)
+    assert fragment in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "fragment"),
+    [
+        ("fastv", {"layer": 32}, "valid range: 1..31"),
+        ("fastv", {"layer": 0}, "valid range: 1..31"),
+        ("pdrop", {"layers": (8, 40)}, "layers=40"),
+        ("llavolta", {"stride": 7}, "valid strides: 1, 2, 3, 4, 6, 8, 9"),
+        ("kmeans", {"clusters": 600}, "valid range: 1..576"),
+        ("avgpool", {"kernel": 5}, "valid kernels: 1, 2, 3, 4, 6, 8, 12, 24"),
+        ("vico", {"stages": 33}, "valid range: 1..32"),
+    ],
+)
+def test_model_dependent_ranges_are_checked(name, params, fragment):
+    with pytest.raises(VtcbenchError) as error:
+        get_method(name, **params).validate_for(576, 32)
+    assert fragment in str(error.value)
+
+
+def test_set_option_without_equals_sign_is_rejected():
+    with pytest.raises(VtcbenchError, match="key=value"):
+        parse_set_options(["layer2"])

@@ -1,0 +1,69 @@
+"""The Python API the CLI mirrors: build a method from options, check it against a model, answer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vtcbench.engine import compress
+from vtcbench.methods import Method, get_method, parse_set_options
+from vtcbench.models import load_config, load_model, model_facts
+
+
+@dataclass
+class Answer:
+    text: str
+    image_tokens_per_layer: list[int]
+
+
+def method_from_options(name: str, set_options: list[str]) -> Method:
+    """`--method NAME --set k=v ...` -> a validated method (model-independent checks)."""
+    return get_method(name, **parse_set_options(set_options))
+
+
+def check_method_for_model(method: Method, model: str) -> None:
+    """Model-dependent checks (layer beyond depth, stride not dividing the tokens), no weights."""
+    facts = model_facts(load_config(model))
+    method.validate_for(facts.image_tokens, facts.n_layers)
+
+
+def llava_prompt(question: str) -> str:
+    """LLaVA-1.5's single-turn vicuna_v1 format, as the llava-hf model cards use it."""
+    return f"USER: <image>\n{question} ASSISTANT:"
+
+
+def test_pattern(size: int) -> Image.Image:
+    """A deterministic colour gradient, for runs without an image file."""
+    axis = torch.linspace(0, 255, size)
+    rgb = torch.stack([axis[None, :].expand(size, size), axis[:, None].expand(size, size), 255 - axis[None, :].expand(size, size)], -1)
+    return Image.fromarray(rgb.to(torch.uint8).numpy())
+
+
+@torch.no_grad()
+def answer(
+    model_name: str,
+    method: Method,
+    question: str,
+    *,
+    image: Path | None = None,
+    max_new_tokens: int = 16,
+    random_weights: bool = False,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    device: str = "cpu",
+) -> Answer:
+    """Greedy answer to one question about one image with `method` applied."""
+    model, processor = load_model(
+        model_name, random_weights=random_weights, dtype=dtype, attn_implementation=attn_implementation, device=device
+    )
+    picture = Image.open(image).convert("RGB") if image else test_pattern(model.config.vision_config.image_size)
+    inputs = processor(images=[picture], text=[llava_prompt(question)], return_tensors="pt").to(device)
+    with compress(model, method) as engine:
+        output = model.generate(**engine.prepare(inputs), max_new_tokens=max_new_tokens, do_sample=False)
+        counts = engine.applied_image_tokens_per_layer
+        prompt_length = engine.prepare(inputs)["input_ids"].shape[1]
+    text = processor.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
+    return Answer(text=text, image_tokens_per_layer=counts)

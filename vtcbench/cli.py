@@ -1,0 +1,148 @@
+"""The `vtcbench` command line: parses and validates, calls the library, renders with rich.
+
+Bad input raises `VtcbenchError` anywhere below; `main` turns it into one line on stderr and
+exit code 2, before any weights are loaded or anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from functools import wraps
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vtcbench.errors import VtcbenchError
+
+app = typer.Typer(
+    name="vtcbench",
+    help="Benchmark and profile visual token compression in LLaVA-family models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+MethodOption = Annotated[str, typer.Option("--method", "-m", help="compression method (see `vtcbench methods`)")]
+ModelOption = Annotated[str, typer.Option("--model", help="alias, hub id or local folder (see `vtcbench models`)")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="method hyperparameter key=value (repeatable; lists: 8,16,24)")
+]
+
+
+def user_errors(command):
+    """Run a command; a VtcbenchError becomes one line on stderr and exit code 2."""
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except VtcbenchError as error:
+            errors.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code=2) from None
+
+    return wrapper
+
+
+@app.command()
+@user_errors
+def methods() -> None:
+    """List the compression methods: where they act, their defaults, what they do."""
+    from vtcbench.methods import METHODS
+
+    table = Table(title="compression methods")
+    for column in ("name", "acts", "positions", "defaults", "description"):
+        table.add_column(column, no_wrap=column != "description")
+    for name, cls in sorted(METHODS.items()):
+        defaults = ", ".join(f"{f.name}={_format_value(f.default)}" for f in dataclasses.fields(cls)) or "-"
+        positions = cls.position_policy if cls.where == "in_llm" else "-"
+        table.add_row(name, cls.where.replace("_", "-"), positions, defaults, cls.description)
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def models() -> None:
+    """List the model aliases and the facts FLOPs counting uses (no download)."""
+    from vtcbench.models import MODELS, load_config, model_facts
+
+    table = Table(title="model aliases (any hub id or local folder also works)")
+    for column in ("alias", "hub id", "layers", "hidden", "ffn", "heads/kv", "image tokens", "description"):
+        table.add_column(column, no_wrap=column != "description")
+    for alias, spec in MODELS.items():
+        facts = model_facts(load_config(alias))
+        table.add_row(
+            alias,
+            spec.hub_id or "(random weights only)",
+            str(facts.n_layers),
+            str(facts.hidden_size),
+            str(facts.intermediate_size),
+            f"{facts.n_heads}/{facts.n_kv_heads}",
+            str(spec.image_tokens),
+            spec.description,
+        )
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def generate(
+    method: MethodOption = "fastv",
+    model: ModelOption = "tiny",
+    set_: SetOption = None,
+    prompt: Annotated[str, typer.Option(help="the question about the image")] = "What is in the image?",
+    image: Annotated[Path | None, typer.Option(help="image file (default: a synthetic test pattern)")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
+    random_weights: Annotated[bool, typer.Option(help="build the architecture with random weights, offline")] = False,
+    dtype: str = "float32",
+    attn: Annotated[str, typer.Option(help="eager | sdpa | flash_attention_2")] = "sdpa",
+    device: str = "cpu",
+) -> None:
+    """Answer one question about one image with a method applied; show visual tokens per layer."""
+    from vtcbench.api import answer, check_method_for_model, method_from_options
+
+    compression = method_from_options(method, set_ or [])
+    check_method_for_model(compression, model)
+    if image is not None and not image.is_file():
+        raise VtcbenchError(f"--image {str(image)!r} is not a file")
+    result = answer(
+        model,
+        compression,
+        prompt,
+        image=image,
+        max_new_tokens=max_new_tokens,
+        random_weights=random_weights,
+        dtype=dtype,
+        attn_implementation=attn,
+        device=device,
+    )
+    console.print(f"[bold]{method}[/] {compression.params()} on [bold]{model}[/]")
+    console.print(f"answer: {result.text!r}")
+    counts = result.image_tokens_per_layer
+    console.print(f"visual tokens per layer ({len(counts)} layers): {_format_counts(counts)}")
+
+
+def _format_value(value) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _format_counts(counts: list[int]) -> str:
+    """Run-length form: 576x2, 288x30."""
+    runs: list[list[int]] = []
+    for count in counts:
+        if runs and runs[-1][0] == count:
+            runs[-1][1] += 1
+        else:
+            runs.append([count, 1])
+    return ", ".join(f"{count}x{repeat}" for count, repeat in runs)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    sys.exit(app())

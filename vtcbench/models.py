@@ -1,0 +1,509 @@
+"""Model registry, offline-safe loading, and architecture facts for the LLaVA family.
+
+Why this module exists:
+- Benchmarks must run (and FLOPs must be computable) without network access, so every alias ships its
+  hub ``config.json`` in ``vtcbench/model_configs/``; only real weights ever touch the hub.
+- ``--random-weights`` builds the real architecture from that config with a fixed seed, which makes
+  latency/FLOPs/mechanics tests reproducible on machines that never downloaded 14 GB of weights.
+- When no tokenizer is cached, ``build_local_processor`` makes a small word-level tokenizer whose
+  ``<image>`` id equals the config's ``image_token_index``, so the processor → model path is the real one
+  (same placeholder expansion, same masks), just with a toy vocabulary.
+- Code elsewhere must not depend on where transformers puts the decoder this year: use
+  ``language_model`` / ``decoder_layers`` / ``image_token_mask`` instead of attribute chains or offsets.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from vtcbench.errors import VtcbenchError, choices_error
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
+FAMILIES: tuple[str, ...] = ("llava", "llava_next")
+
+Family = Literal["llava", "llava_next"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: where its weights live and which shipped config describes it."""
+
+    alias: str
+    hub_id: str | None  # None: no pretrained weights exist (random weights only)
+    config_file: str  # file name inside vtcbench/model_configs/
+    family: Family
+    description: str
+    image_tokens: int  # visual tokens per image used for FLOPs (llava-next: 5 crops, newlines not counted)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.alias: spec
+    for spec in (
+        ModelSpec(
+            "llava-1.5-7b",
+            "llava-hf/llava-1.5-7b-hf",
+            "llava-1.5-7b-hf.json",
+            "llava",
+            "LLaVA-1.5 7B: CLIP ViT-L/14-336 + Vicuna-7B, 576 image tokens",
+            576,
+        ),
+        ModelSpec(
+            "llava-1.5-13b",
+            "llava-hf/llava-1.5-13b-hf",
+            "llava-1.5-13b-hf.json",
+            "llava",
+            "LLaVA-1.5 13B: CLIP ViT-L/14-336 + Vicuna-13B, 576 image tokens",
+            576,
+        ),
+        ModelSpec(
+            "llava-next-7b",
+            "llava-hf/llava-v1.6-vicuna-7b-hf",
+            "llava-v1.6-vicuna-7b-hf.json",
+            "llava_next",
+            "LLaVA-NeXT (v1.6) Vicuna-7B: AnyRes up to 4+1 crops of 576 tokens",
+            2880,
+        ),
+        ModelSpec(
+            "tiny",
+            None,
+            "tiny.json",
+            "llava",
+            "toy LLaVA (2-layer CLIP, 4-layer GQA LLaMA), random weights only, for tests",
+            64,
+        ),
+    )
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[A-Za-z0-9][\w.\-]*$")
+
+
+# --------------------------------------------------------------------------------------------------
+# name resolution and configs
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_model(name: str) -> ModelSpec | None:
+    """Return the ModelSpec for an alias (or for the hub id of an alias), None for a hub id or a local
+    folder with a config.json; raise VtcbenchError listing the aliases for anything else.
+
+    Hub ids of known aliases resolve to their spec so they also get the shipped config (no download).
+    """
+    if name in MODELS:
+        return MODELS[name]
+    for spec in MODELS.values():
+        if spec.hub_id is not None and name == spec.hub_id:
+            return spec
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return None
+        raise VtcbenchError(f"model folder {name!r} has no config.json; pass a folder saved with save_pretrained")
+    if _HUB_ID.match(name) and not path.exists():
+        return None
+    raise VtcbenchError(
+        f"unknown model {name!r}; valid choices: {', '.join(sorted(MODELS))} "
+        "(or a hub id owner/name, or a local folder with config.json)"
+    )
+
+
+def _config_from_dict(data: dict[str, Any]):
+    from transformers import CONFIG_MAPPING
+
+    model_type = data.get("model_type")
+    if model_type not in FAMILIES:
+        raise choices_error("model family", model_type, FAMILIES)
+    return CONFIG_MAPPING[model_type].from_dict(data)
+
+
+def load_config(name: str):
+    """Return a fresh ``PretrainedConfig``: shipped JSON for aliases, the folder's config.json, or the hub's.
+
+    Aliases never download, so FLOPs and facts work offline. Only llava / llava_next are accepted because the
+    rest of vtcbench relies on their layout (vision tower → projector → LLaMA decoder).
+    """
+    spec = resolve_model(name)
+    if spec is not None:
+        return _config_from_dict(json.loads((CONFIG_DIR / spec.config_file).read_text()))
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(name))
+    except OSError as exc:
+        if Path(name).expanduser().is_dir():
+            raise VtcbenchError(f"cannot read the config of model folder {name!r}: {_first_line(exc)}") from exc
+        raise VtcbenchError(
+            f"config for {name!r} is not available offline; run `hf download {name}` with network access "
+            f"({_first_line(exc)})"
+        ) from exc
+    if config.model_type not in FAMILIES:
+        raise choices_error("model family", config.model_type, FAMILIES)
+    return config
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# offline processor
+# --------------------------------------------------------------------------------------------------
+
+# Words for the offline tokenizer: enough for VQA-style prompts and answers. Case-sensitive on purpose so
+# that "USER"/"ASSISTANT" decode as written. Order is part of the tiny model's contract (ids 5..).
+LOCAL_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(  # de-duplicated, order kept
+        """
+    USER ASSISTANT SYSTEM Answer answer question Question using a A single word or phrase the The is Is are Are
+    what What which Which who Who where Where when When why Why how How many Many much color colour
+    yes Yes no No not this This that That these those there There it It its in In on On of to for with
+    at by from and or but as an be was were do does did can could would should will has have had
+    image picture photo Please please describe Describe shown show see visible left right top bottom
+    front back side middle center background near next behind above below inside outside
+    man woman person people boy girl child dog cat bird horse car bus truck train bike bicycle plane
+    table chair bed tv laptop phone book clock cup bottle plate food pizza sign street road water sky tree
+    grass building room window door wall floor shirt hat ball kite umbrella
+    red blue green yellow black white brown gray grey orange pink purple silver gold
+    big small large little tall short long old new young open closed
+    one two three four five six seven eight nine ten zero none some all any both other
+    0 1 2 3 4 5 6 7 8 9 10
+    playing sitting standing holding wearing eating walking riding looking doing
+    time day night room sport game kind type number name text written letter
+    , . ? ! : ; ' " ( ) - / % $ & +
+    """.split()
+    )
+)
+
+_FIXED_SPECIALS = {0: "<unk>", 1: "<s>", 2: "</s>"}
+
+
+def _local_vocab(vocab_size: int, image_token_index: int, pad_token_id: int | None) -> dict[str, int]:
+    """Vocabulary with ``<image>`` at ``image_token_index`` (and ``<pad>`` at the config's pad id when that
+    slot is free), words in the remaining low ids and ``<extra_i>`` filler up to ``vocab_size``.
+
+    Filling up to vocab_size means every id a random-weight model can generate decodes to something.
+    """
+    by_id: dict[int, str] = dict(_FIXED_SPECIALS)
+    by_id[image_token_index] = "<image>"
+    if pad_token_id is None or pad_token_id in by_id or pad_token_id < 0:
+        pad_token_id = image_token_index + 1
+        while pad_token_id in by_id:
+            pad_token_id += 1
+    by_id[pad_token_id] = "<pad>"
+    size = max(vocab_size, max(by_id) + 1)
+    words = iter(LOCAL_WORDS)
+    extra = 0
+    vocab: dict[str, int] = {}
+    for idx in range(size):
+        token = by_id.get(idx)
+        if token is None:
+            token = next(words, None)
+        if token is None:
+            token, extra = f"<extra_{extra}>", extra + 1
+        vocab[token] = idx
+    return vocab
+
+
+def build_local_tokenizer(vocab_size: int, image_token_index: int, pad_token_id: int | None = None):
+    """A word-level ``PreTrainedTokenizerFast`` built in memory (no files, no network).
+
+    Mirrors the LLaVA tokenizer where it matters: ``<s>`` prepended, ``<image>`` an unsplittable special
+    token with the model's id, left padding for batched generation.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = _local_vocab(vocab_size, image_token_index, pad_token_id)
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    backend.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in ("<unk>", "<s>", "</s>", "<pad>", "<image>")]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        extra_special_tokens={"image_token": "<image>"},
+        padding_side="left",
+        model_max_length=4096,
+    )
+
+
+def _image_processor_classes():
+    """(CLIP-style, LLaVA-NeXT) image processor classes.
+
+    transformers 5.x makes ``CLIPImageProcessor`` the torchvision backend and falls back (with a warning) to
+    ``CLIPImageProcessorPil`` when torchvision is missing; pick the PIL classes explicitly in that case.
+    """
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None:
+        clip = getattr(transformers, "CLIPImageProcessorPil", None)
+        nxt = getattr(transformers, "LlavaNextImageProcessorPil", None)
+        if clip is not None and nxt is not None:
+            return clip, nxt
+    return transformers.CLIPImageProcessor, transformers.LlavaNextImageProcessor
+
+
+def build_local_processor(config):
+    """An offline LlavaProcessor / LlavaNextProcessor matching ``config``.
+
+    ``<image>`` expands to exactly the model's image-token count because the processor gets the vision
+    patch size, the select strategy, and ``num_additional_image_tokens=1`` (CLIP's CLS, which the
+    "default" strategy then drops): (336/14)^2 = 576 for llava-1.5, (56/7)^2 = 64 for tiny.
+    """
+    from transformers import LlavaNextProcessor, LlavaProcessor
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    text, vision = config.text_config, config.vision_config
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(text, "pad_token_id", None)
+    tokenizer = build_local_tokenizer(text.vocab_size, config.image_token_index, pad)
+    size = vision.image_size
+    clip_cls, next_cls = _image_processor_classes()
+    common = dict(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        do_convert_rgb=True,
+    )
+    proc_kwargs = dict(
+        tokenizer=tokenizer,
+        patch_size=vision.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,
+        image_token="<image>",
+    )
+    if config.model_type == "llava_next":
+        image_processor = next_cls(image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints], **common)
+        return LlavaNextProcessor(image_processor=image_processor, **proc_kwargs)
+    return LlavaProcessor(image_processor=clip_cls(**common), **proc_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_class(config) -> type:
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+
+    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
+    if config.model_type not in classes:
+        raise choices_error("model family", config.model_type, FAMILIES)
+    return classes[config.model_type]
+
+
+def _validate(dtype: str, attn_implementation: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise choices_error("dtype", dtype, list(DTYPES))
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise choices_error("attn_implementation", attn_implementation, ATTN_IMPLEMENTATIONS)
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise VtcbenchError(
+            "attn_implementation 'flash_attention_2' needs the flash_attn package (pip install flash-attn); "
+            "use 'sdpa' or 'eager'"
+        )
+    return DTYPES[dtype]
+
+
+def _offline_error(name: str, source: str, exc: BaseException) -> VtcbenchError:
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    if isinstance(exc, RepositoryNotFoundError):
+        return VtcbenchError(f"hub model {source!r} not found (or gated without a token)")
+    label = name if name == source else f"{name} ({source})"
+    return VtcbenchError(
+        f"weights for {label} are not available offline; run `hf download {source}` with network access, "
+        "or pass --random-weights"
+    )
+
+
+def load_model(
+    name: str,
+    *,
+    random_weights: bool = False,
+    dtype: str = "float32",
+    attn_implementation: str = "sdpa",
+    device: str = "cpu",
+    seed: int = 0,
+) -> tuple[nn.Module, Any]:
+    """Load ``(model, processor)`` in eval mode on ``device``.
+
+    ``random_weights`` builds the architecture from the (shipped) config under ``torch.manual_seed(seed)`` in
+    a forked RNG, so the same seed gives the same weights and the caller's RNG stream is left untouched.
+    Real weights come from the hub id or the local folder; any offline failure becomes one VtcbenchError line.
+    """
+    torch_dtype = _validate(dtype, attn_implementation)
+    spec = resolve_model(name)
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise VtcbenchError(f"invalid device {device!r}: {_first_line(exc)}") from exc
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise VtcbenchError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    source = spec.hub_id if spec is not None else os.path.expanduser(name)
+    label = spec.alias if spec is not None else name
+
+    if random_weights:
+        config = load_config(name)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _model_class(config)._from_config(
+                config, dtype=torch_dtype, attn_implementation=attn_implementation
+            )
+        processor = _cached_processor(source) if source is not None else None
+        if processor is None:
+            processor = build_local_processor(config)
+    else:
+        if spec is not None and spec.hub_id is None:
+            raise VtcbenchError(f"model {spec.alias!r} has no pretrained weights (test model); pass --random-weights")
+        assert source is not None
+        from transformers import AutoConfig, AutoProcessor
+
+        try:
+            config = AutoConfig.from_pretrained(source)
+            model = _model_class(config).from_pretrained(
+                source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation
+            )
+            processor = AutoProcessor.from_pretrained(source)
+        except OSError as exc:  # covers LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP errors
+            if spec is None and Path(source).is_dir():
+                raise VtcbenchError(f"cannot load model folder {name!r}: {_first_line(exc)}") from exc
+            raise _offline_error(label, source, exc) from exc
+    return model.to(torch_device).eval(), processor
+
+
+def _cached_processor(source: str):
+    """The real processor if it is already on disk (cache or folder), else None; never downloads."""
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError):  # not cached (or incomplete): build one locally
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# facts
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Architecture numbers needed for FLOPs and token bookkeeping, derivable from a config alone."""
+
+    family: str
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    image_token_index: int
+    image_tokens: int  # LLM-side visual tokens per image (llava-next: all AnyRes crops, newlines excluded)
+    vision_n_layers: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_n_heads: int
+    vision_n_tokens: int  # tokens per crop inside the ViT, including CLS
+    vision_crops: int  # ViT forward passes per image (1 for llava, 1 + max grid tiles for llava-next)
+    projector_in: int
+    projector_hidden: int
+    projector_out: int
+
+
+def model_facts(config_or_model: Any) -> ModelFacts:
+    """Facts from a config or a loaded model (its ``.config``); no weights needed."""
+    config = config_or_model.config if isinstance(config_or_model, nn.Module) else config_or_model
+    text, vision = config.text_config, config.vision_config
+    n_heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+    per_side = vision.image_size // vision.patch_size
+    vision_tokens = per_side * per_side + 1  # + CLS
+    per_crop = vision_tokens - 1 if config.vision_feature_select_strategy == "default" else vision_tokens
+    crops = 1
+    if config.model_type == "llava_next":
+        tiles = max(
+            math.ceil(h / vision.image_size) * math.ceil(w / vision.image_size) for h, w in config.image_grid_pinpoints
+        )
+        crops = 1 + tiles
+    layers = config.vision_feature_layer
+    n_feature_layers = 1 if isinstance(layers, int) else len(layers)
+    return ModelFacts(
+        family=config.model_type,
+        n_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        n_heads=n_heads,
+        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+        head_dim=head_dim,
+        vocab_size=text.vocab_size,
+        image_token_index=config.image_token_index,
+        image_tokens=per_crop * crops,
+        vision_n_layers=vision.num_hidden_layers,
+        vision_hidden_size=vision.hidden_size,
+        vision_intermediate_size=vision.intermediate_size,
+        vision_n_heads=vision.num_attention_heads,
+        vision_n_tokens=vision_tokens,
+        vision_crops=crops,
+        projector_in=vision.hidden_size * n_feature_layers,
+        projector_hidden=text.hidden_size,
+        projector_out=text.hidden_size,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# structure helpers
+# --------------------------------------------------------------------------------------------------
+
+
+def image_token_mask(input_ids: torch.Tensor, image_token_index: int) -> torch.Tensor:
+    """Bool mask of image-placeholder positions.
+
+    Always derived from the ids: left padding, prompt templates and llava-next's variable token counts move
+    the image span, so fixed offsets would silently point at text.
+    """
+    return input_ids == image_token_index
+
+
+def language_model(model: nn.Module) -> nn.Module:
+    """The decoder stack (``LlamaModel``: embed_tokens, layers, norm) of a LLaVA model.
+
+    transformers 5.x keeps it at ``model.model.language_model``; one place to change if that moves.
+    """
+    stack = getattr(getattr(model, "model", None), "language_model", None)
+    if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
+        raise VtcbenchError(f"cannot find the language model decoder in {type(model).__name__}")
+    return stack
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's ``ModuleList`` of transformer blocks (for hooks and per-layer token pruning)."""
+    return language_model(model).layers
