@@ -8,7 +8,6 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("COLUMNS", "200")  # rich tables unwrapped under the test runner
 
 from vtcbench.models import load_model  # noqa: E402
 
@@ -77,3 +76,21 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
         ids[row, length - p.shape[1]:] = p[0]
         mask[row, length - p.shape[1]:] = 1
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def tiny_next():
+    """A toy LLaVA-NeXT (AnyRes crops + newline tokens) from the tiny config, with its processor."""
+    import json
+
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    from vtcbench.models import CONFIG_DIR, build_local_processor
+
+    data = json.loads((CONFIG_DIR / "tiny.json").read_text())
+    data.update(model_type="llava_next", image_grid_pinpoints=[[56, 112], [112, 56], [112, 112]])
+    config = LlavaNextConfig.from_dict(data)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+    return model, build_local_processor(config)

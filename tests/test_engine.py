@@ -169,3 +169,36 @@ def test_pre_llm_method_without_prepare_fails_with_a_clear_error(tiny):
     model = tiny("sdpa")
     with compress(model, get_method("avgpool")), pytest.raises(VtcbenchError, match=r"engine.prepare\(inputs\)"):
         model(**_inputs(model))
+
+
+def _next_inputs(processor, size=(80, 60)):
+    from PIL import Image
+
+    image = Image.new("RGB", size, (200, 30, 60))
+    return dict(processor(images=[image], text=["USER: <image>\nWhat color is it? ASSISTANT:"], return_tensors="pt"))
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "vico", "llavolta", "random", "kmeans"])
+def test_llava_next_keep_all_equals_vanilla_and_compression_follows_the_plan(tiny_next, name):
+    """AnyRes prompts carry crops and newline tokens; the engine treats all of them as image tokens."""
+    model, processor = tiny_next
+    inputs = _next_inputs(processor)
+    n_image = int((inputs["input_ids"] == model.config.image_token_index).sum())
+    with torch.no_grad():
+        reference = model(**inputs).logits
+        keep_all = dict(KEEP_ALL[name], **({"clusters": n_image} if name == "kmeans" else {}))
+        with compress(model, get_method(name, **keep_all)):
+            torch.testing.assert_close(model(**inputs).logits, reference, atol=1e-5, rtol=1e-5)
+    params = dict(TINY_DEFAULTS[name], **({"stride": 1} if name == "llavolta" else {}))
+    method = get_method(name, **params)
+    _, _, counts = _generate(model, inputs, method, new_tokens=3)
+    assert counts == method.image_tokens_per_layer(n_image, 4)
+
+
+def test_llava_next_refuses_pre_llm_pooling(tiny_next):
+    from vtcbench.errors import VtcbenchError
+
+    model, _ = tiny_next
+    with pytest.raises(VtcbenchError, match="llava family only"):
+        with compress(model, get_method("avgpool")):
+            pass

@@ -25,8 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
+# Piped output (files, CI logs, papers' appendices) gets wide tables instead of rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 400)
 
 MethodOption = Annotated[str, typer.Option("--method", "-m", help="compression method (see `vtcbench methods`)")]
 ModelOption = Annotated[str, typer.Option("--model", help="alias, hub id or local folder (see `vtcbench models`)")]
