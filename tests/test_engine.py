@@ -202,3 +202,12 @@ def test_llava_next_refuses_pre_llm_pooling(tiny_next):
     with pytest.raises(VtcbenchError, match="llava family only"):
         with compress(model, get_method("avgpool")):
             pass
+
+
+@pytest.mark.parametrize("name", ["fastv", "pdrop", "llavolta", "kmeans"])
+def test_eager_equals_sdpa_under_compression(tiny, name):
+    method = get_method(name, **TINY_DEFAULTS[name])
+    eager_tokens, eager_logits, _ = _generate(tiny("eager"), _inputs(tiny("eager"), seed=7), method)
+    sdpa_tokens, sdpa_logits, _ = _generate(tiny("sdpa"), _inputs(tiny("sdpa"), seed=7), method)
+    assert eager_tokens.tolist() == sdpa_tokens.tolist()
+    torch.testing.assert_close(eager_logits, sdpa_logits, atol=1e-4, rtol=1e-4)
