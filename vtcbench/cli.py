@@ -7,6 +7,7 @@ exit code 2, before any weights are loaded or anything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from functools import wraps
 from pathlib import Path
@@ -128,8 +129,68 @@ def generate(
     console.print(f"visual tokens per layer ({len(counts)} layers): {_format_counts(counts)}")
 
 
+FormatOption = Annotated[str, typer.Option("--format", help="table | json")]
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("table", "json"):
+        raise VtcbenchError(f"--format {fmt!r} is not supported; valid choices: json, table")
+
+
+def _check_count(option: str, value: int | None, minimum: int = 0) -> None:
+    if value is not None and value < minimum:
+        raise VtcbenchError(f"{option} {value} is out of range; valid: an integer >= {minimum}")
+
+
+@app.command()
+@user_errors
+def flops(
+    method: MethodOption = "vanilla",
+    model: ModelOption = "llava-1.5-7b",
+    set_: SetOption = None,
+    image_tokens: Annotated[int | None, typer.Option(help="visual tokens per sample (default: the model's)")] = None,
+    text_tokens: Annotated[int, typer.Option(help="text tokens in the prompt (full-sequence figure)")] = 64,
+    fmt: FormatOption = "table",
+) -> None:
+    """Analytic FLOPs (multiply-accumulates, the papers' FLOPs), visual tokens per layer, compression ratio."""
+    from vtcbench.api import method_from_options
+    from vtcbench.models import load_config, model_facts
+    from vtcbench.profilers.flops import analytic_flops
+
+    _check_format(fmt)
+    _check_count("--image-tokens", image_tokens, 1)
+    _check_count("--text-tokens", text_tokens, 1)
+    compression = method_from_options(method, set_ or [])
+    report = analytic_flops(
+        compression, model_facts(load_config(model)), model=model, image_tokens=image_tokens, text_tokens=text_tokens
+    )
+    if fmt == "json":
+        print(json.dumps(report.to_dict()))
+        return
+    table = Table(title=f"{method} {_format_params(report.params)} on {model} (multiply-accumulates)")
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    rows = [
+        ("visual tokens per layer", _format_counts(report.image_tokens_per_layer)),
+        ("visual tokens summed over layers", f"{report.visual_token_total:,}"),
+        ("compression ratio (N*L / total)", f"{report.compression_ratio:.0%}"),
+        ("TFLOPs, image tokens (papers' convention)", f"{report.tflops_image:.3g}"),
+        (f"TFLOPs, decoder on image + {text_tokens} text tokens", f"{report.tflops_total:.3g}"),
+        ("TFLOPs, vision encoder", f"{report.tflops_vision_encoder:.3g}"),
+        ("TFLOPs, projector", f"{report.tflops_projector:.3g}"),
+        ("TFLOPs, method's own scoring", f"{report.tflops_method_overhead:.3g}"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
+def _format_params(params: dict) -> str:
+    return ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) or "(no hyperparameters)"
+
+
 def _format_value(value) -> str:
-    if isinstance(value, tuple):
+    if isinstance(value, (tuple, list)):
         return ",".join(map(str, value))
     return str(value)
 

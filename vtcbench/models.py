@@ -433,6 +433,7 @@ class ModelFacts:
     vision_intermediate_size: int
     vision_n_heads: int
     vision_n_tokens: int  # tokens per crop inside the ViT, including CLS
+    vision_patch_size: int
     vision_crops: int  # ViT forward passes per image (1 for llava, 1 + max grid tiles for llava-next)
     projector_in: int
     projector_hidden: int
@@ -472,6 +473,7 @@ def model_facts(config_or_model: Any) -> ModelFacts:
         vision_intermediate_size=vision.intermediate_size,
         vision_n_heads=vision.num_attention_heads,
         vision_n_tokens=vision_tokens,
+        vision_patch_size=vision.patch_size,
         vision_crops=crops,
         projector_in=vision.hidden_size * n_feature_layers,
         projector_hidden=text.hidden_size,

@@ -1,0 +1,1 @@
+"""Profilers: analytic FLOPs, measured op counts, latency, memory and energy."""

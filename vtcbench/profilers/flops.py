@@ -1,0 +1,104 @@
+"""Analytic FLOPs (DESIGN.md section 5), instantly, from a method's plan and a model's config.
+
+Units: multiply-accumulates, which the papers call "FLOPs" (PyramidDrop Eq. 2, LLaVolta,
+ViCo): one decoder layer on n tokens costs 4nd^2 + 2n^2d + 3ndm (q, k, v, o projections;
+QK^T and AV; the gated MLP's three matrices). The papers' convention counts the image tokens
+only, summed over layers; we also count the full sequence (image + text) with grouped-query
+projections (2nd^2 + 2nd*d_kv), the vision encoder, the projector, the LM head for the next
+token, and the method's own scoring. Additions (pooling, softmax, norms) are not counted, as in
+the papers and in matmul-based op counters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from vtcbench.methods.base import Method
+from vtcbench.models import ModelFacts
+
+TERA = 1e12
+
+
+def layer_macs(n: int, facts: ModelFacts, *, grouped_query: bool = True) -> int:
+    """One decoder layer on n tokens. `grouped_query=False` is the papers' 4nd^2 (MHA) form."""
+    d, m = facts.hidden_size, facts.intermediate_size
+    d_kv = facts.n_kv_heads * facts.head_dim if grouped_query else d
+    return 2 * n * d * d + 2 * n * d * d_kv + 2 * n * n * d + 3 * n * d * m
+
+
+def vision_encoder_macs(facts: ModelFacts) -> int:
+    """CLIP-style ViT over every crop: patch embedding plus all layers (HF runs them all, even
+    when the features come from layer -2)."""
+    n, d, m = facts.vision_n_tokens, facts.vision_hidden_size, facts.vision_intermediate_size
+    patch_dim = 3 * facts.vision_patch_size**2
+    per_crop = (n - 1) * patch_dim * d + facts.vision_n_layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
+    return facts.vision_crops * per_crop
+
+
+def projector_macs(facts: ModelFacts) -> int:
+    """The two-layer MLP projector on every image token before any compression."""
+    return facts.image_tokens * (facts.projector_in * facts.projector_hidden + facts.projector_hidden * facts.projector_out)
+
+
+def method_overhead_macs(
+    method: Method, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[int], text_tokens: int
+) -> int:
+    """The method's own cost: recomputing the last token's attention row at each score layer
+    (q_proj on one token, k_proj on the sequence, q.K over heads), or k-means' distances."""
+    d, d_kv = facts.hidden_size, facts.n_kv_heads * facts.head_dim
+    total = 0
+    for score_layer in (s for s in method.plan(facts.n_layers).values() if s is not None):
+        n = image_tokens_per_layer[score_layer] + text_tokens
+        total += d * d + n * d * d_kv + n * d
+    if method.name == "kmeans":  # per Lloyd round: distances and centroid sums, n * k * d each
+        n = image_tokens_per_layer[method.layer - 1] if method.layer else n_image
+        total += method.iters * 2 * n * method.clusters * d
+    return total
+
+
+@dataclass(frozen=True)
+class FlopsReport:
+    model: str
+    method: str
+    params: dict
+    n_layers: int
+    image_tokens: int
+    text_tokens: int
+    image_tokens_per_layer: list[int]
+    visual_token_total: int
+    compression_ratio: float  # LLaVolta: N*L / sum of visual tokens over layers
+    tflops_image: float  # papers' convention: image tokens only, MHA projections
+    tflops_total: float  # decoder layers on image + text tokens, grouped-query-aware
+    tflops_lm_head: float  # logits of the next token
+    tflops_vision_encoder: float
+    tflops_projector: float
+    tflops_method_overhead: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def analytic_flops(
+    method: Method, facts: ModelFacts, *, model: str, image_tokens: int | None = None, text_tokens: int = 64
+) -> FlopsReport:
+    """Every FLOPs figure of one method on one model shape (per sample, prefill)."""
+    n_image = facts.image_tokens if image_tokens is None else image_tokens
+    counts = method.image_tokens_per_layer(n_image, facts.n_layers)
+    visual_total = sum(counts)
+    return FlopsReport(
+        model=model,
+        method=method.name,
+        params={k: list(v) if isinstance(v, tuple) else v for k, v in method.params().items()},
+        n_layers=facts.n_layers,
+        image_tokens=n_image,
+        text_tokens=text_tokens,
+        image_tokens_per_layer=counts,
+        visual_token_total=visual_total,
+        compression_ratio=n_image * facts.n_layers / visual_total if visual_total else float("inf"),
+        tflops_image=sum(layer_macs(n, facts, grouped_query=False) for n in counts) / TERA,
+        tflops_total=sum(layer_macs(n + text_tokens, facts) for n in counts) / TERA,
+        tflops_lm_head=facts.hidden_size * facts.vocab_size / TERA,
+        tflops_vision_encoder=vision_encoder_macs(facts) / TERA,
+        tflops_projector=projector_macs(facts) / TERA,
+        tflops_method_overhead=method_overhead_macs(method, facts, n_image, counts, text_tokens) / TERA,
+    )
