@@ -185,6 +185,118 @@ def flops(
     console.print(table)
 
 
+@app.command()
+@user_errors
+def profile(
+    method: MethodOption = "vanilla",
+    model: ModelOption = "llava-1.5-7b",
+    set_: SetOption = None,
+    random_weights: Annotated[bool, typer.Option(help="build the architecture with random weights, offline")] = False,
+    image_tokens: Annotated[int | None, typer.Option(help="visual tokens (random weights: any square, e.g. 144)")] = None,
+    text_tokens: Annotated[int, typer.Option(help="non-image prompt tokens")] = 64,
+    new_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
+    batch: Annotated[int, typer.Option(help="prompts per forward")] = 1,
+    layers: Annotated[int | None, typer.Option(help="decoder layers (random weights only: smaller shapes)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16 (default: float16 on GPU, float32 on CPU)")] = "auto",
+    attn: Annotated[str, typer.Option(help="eager | sdpa | flash_attention_2")] = "sdpa",
+    device: Annotated[str, typer.Option(help="default: cuda when available")] = "auto",
+    iterations: Annotated[int, typer.Option(help="timed iterations, at least")] = 5,
+    min_seconds: Annotated[float, typer.Option(help="keep iterating at least this long")] = 0.0,
+    warmup: Annotated[int, typer.Option(help="untimed iterations first")] = 1,
+    train: Annotated[bool, typer.Option("--train", help="also time a forward+backward step, with the ratio to vanilla")] = False,
+    fmt: FormatOption = "table",
+) -> None:
+    """Latency per phase, memory, energy and FLOPs of one method on synthetic inputs (no dataset)."""
+    import torch
+
+    from vtcbench.api import method_from_options
+    from vtcbench.methods import get_method
+    from vtcbench.models import load_config, load_model, model_facts, random_model
+    from vtcbench.profilers.session import Shape
+    from vtcbench.profilers.session import profile as run_profile
+
+    _check_format(fmt)
+    for option, value, minimum in (
+        ("--image-tokens", image_tokens, 1), ("--text-tokens", text_tokens, 2), ("--new-tokens", new_tokens, 1),
+        ("--batch", batch, 1), ("--layers", layers, 1), ("--iterations", iterations, 1), ("--warmup", warmup, 0),
+    ):
+        _check_count(option, value, minimum)
+    compression = method_from_options(method, set_ or [])
+    if train and not compression.trainable:
+        raise VtcbenchError(f"--train: {method} cannot be trained (its selection has no gradient path); "
+                            "trainable: " + ", ".join(n for n, c in sorted(_methods().items()) if c.trainable))
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtype = ("float16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    config = load_config(model)
+    facts = model_facts(config)
+    if facts.family != "llava":
+        raise VtcbenchError(f"profile builds synthetic inputs for the llava family; {model} is {facts.family}")
+    if not random_weights and (layers is not None or image_tokens not in (None, facts.image_tokens)):
+        raise VtcbenchError("--layers and a different --image-tokens change the architecture; add --random-weights")
+    if image_tokens is not None and image_tokens != facts.image_tokens:
+        side = int(image_tokens**0.5)
+        if side * side != image_tokens:
+            raise VtcbenchError(f"--image-tokens {image_tokens} must be a square (the patch grid), e.g. 64, 144, 576")
+        config.vision_config.image_size = side * config.vision_config.patch_size
+    if layers is not None:
+        config.text_config.num_hidden_layers = layers
+    facts = model_facts(config)
+    compression.validate_for(facts.image_tokens, facts.n_layers)
+    if random_weights:
+        loaded = random_model(config, dtype=dtype, attn_implementation=attn, device=device)
+    else:
+        loaded, _ = load_model(model, dtype=dtype, attn_implementation=attn, device=device)
+    shape = Shape(image_tokens=facts.image_tokens, text_tokens=text_tokens, new_tokens=new_tokens, batch=batch)
+    record = run_profile(
+        loaded, model, compression, shape, warmup=warmup, iterations=iterations, min_seconds=min_seconds,
+        train=train, vanilla=get_method("vanilla"),
+    )
+    if fmt == "json":
+        print(json.dumps(record.to_dict(), default=str))
+        return
+    _print_profile(record)
+
+
+def _methods() -> dict:
+    from vtcbench.methods import METHODS
+
+    return METHODS
+
+
+def _print_profile(record) -> None:
+    shape = record.shape
+    title = (f"{record.method} {_format_params(record.params)} on {record.model}: {shape.image_tokens} image + "
+             f"{shape.text_tokens} text tokens, {shape.new_tokens} new, batch {shape.batch}, {record.iterations} iterations")
+    table = Table(title=title)
+    for column in ("phase", "median ms", "p10 ms", "p90 ms"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    for phase, latency in record.latency_ms.items():
+        table.add_row(phase.replace("_", " "), f"{latency.median_ms:.2f}", f"{latency.p10_ms:.2f}", f"{latency.p90_ms:.2f}")
+    if record.train_step_ms is not None:
+        t = record.train_step_ms
+        table.add_row("train step (fwd+bwd)", f"{t.median_ms:.2f}", f"{t.p10_ms:.2f}", f"{t.p90_ms:.2f}")
+    console.print(table)
+    if record.train_time_ratio is not None:
+        console.print(f"training step time / vanilla: {record.train_time_ratio:.3f}")
+    memory, energy = record.memory, record.energy
+    console.print(f"KV cache after prefill: {memory.kv_cache_bytes / 2**20:.2f} MiB; "
+                  f"torch peak allocated: {_mib(memory.torch_max_allocated_bytes)}, reserved: "
+                  f"{_mib(memory.torch_max_reserved_bytes)}; NVML process: {_mib(memory.nvml_process_bytes)}")
+    console.print("energy: " + (f"{energy.joules_per_sample:.2f} J/sample" if energy.joules_per_sample is not None
+                                else f"unavailable ({energy.unavailable_reason})"))
+    flops = record.flops
+    console.print(f"TFLOPs (MACs): image tokens {flops['tflops_image']:.4g}, decoder full sequence "
+                  f"{flops['tflops_total']:.4g}, vision {flops['tflops_vision_encoder']:.4g}, "
+                  f"method overhead {flops['tflops_method_overhead']:.3g}")
+    p = record.provenance
+    console.print(f"[dim]{p['device']}, driver {p['driver']}, torch {p['torch']}, transformers {p['transformers']}, "
+                  f"{p['dtype']}, attention {p['attention']}, git {p['git_revision'][:12]}[/]")
+
+
+def _mib(value: int | None) -> str:
+    return "unavailable on CPU" if value is None else f"{value / 2**20:.1f} MiB"
+
+
 def _format_params(params: dict) -> str:
     return ", ".join(f"{k}={_format_value(v)}" for k, v in params.items()) or "(no hyperparameters)"
 

@@ -23,6 +23,8 @@ PyramidDrop's compacted positions, the compacted length, as an uncached rerun wo
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -91,6 +93,9 @@ class CompressionEngine:
         self.applied_image_tokens_per_layer: list[int] = []
         self._handles: list = []
         self._request: _Request | None = None
+        #: wraps the method's own work (scoring, selection, rebuilding the sequence); a profiler
+        #: may set it to a timer, e.g. `engine.overhead = lambda: timer.phase("method_overhead")`
+        self.overhead: Callable[[], AbstractContextManager] = nullcontext
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> CompressionEngine:
@@ -217,8 +222,10 @@ class CompressionEngine:
         if 0 in self.plan:
             if self.plan[0] == 0:
                 cos_sin = self.language_model.rotary_emb(embeds, position_ids)
-                request.scores[0] = _last_token_attention(self.layers[0], embeds, cos_sin, valid)
-            space, embeds = self._act(request, 0, space, embeds)
+                with self.overhead():
+                    request.scores[0] = _last_token_attention(self.layers[0], embeds, cos_sin, valid)
+            with self.overhead():
+                space, embeds = self._act(request, 0, space, embeds)
             request.lm_index = space.index0
             kwargs = dict(kwargs, inputs_embeds=embeds, position_ids=space.position_ids)
             if attention_mask is not None:
@@ -266,10 +273,12 @@ class CompressionEngine:
             space = request.space
             if index in self.score_layers:
                 embeddings = self._prefill_kwargs(request, space, kwargs)["position_embeddings"]
-                action_layer = self.score_layers[index]
-                request.scores[action_layer] = _last_token_attention(module, hidden, embeddings, space.valid)
+                with self.overhead():
+                    scores = _last_token_attention(module, hidden, embeddings, space.valid)
+                request.scores[self.score_layers[index]] = scores
             if index in self.plan:
-                space, hidden = self._act(request, index, space, hidden)
+                with self.overhead():
+                    space, hidden = self._act(request, index, space, hidden)
                 request.space = space
                 if args:
                     args = (hidden, *args[1:])

@@ -332,6 +332,16 @@ def _validate(dtype: str, attn_implementation: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_device(device: str) -> torch.device:
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise VtcbenchError(f"invalid device {device!r}: {_first_line(exc)}") from exc
+    if torch_device.type == "cuda" and not torch.cuda.is_available():
+        raise VtcbenchError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return torch_device
+
+
 def _offline_error(name: str, source: str, exc: BaseException) -> VtcbenchError:
     from huggingface_hub.errors import RepositoryNotFoundError
 
@@ -361,22 +371,13 @@ def load_model(
     """
     torch_dtype = _validate(dtype, attn_implementation)
     spec = resolve_model(name)
-    try:
-        torch_device = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise VtcbenchError(f"invalid device {device!r}: {_first_line(exc)}") from exc
-    if torch_device.type == "cuda" and not torch.cuda.is_available():
-        raise VtcbenchError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    torch_device = check_device(device)
     source = spec.hub_id if spec is not None else os.path.expanduser(name)
     label = spec.alias if spec is not None else name
 
     if random_weights:
         config = load_config(name)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _model_class(config)._from_config(
-                config, dtype=torch_dtype, attn_implementation=attn_implementation
-            )
+        model = _random_model(config, torch_dtype, attn_implementation, seed)
         processor = _cached_processor(source) if source is not None else None
         if processor is None:
             processor = build_local_processor(config)
@@ -397,6 +398,24 @@ def load_model(
                 raise VtcbenchError(f"cannot load model folder {name!r}: {_first_line(exc)}") from exc
             raise _offline_error(label, source, exc) from exc
     return model.to(torch_device).eval(), processor
+
+
+def random_model(
+    config, *, dtype: str = "float32", attn_implementation: str = "sdpa", device: str = "cpu", seed: int = 0
+) -> nn.Module:
+    """The architecture of `config` with seeded random weights, in eval mode (no processor).
+
+    For profiling shapes that no checkpoint has (fewer layers, fewer image tokens).
+    """
+    torch_dtype = _validate(dtype, attn_implementation)
+    torch_device = check_device(device)
+    return _random_model(config, torch_dtype, attn_implementation, seed).to(torch_device).eval()
+
+
+def _random_model(config, torch_dtype: torch.dtype, attn_implementation: str, seed: int) -> nn.Module:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _model_class(config)._from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
 
 
 def _cached_processor(source: str):
