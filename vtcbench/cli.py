@@ -284,10 +284,13 @@ def _print_profile(record) -> None:
                   f"{_mib(memory.torch_max_reserved_bytes)}; NVML process: {_mib(memory.nvml_process_bytes)}")
     console.print("energy: " + (f"{energy.joules_per_sample:.2f} J/sample" if energy.joules_per_sample is not None
                                 else f"unavailable ({energy.unavailable_reason})"))
-    flops = record.flops
+    flops, measured = record.flops, record.opcount
+    analytic_lm = flops["tflops_total"] + flops["tflops_lm_head"] + flops["tflops_method_overhead"]
     console.print(f"TFLOPs (MACs): image tokens {flops['tflops_image']:.4g}, decoder full sequence "
                   f"{flops['tflops_total']:.4g}, vision {flops['tflops_vision_encoder']:.4g}, "
                   f"method overhead {flops['tflops_method_overhead']:.3g}")
+    console.print(f"measured language model {measured['language_model_macs'] / 1e12:.4g} TFLOPs vs analytic "
+                  f"{analytic_lm:.4g} ({measured['counter']})")
     p = record.provenance
     console.print(f"[dim]{p['device']}, driver {p['driver']}, torch {p['torch']}, transformers {p['transformers']}, "
                   f"{p['dtype']}, attention {p['attention']}, git {p['git_revision'][:12]}[/]")

@@ -48,7 +48,9 @@ def method_overhead_macs(
     d, d_kv = facts.hidden_size, facts.n_kv_heads * facts.head_dim
     total = 0
     for score_layer in (s for s in method.plan(facts.n_layers).values() if s is not None):
-        n = image_tokens_per_layer[score_layer] + text_tokens
+        # the score layer's input, before any action at that layer (PyramidDrop scores, then drops)
+        entering = image_tokens_per_layer[score_layer - 1] if score_layer else method.pre_llm_tokens(n_image)
+        n = entering + text_tokens
         total += d * d + n * d * d_kv + n * d
     if method.name == "kmeans":  # per Lloyd round: distances and centroid sums, n * k * d each
         n = image_tokens_per_layer[method.layer - 1] if method.layer else n_image

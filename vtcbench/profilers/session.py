@@ -22,6 +22,7 @@ from vtcbench.profilers.energy import EnergyMeter, EnergyReport
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.profilers.latency import Latency, PhaseTimer, TokenMarker
 from vtcbench.profilers.memory import MemoryReport, PeakMemory, kv_cache_bytes
+from vtcbench.profilers.opcount import count_ops
 from vtcbench.provenance import provenance
 
 INFERENCE_PHASES = ("vision_encoder", "projector", "method_overhead", "llm_prefill", "ttft", "decode_per_token", "end_to_end")
@@ -46,6 +47,7 @@ class ProfileRecord:
     memory: MemoryReport
     energy: EnergyReport
     flops: dict
+    opcount: dict  # measured multiply-accumulates of one sample's prefill (cross-check of `flops`)
     iterations: int
     train_step_ms: Latency | None = None
     train_step_vanilla_ms: Latency | None = None
@@ -247,6 +249,7 @@ def profile(
         memory=memory,
         energy=energy,
         flops=flops.to_dict(),
+        opcount=count_ops(model, {key: value[:1] for key, value in inputs.items()}, method).to_dict(),
         iterations=done,
     )
     if train:

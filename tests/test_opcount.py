@@ -1,0 +1,141 @@
+"""Measured op counts agree with the analytic FLOPs (DESIGN.md section 5).
+
+The model is the tiny LLaVA widened so that every analytic term is visible: an 8-layer
+grouped-query decoder (d 256, d_kv 128, m 688, vocabulary 320) and a 3-layer CLIP tower on
+112 px images (64 image tokens) whose features come from layer -2, as in LLaVA-1.5.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import pixels, prompt_ids
+from vtcbench.errors import VtcbenchError
+from vtcbench.methods import get_method
+from vtcbench.models import CONFIG_DIR, model_facts
+from vtcbench.profilers.flops import analytic_flops
+from vtcbench.profilers.opcount import COUNTER, OpCount, count_ops
+
+# Configurations that act on the 8-layer model (64 image tokens).
+CASES: dict[str, dict] = {
+    "vanilla": {},
+    "fastv": {"layer": 2, "drop_ratio": 0.5},
+    "pdrop": {"layers": (2, 4, 6), "keep_ratio": 0.5},
+    "vico": {"stages": 4, "keep_ratio": 0.5},
+    "llavolta": {"layer": 2, "stride": 8},
+    "random": {"layer": 2, "drop_ratio": 0.5},
+    "kmeans": {"layer": 2, "clusters": 16},
+    "avgpool": {"kernel": 2},
+}
+SCORED = ("fastv", "pdrop", "vico", "kmeans")  # methods with a scoring cost of their own
+
+@pytest.fixture(scope="module")
+def wide():
+    """wide(attn) -> the widened random-weight LLaVA with that attention backend (cached)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    data = json.loads((CONFIG_DIR / "tiny.json").read_text())
+    data["text_config"].update(
+        num_hidden_layers=8, hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=4
+    )
+    data["vision_config"].update(
+        image_size=112, patch_size=14, hidden_size=64, intermediate_size=128, num_hidden_layers=3
+    )
+    config = LlavaConfig.from_dict(data)
+    models: dict[str, torch.nn.Module] = {}
+
+    def get(attn: str = "sdpa"):
+        if attn not in models:
+            with torch.random.fork_rng():
+                torch.manual_seed(0)
+                models[attn] = LlavaForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
+        return models[attn]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def measured(wide):
+    """measured(name, attn) -> (OpCount, the analytic FlopsReport of the same prompt), cached."""
+    results: dict[tuple[str, str], tuple] = {}
+
+    def get(name: str, attn: str = "sdpa"):
+        if (name, attn) not in results:
+            model = wide(attn)
+            ids = prompt_ids(model, 10, 20, seed=0)
+            inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels(0, 112)}
+            method = get_method(name, **CASES[name])
+            image_tokens = int((ids == model.config.image_token_index).sum())
+            report = analytic_flops(
+                method,
+                model_facts(model),
+                model="wide",
+                image_tokens=image_tokens,
+                text_tokens=ids.shape[1] - image_tokens,
+            )
+            results[name, attn] = count_ops(model, inputs, method), report
+        return results[name, attn]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_language_model_macs_match_the_analytic_full_sequence_figure(measured, name):
+    count, report = measured(name)
+    analytic = report.tflops_total + report.tflops_lm_head + report.tflops_method_overhead
+    assert count.tflops("language_model") == pytest.approx(analytic, rel=0.01)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_method_overhead_matches_the_analytic_scoring_cost(measured, name):
+    count, report = measured(name)
+    assert count.tflops("method_overhead") == pytest.approx(report.tflops_method_overhead, rel=0.01)
+    assert (count.method_overhead_macs > 0) == (name in SCORED)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_vision_tower_and_projector_match_the_analytic_figures(measured, name):
+    """HF runs every CLIP layer even though LLaVA reads layer -2, and the analytic figure counts
+    them all; the projector runs on all 64 tokens before any pre-LLM pooling."""
+    count, report = measured(name)
+    assert count.tflops("vision_tower") == pytest.approx(report.tflops_vision_encoder, rel=0.01)
+    assert count.tflops("projector") == pytest.approx(report.tflops_projector, rel=0.01)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_mac_is_attributed_to_a_part(measured, name):
+    count, _ = measured(name)
+    assert count.other_macs == 0
+    assert count.total_macs == count.language_model_macs + count.vision_tower_macs + count.projector_macs
+    assert count.counter == COUNTER
+
+
+@pytest.mark.parametrize("name", ["vanilla", "fastv", "pdrop", "llavolta"])
+def test_eager_and_sdpa_count_the_same(measured, name):
+    """sdpa's CPU kernel is counted like eager's two matmuls (q.K^T and A.V per query head)."""
+    assert measured(name, "eager")[0] == measured(name, "sdpa")[0]
+
+
+def test_without_a_method_the_count_is_vanilla(wide, measured):
+    model = wide("sdpa")
+    ids = prompt_ids(model, 10, 20, seed=0)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels(0, 112)}
+    assert count_ops(model, inputs) == measured("vanilla")[0]
+
+
+def test_tflops_are_tera_macs_of_the_named_part():
+    count = OpCount(
+        language_model_macs=3 * 10**12,
+        vision_tower_macs=2 * 10**12,
+        projector_macs=10**12,
+        method_overhead_macs=10**11,
+        other_macs=0,
+    )
+    assert count.tflops() == pytest.approx(6.0)
+    assert count.tflops("method_overhead") == pytest.approx(0.1)
+    assert count.to_dict()["total_macs"] == 6 * 10**12
+    with pytest.raises(VtcbenchError, match="valid choices"):
+        count.tflops("decoder")
