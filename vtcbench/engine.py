@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods.base import Keep, LayerContext, Method, Replace
@@ -410,9 +410,9 @@ def _last_token_attention(
     head_dim = attention.head_dim
     query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
     key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    cos, sin = position_embeddings
-    query, _ = apply_rotary_pos_emb(query, query, cos[:, -1:], sin[:, -1:])
-    _, key = apply_rotary_pos_emb(key, key, cos, sin)
+    cos, sin = (table.unsqueeze(1) for table in position_embeddings)  # RoPE as apply_rotary_pos_emb, once each
+    query = query * cos[:, :, -1:] + rotate_half(query) * sin[:, :, -1:]
+    key = key * cos + rotate_half(key) * sin
     key = repeat_kv(key, attention.num_key_value_groups)
     logits = (query @ key.transpose(-1, -2)).float() * attention.scaling  # [batch, heads, 1, seq]
     logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
