@@ -1,0 +1,325 @@
+"""vtcbench's model for lmms-eval: a LLaVA-family model with a compression method applied.
+
+lmms-eval owns the benchmarks (prompts, splits, metrics); this class answers its requests:
+- prompts in the model family's original evaluation format: LLaVA-1.5 and LLaVA-NeXT-Vicuna
+  were evaluated with the `vicuna_v1` conversation (LLaVA repo `conv_vicuna_v1`): its system
+  prompt, then `USER: <image>\\n{question} ASSISTANT:`;
+- greedy decoding, batched: requests are grouped by generation kwargs and by visual-token count
+  (the engine needs equal counts within a batch), left-padded, and run under the engine;
+- every finished request is appended to the run folder at once (prediction, visual tokens per
+  layer, prefill and decode time, tokens generated) and read back on resume instead of recomputed;
+- a generation error propagates: no request is silently scored as "" (lmms-eval's own
+  `llava_hf` does that);
+- `clean()` keeps the model, so one loaded model serves every task (`evaluate()` calls it).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from vtcbench.engine import compress
+from vtcbench.methods.base import Method
+from vtcbench.models import image_token_mask
+from vtcbench.profilers.latency import PhaseTimer, TokenMarker
+from vtcbench.results import RunFolder
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None) -> str:
+    """LLaVA's `conv_vicuna_v1`: system prompt, `USER: <image>\\n...`, `ASSISTANT:`."""
+    if IMAGE_PLACEHOLDER not in context and n_images:
+        context = "\n".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + context
+    prompt = f"{VICUNA_V1_SYSTEM} USER: {context} ASSISTANT:"
+    return prompt if answer is None else f"{prompt} {answer}"
+
+
+@dataclass
+class _Encoded:
+    request_index: int
+    input_ids: torch.Tensor  # [seq]
+    pixel_values: torch.Tensor | None  # [images, ...]
+    image_sizes: torch.Tensor | None
+    image_tokens: int
+
+
+class VtcbenchLMM(lmms):
+    """Answers lmms-eval requests with `model` under `method`, recording into `run`."""
+
+    is_simple = True
+
+    def __init__(self, model, processor, method: Method, run: RunFolder, *, batch_size: int = 1, show_progress: bool = True):
+        super().__init__()
+        self.model = model
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.method = method
+        self.run = run
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        self._device = model.device
+
+    # -- lmms-eval interface ------------------------------------------------------------------------
+    def clean(self) -> None:
+        """Keep the model: lmms-eval's default deletes every nn.Module attribute between tasks."""
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        return self._answer(requests, self._generate_batch, lambda record: record["prediction"])
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        return self._answer(requests, self._loglikelihood_batch, lambda record: tuple(record["prediction"]))
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        """Round 0 from the request; later rounds from the task's `doc_to_text(doc, previous_output=...,
+        round_idx=..., previous_round_info=...)` until it signals the end (lmms-eval's protocol)."""
+        return self._answer(requests, self._multi_round_batch, lambda record: record["prediction"], batchable=False)
+
+    # -- shared driver ------------------------------------------------------------------------------
+    def _answer(self, requests: list[Instance], run_batch: Callable, cached: Callable, batchable: bool = True) -> list:
+        results: list = [None] * len(requests)
+        pending: list[int] = []
+        for index, request in enumerate(requests):
+            record = self.run.finished.get((request.task_name, int(request.doc_id), int(request.idx)))
+            if record is not None:
+                results[index] = cached(record)
+            else:
+                pending.append(index)
+        with self._progress(requests, done=len(requests) - len(pending)) as advance, compress(self.model, self.method) as engine:
+            for batch in self._batches(requests, pending, batch_size=self.batch_size if batchable else 1):
+                for index, output, record in run_batch(engine, [requests[i] for i in batch], batch):
+                    request = requests[index]
+                    record = {
+                        "task": request.task_name,
+                        "doc_id": int(request.doc_id),
+                        "request_index": int(request.idx),
+                        "request_type": request.request_type,
+                        "prediction": output,
+                        **record,
+                    }
+                    self.run.append(record)
+                    results[index] = output
+                    advance(request.task_name)
+        return results
+
+    def _batches(self, requests: list[Instance], pending: list[int], batch_size: int) -> list[list[int]]:
+        """Group by task, generation kwargs and visual-token count; longest prompts first."""
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index in pending:
+            request = requests[index]
+            kwargs = request.args[1] if request.request_type != "loglikelihood" else None
+            key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), self._image_count(request))
+            groups[key].append(index)
+        batches = []
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                batches.append(indices[start : start + batch_size])
+        return batches
+
+    def _image_count(self, request: Instance) -> int:
+        return len(self._visuals(request))
+
+    def _doc(self, request: Instance) -> dict:
+        *_, doc_id, task, split = request.args
+        return self.task_dict[task][split][doc_id]
+
+    def _visuals(self, request: Instance) -> list[Image.Image]:
+        doc_to_visual = request.args[2]
+        visuals = doc_to_visual(self._doc(request)) if doc_to_visual is not None else []
+        flat = [v for item in (visuals or []) for v in (item if isinstance(item, list) else [item])]
+        if not all(isinstance(v, Image.Image) for v in flat):
+            raise TypeError(f"{request.task_name}: vtcbench evaluates image tasks; got {type(flat[0]).__name__} visuals")
+        return [v.convert("RGB") for v in flat]
+
+    # -- encoding and batching ------------------------------------------------------------------------
+    def _encode(self, prompt: str, visuals: list[Image.Image], index: int) -> _Encoded:
+        if visuals:
+            encoded = self.processor(images=visuals, text=prompt, return_tensors="pt")
+            pixel_values, image_sizes = encoded["pixel_values"], encoded.get("image_sizes")
+        else:
+            encoded = self.tokenizer(prompt, return_tensors="pt")
+            pixel_values = image_sizes = None
+        input_ids = encoded["input_ids"][0]
+        image_tokens = int(image_token_mask(input_ids, self.model.config.image_token_index).sum())
+        return _Encoded(index, input_ids, pixel_values, image_sizes, image_tokens)
+
+    def _collate(self, items: list[_Encoded]) -> dict:
+        """Left-pad into one batch; pad AnyRes crops with zeros (LLaVA-NeXT reads image_sizes)."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        length = max(item.input_ids.shape[0] for item in items)
+        input_ids = torch.full((len(items), length), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            input_ids[row, length - item.input_ids.shape[0] :] = item.input_ids
+            attention_mask[row, length - item.input_ids.shape[0] :] = 1
+        batch = {"input_ids": input_ids.to(self._device), "attention_mask": attention_mask.to(self._device)}
+        pixels = [item.pixel_values for item in items if item.pixel_values is not None]
+        if pixels:
+            if pixels[0].ndim == 5 or (pixels[0].ndim == 4 and items[0].image_sizes is not None):
+                crops = max(p.shape[1] for p in pixels)
+                pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, crops - p.shape[1])) for p in pixels]
+                batch["image_sizes"] = torch.cat([item.image_sizes for item in items]).to(self._device)
+            batch["pixel_values"] = torch.cat(pixels).to(self._device, self.model.dtype)
+        return batch
+
+    # -- generation ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate_batch(self, engine, requests: list[Instance], indices: list[int]):
+        gen_kwargs = dict(requests[0].args[1] or {})
+        until = gen_kwargs.pop("until", None) or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new_tokens = int(gen_kwargs.pop("max_new_tokens", 128))
+        if float(gen_kwargs.pop("temperature", 0) or 0) > 0 or gen_kwargs.pop("do_sample", False):
+            raise ValueError(f"{requests[0].task_name}: vtcbench decodes greedily; the task asks for sampling")
+        items = []
+        for request, index in zip(requests, indices):
+            visuals = self._visuals(request)
+            items.append(self._encode(vicuna_v1_prompt(request.args[0], len(visuals)), visuals, index))
+        outputs, timing = self._timed_generate(engine, items, max_new_tokens, until)
+        for item, (text, new_tokens) in zip(items, outputs):
+            yield item.request_index, text, {
+                **timing,
+                "new_tokens": new_tokens,
+                "prompt_tokens": int(item.input_ids.shape[0]),
+                "image_tokens": item.image_tokens,
+                "image_tokens_per_layer": list(engine.applied_image_tokens_per_layer),
+            }
+
+    def _timed_generate(self, engine, items: list[_Encoded], max_new_tokens: int, until: list[str]):
+        inputs = engine.prepare(self._collate(items))
+        timer = PhaseTimer(self._device)
+        marker = TokenMarker(timer)
+        timer.start("ttft")
+        timer.start("end_to_end")
+        output = self.model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            num_beams=1,
+            stopping_criteria=StoppingCriteriaList([_StopOnStrings(self.tokenizer, until, inputs["input_ids"].shape[1])]),
+            logits_processor=LogitsProcessorList([marker]),
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        timer.stop("end_to_end")
+        phases = timer.read()
+        decode = phases.get("decode_token", [])
+        timing = {
+            "prefill_ms": phases["ttft"][0],
+            "decode_ms": sum(decode),
+            "batch_size": len(items),
+        }
+        new = output[:, inputs["input_ids"].shape[1] :]
+        results = []
+        eos = self.tokenizer.eos_token_id
+        for row in new:
+            tokens = row.tolist()
+            if eos in tokens:
+                tokens = tokens[: tokens.index(eos) + 1]
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            for stop in until:
+                if stop and stop in text:
+                    text = text[: text.index(stop)]
+            results.append((text.strip(), len(tokens)))
+        return results, timing
+
+    # -- log-likelihood ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _loglikelihood_batch(self, engine, requests: list[Instance], indices: list[int]):
+        """log P(continuation | prompt) under compression: one forward of prompt + continuation; the
+        continuation is text at the end, which no method drops."""
+        for request, index in zip(requests, indices):
+            context, target = request.args[0], request.args[1]
+            continuation = target if isinstance(target, str) else target(self._doc(request))
+            visuals = self._visuals(request)
+            prompt = vicuna_v1_prompt(context, len(visuals))
+            item = self._encode(vicuna_v1_prompt(context, len(visuals), continuation), visuals, index)
+            prompt_length = self._encode(prompt, visuals, index).input_ids.shape[0]
+            inputs = engine.prepare(self._collate([item]))
+            logits = self.model(**inputs, use_cache=False).logits[0].float()
+            n_continuation = item.input_ids.shape[0] - prompt_length
+            targets = inputs["input_ids"][0, -n_continuation:]
+            log_probs = logits[-n_continuation - 1 : -1].log_softmax(-1)
+            score = float(log_probs.gather(1, targets[:, None]).sum())
+            greedy = bool((log_probs.argmax(-1) == targets).all())
+            yield index, [score, greedy], {"image_tokens_per_layer": list(engine.applied_image_tokens_per_layer)}
+
+    # -- multi-round -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _multi_round_batch(self, engine, requests: list[Instance], indices: list[int]):
+        (request,), (index,) = requests, indices
+        context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
+        doc = self.task_dict[task][split][doc_id]
+        visuals, rounds, info, round_index = self._visuals(request), [], None, 0
+        until = (gen_kwargs or {}).get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_new_tokens = int((gen_kwargs or {}).get("max_new_tokens", 128))
+        while True:
+            if round_index:
+                visuals, context, terminal, rounds, info = doc_to_text(
+                    doc, previous_output=rounds, round_idx=round_index, previous_round_info=info
+                )
+                if terminal:
+                    break
+                visuals = [v.convert("RGB") for v in (visuals or [])]
+            item = self._encode(vicuna_v1_prompt(context, len(visuals)), visuals, index)
+            ((text, _),), _ = self._timed_generate(engine, [item], max_new_tokens, until)
+            rounds = [*rounds, text]
+            round_index += 1
+        yield index, list(rounds), {"rounds": len(rounds)}
+
+    # -- progress ----------------------------------------------------------------------------------------
+    def _progress(self, requests: list[Instance], done: int):
+        return _TaskProgress(requests, self.run, enabled=self.show_progress)
+
+
+class _TaskProgress:
+    """One rich progress bar per task, with ETA; finished (resumed) samples start filled."""
+
+    def __init__(self, requests: list[Instance], run: RunFolder, enabled: bool):
+        totals: dict[str, int] = defaultdict(int)
+        finished: dict[str, int] = defaultdict(int)
+        for request in requests:
+            totals[request.task_name] += 1
+            if (request.task_name, int(request.doc_id), int(request.idx)) in run.finished:
+                finished[request.task_name] += 1
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            TextColumn("eta"), TimeRemainingColumn(), disable=not enabled,
+        )
+        self.bars = {name: self.progress.add_task(name, total=total, completed=finished[name]) for name, total in totals.items()}
+
+    def __enter__(self) -> Callable[[str], None]:
+        self.progress.start()
+        return lambda task: self.progress.advance(self.bars[task])
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Per row: stop once the decoded new text contains one of the task's `until` strings."""
+
+    def __init__(self, tokenizer, until: list[str], prompt_length: int):
+        self.tokenizer, self.until, self.prompt_length = tokenizer, [u for u in until if u], prompt_length
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        if not self.until:
+            return done
+        for row, tokens in enumerate(input_ids[:, self.prompt_length :].tolist()):
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            done[row] = any(stop in text for stop in self.until)
+        return done

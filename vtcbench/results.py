@@ -1,0 +1,145 @@
+"""Run folders (DESIGN.md section 2): `config.json`, `samples.jsonl`, `summary.json`.
+
+- One folder per (model, method, hyperparameters, tasks, limit, seed): its name carries a hash
+  of that identity, so a different configuration never lands in an existing folder.
+- `samples.jsonl` grows one complete line per finished sample, written with a single `write`
+  on an append-only descriptor and fsync'd, so a killed run loses at most the line being
+  written. Rerunning the same command resumes: finished samples are read back, not recomputed.
+- A folder written by other code (another git revision) is never resumed silently: the run
+  stops with a message unless `--overwrite` is given.
+- Nothing half-written: a new folder appears (atomically renamed) only with its `config.json`;
+  `summary.json` is replaced atomically; a run that fails before its first sample removes the
+  folder it created.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vtcbench.errors import VtcbenchError
+
+SampleKey = tuple[str, int, int]  # (task, doc_id, request index within the doc)
+
+
+def run_identity(config: dict[str, Any]) -> str:
+    """A short stable hash of what determines the results (not timing knobs like batch size)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:10]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
+
+
+def sample_key(record: dict) -> SampleKey:
+    return (record["task"], int(record["doc_id"]), int(record.get("request_index", 0)))
+
+
+@dataclass
+class RunFolder:
+    path: Path
+    identity: dict[str, Any]
+    created: bool = False
+    finished: dict[SampleKey, dict] = field(default_factory=dict)
+
+    @property
+    def samples_path(self) -> Path:
+        return self.path / "samples.jsonl"
+
+    @classmethod
+    def open(
+        cls, out_dir: Path, identity: dict[str, Any], provenance: dict[str, Any], *, extra: dict | None = None,
+        overwrite: bool = False,
+    ) -> RunFolder:
+        """Create the run folder for `identity`, or resume it; refuse to mix code revisions."""
+        name = _slug(f"{identity['model']}__{identity['method']}__{run_identity(identity)}")
+        path = Path(out_dir) / name
+        config = {"identity": identity, "provenance": provenance, **(extra or {})}
+        if path.exists() and overwrite:
+            shutil.rmtree(path)
+        if path.exists():
+            folder = cls(path=path, identity=identity)
+            folder._check_resumable(provenance)
+            folder.finished = folder._read_samples()
+            return folder
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path.parent))
+        _write_json(staging / "config.json", config)
+        os.replace(staging, path)
+        return cls(path=path, identity=identity, created=True)
+
+    def _check_resumable(self, provenance: dict[str, Any]) -> None:
+        config_path = self.path / "config.json"
+        try:
+            stored = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise VtcbenchError(f"{config_path} is unreadable ({error}); pass --overwrite to start this run again")
+        if stored.get("identity") != self.identity:
+            raise VtcbenchError(f"{self.path} holds a different configuration; pass --overwrite or choose another --out")
+        old, new = stored.get("provenance", {}).get("git_revision"), provenance.get("git_revision")
+        if old != new:
+            raise VtcbenchError(
+                f"{self.path} was written by code revision {old}, this is {new}; "
+                "pass --overwrite to recompute, or --out for a separate folder"
+            )
+
+    def _read_samples(self) -> dict[SampleKey, dict]:
+        """Finished samples. A final line cut short by a kill is dropped; damage elsewhere stops the run."""
+        if not self.samples_path.exists():
+            return {}
+        raw = self.samples_path.read_bytes()
+        lines = raw.split(b"\n")
+        complete, tail = lines[:-1], lines[-1]
+        finished: dict[SampleKey, dict] = {}
+        for number, line in enumerate(complete, start=1):
+            try:
+                record = json.loads(line)
+                key = sample_key(record)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                raise VtcbenchError(
+                    f"{self.samples_path} line {number} is corrupted; fix or delete that line, or pass --overwrite"
+                ) from None
+            finished[key] = record
+        if tail:  # an interrupted write: no newline yet; cut it so the next append starts cleanly
+            with open(self.samples_path, "r+b") as handle:
+                handle.truncate(len(raw) - len(tail))
+        return finished
+
+    def append(self, record: dict) -> None:
+        """Add one finished sample: one write of one complete line, then fsync."""
+        line = (json.dumps(record, default=str) + "\n").encode()
+        descriptor = os.open(self.samples_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(descriptor, line)
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        self.finished[sample_key(record)] = record
+
+    def write_summary(self, summary: dict) -> Path:
+        target = self.path / "summary.json"
+        _write_json(target, summary)
+        return target
+
+    def discard_if_empty(self) -> None:
+        """After a failure: remove a folder this run created if it holds no finished sample."""
+        if self.created and not self.samples_path.exists():
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write to a temporary file beside `path`, then rename over it (readers never see half)."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        json.dump(data, stream, indent=2, default=str)
+        stream.flush()
+        os.fsync(stream.fileno())
+    os.replace(temporary, path)
