@@ -78,7 +78,7 @@ def test_resume_reuses_finished_samples_without_recomputing(tiny_with_processor,
 
 def test_loglikelihood_is_the_continuations_log_probability(tiny_with_processor, tmp_path):
     lmm = _lmm(tiny_with_processor, tmp_path, method="vanilla")
-    score, greedy = lmm.loglikelihood(_requests("loglikelihood"))[0]
+    score, greedy = lmm.loglikelihood(_requests("loglikelihood"))[0].text
     model, processor = tiny_with_processor
     doc = _docs()[0]
     full = processor(images=[doc["image"]], text=vicuna_v1_prompt(doc["question"], 1, "red"), return_tensors="pt")

@@ -257,6 +257,96 @@ def profile(
     _print_profile(record)
 
 
+@app.command()
+@user_errors
+def run(
+    method: MethodOption = "vanilla",
+    model: ModelOption = "llava-1.5-7b",
+    tasks: Annotated[str, typer.Option(help="comma-separated short names or lmms-eval task names")] = "gqa,pope",
+    set_: SetOption = None,
+    limit: Annotated[int | None, typer.Option(help="at most this many samples per task")] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per generate() call")] = 1,
+    out: Annotated[Path, typer.Option(help="folder for run folders")] = Path("results"),
+    data_dir: Annotated[Path | None, typer.Option(help="local datasets: DIR/<task>.parquet or DIR/<task>/")] = None,
+    seed: int = 0,
+    random_weights: Annotated[bool, typer.Option(help="random weights from the shipped config (plumbing checks)")] = False,
+    dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16 (default: float16 on GPU, float32 on CPU)")] = "auto",
+    attn: Annotated[str, typer.Option(help="eager | sdpa | flash_attention_2")] = "sdpa",
+    device: Annotated[str, typer.Option(help="default: cuda when available")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="discard an existing run folder of this configuration")] = False,
+    allow_judge: Annotated[bool, typer.Option("--allow-judge", help="allow tasks scored by an LLM judge")] = False,
+    allow_submission: Annotated[bool, typer.Option("--allow-submission", help="allow tasks scored by a server")] = False,
+) -> None:
+    """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
+    import torch
+
+    from vtcbench.api import check_method_for_model
+    from vtcbench.methods import parse_set_options
+    from vtcbench.runner import RunConfig
+    from vtcbench.runner import run as run_evaluation
+
+    _check_count("--limit", limit, 1)
+    _check_count("--batch-size", batch_size, 1)
+    params = parse_set_options(set_ or [])
+    from vtcbench.methods import get_method
+
+    check_method_for_model(get_method(method, **params), model)
+    if data_dir is not None and not data_dir.is_dir():
+        raise VtcbenchError(f"--data-dir {str(data_dir)!r} is not a folder")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtype = ("float16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    config = RunConfig(
+        model=model, method=method, params=params, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
+        dtype=dtype, attn_implementation=attn, device=device, overwrite=overwrite, allow_judge=allow_judge,
+        allow_submission=allow_submission, show_progress=sys.stderr.isatty(),
+    )
+    _quiet_lmms_eval_logging()
+    result = run_evaluation(config)
+    _print_summary(result)
+
+
+def _quiet_lmms_eval_logging() -> None:
+    """lmms-eval logs through loguru at DEBUG regardless of its `verbosity`; keep warnings only."""
+    import datasets
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level="WARNING")
+    datasets.disable_progress_bars()
+
+
+def _print_summary(result) -> None:
+    table = Table(title=f"{result.folder}")
+    for column in ("task", "samples", "metrics", "visual tokens (mean over layers)", "TFLOPs image/total", "prefill ms", "samples/s"):
+        table.add_column(column)
+    for name, entry in result.summary["tasks"].items():
+        metrics = ", ".join(
+            f"{k.split(',')[0]}={v:.4g}" for k, v in entry["metrics"].items() if isinstance(v, (int, float)) and "_stderr" not in k
+        )
+        tokens = entry.get("mean_image_tokens_per_layer")
+        flops = f"{entry['tflops_image']:.3g}/{entry['tflops_total']:.3g}" if "tflops_image" in entry else "-"
+        prefill = f"{entry['prefill_ms_median']:.1f}" if entry.get("prefill_ms_median") is not None else "-"
+        rate = f"{entry['samples_per_s']:.2f}" if entry.get("samples_per_s") else "-"
+        table.add_row(name, str(entry["samples"]), metrics, f"{sum(tokens) / len(tokens):.1f}" if tokens else "-", flops, prefill, rate)
+    console.print(table)
+
+
+@app.command()
+@user_errors
+def tasks() -> None:
+    """The benchmark short names, their lmms-eval tasks, and which need a judge or a server."""
+    from vtcbench.tasks import TASKS
+
+    table = Table(title="tasks (any other lmms-eval task name also works)")
+    for column in ("short", "lmms-eval task", "scoring", "description"):
+        table.add_column(column, no_wrap=column != "description")
+    for info in TASKS.values():
+        scoring = "LLM judge (--allow-judge)" if info.needs_judge else "server (--allow-submission)" if info.needs_submission else "local"
+        table.add_row(info.short, info.lmms_name, scoring, info.description)
+    console.print(table)
+
+
 def _methods() -> dict:
     from vtcbench.methods import METHODS
 
@@ -323,3 +413,7 @@ def _format_counts(counts: list[int]) -> str:
 
 def main() -> None:  # pragma: no cover - console entry point
     sys.exit(app())
+
+
+if __name__ == "__main__":  # `python -m vtcbench.cli ...`
+    main()

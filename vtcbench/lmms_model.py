@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -80,8 +80,11 @@ class VtcbenchLMM(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         return self._answer(requests, self._generate_batch, lambda record: record["prediction"])
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        return self._answer(requests, self._loglikelihood_batch, lambda record: tuple(record["prediction"]))
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """(log P, is_greedy) per request, wrapped: lmms-eval 0.7.3's `evaluate` turns any other
+        non-string response into a string, which breaks multiple-choice scoring."""
+        answers = self._answer(requests, self._loglikelihood_batch, lambda record: record["prediction"])
+        return [GenerationResult(text=(float(score), bool(greedy))) for score, greedy in answers]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         """Round 0 from the request; later rounds from the task's `doc_to_text(doc, previous_output=...,

@@ -1,0 +1,165 @@
+"""`vtcbench run` end to end, offline: lmms-eval's real task code on local datasets in the hub's
+schema, a tiny random-weight LLaVA, resumable run folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from task_data import write_all
+from typer.testing import CliRunner
+
+from vtcbench.cli import app
+
+runner = CliRunner()
+TASKS = "gqa,textvqa,pope,mme,docvqa"
+METRICS = {
+    "vtc_local_gqa": "exact_match,none",
+    "vtc_local_textvqa_val": "exact_match,none",
+    "vtc_local_pope": "pope_accuracy,none",
+    "vtc_local_mme": "mme_perception_score,none",
+    "vtc_local_docvqa_val": "anls,none",
+}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return write_all(tmp_path_factory.mktemp("data"), n=6)
+
+
+@pytest.fixture(autouse=True)
+def datasets_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "cache"))
+
+
+def run_args(data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["run", "--method", "fastv", "--model", "tiny", "--random-weights", "--tasks", TASKS,
+            "--data-dir", str(data_dir), "--out", str(out), "--limit", "4", *extra]
+
+
+def invoke(args: list[str]):
+    return runner.invoke(app, args)
+
+
+def only_folder(out: Path) -> Path:
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    return folder
+
+
+def samples(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("full")
+    result = invoke(run_args(data_dir, out))
+    assert result.exit_code == 0, result.output
+    return only_folder(out)
+
+
+def test_run_writes_lmms_eval_metrics_for_every_task(uninterrupted):
+    summary = json.loads((uninterrupted / "summary.json").read_text())
+    config = json.loads((uninterrupted / "config.json").read_text())
+    assert set(summary["tasks"]) == set(METRICS)
+    for task, metric in METRICS.items():
+        entry = summary["tasks"][task]
+        assert isinstance(entry["metrics"][metric], (int, float)), (task, entry["metrics"])
+        assert entry["samples"] == 4
+        assert entry["mean_image_tokens_per_layer"] == [64, 64, 32, 32]
+        assert entry["tflops_image"] > 0 and entry["prefill_ms_median"] > 0 and entry["samples_per_s"] > 0
+    assert config["identity"]["method"] == "fastv" and config["provenance"]["git_revision"]
+    records = samples(uninterrupted)
+    assert len(records) == 20 and all(r["image_tokens_per_layer"] == [64, 64, 32, 32] for r in records)
+
+
+def test_rerunning_resumes_without_recomputing(uninterrupted, data_dir):
+    before = (uninterrupted / "samples.jsonl").read_bytes()
+    result = invoke(run_args(data_dir, uninterrupted.parent))
+    assert result.exit_code == 0, result.output
+    assert (uninterrupted / "samples.jsonl").read_bytes() == before
+
+
+def test_sigkill_then_rerun_gives_every_sample_once_and_the_same_metrics(uninterrupted, data_dir, tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "vtcbench.cli", *run_args(data_dir, out)]
+    env = {**os.environ, "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "cache2")}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and process.poll() is None:
+        files = list(out.glob("*/samples.jsonl"))
+        if files and len(files[0].read_bytes().splitlines()) >= 5:
+            break
+        time.sleep(0.02)
+    assert process.poll() is None, "the run finished before it could be killed"
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    folder = only_folder(out)
+    assert 5 <= len(samples(folder)) < 20 and not (folder / "summary.json").exists()
+    result = invoke(run_args(data_dir, out))
+    assert result.exit_code == 0, result.output
+    keys = [(r["task"], r["doc_id"], r["request_index"]) for r in samples(folder)]
+    assert len(keys) == len(set(keys)) == 20
+    resumed = json.loads((folder / "summary.json").read_text())["tasks"]
+    reference = json.loads((uninterrupted / "summary.json").read_text())["tasks"]
+    for task in METRICS:
+        assert resumed[task]["metrics"] == reference[task]["metrics"]
+        assert resumed[task]["mean_image_tokens_per_layer"] == reference[task]["mean_image_tokens_per_layer"]
+    predictions = {(r["task"], r["doc_id"]): r["prediction"] for r in samples(folder)}
+    assert predictions == {(r["task"], r["doc_id"]): r["prediction"] for r in samples(uninterrupted)}
+
+
+def test_batch_size_4_gives_the_same_predictions_as_batch_size_1(uninterrupted, data_dir, tmp_path):
+    result = invoke(run_args(data_dir, tmp_path, "--batch-size", "4"))
+    assert result.exit_code == 0, result.output
+    batched = {(r["task"], r["doc_id"]): r["prediction"] for r in samples(only_folder(tmp_path))}
+    assert batched == {(r["task"], r["doc_id"]): r["prediction"] for r in samples(uninterrupted)}
+
+
+def _one_line_exit_2(result, fragment: str) -> None:
+    assert result.exit_code == 2, result.output
+    message = result.stderr.strip()
+    assert fragment in message and len(message.splitlines()) == 1, message
+
+
+def test_unknown_task_is_refused(data_dir, tmp_path):
+    args = ["run", "--model", "tiny", "--random-weights", "--tasks", "pope,textvqa_vall", "--out", str(tmp_path)]
+    _one_line_exit_2(invoke(args), "unknown task 'textvqa_vall'")
+    assert not any(tmp_path.iterdir())
+
+
+def test_missing_local_dataset_is_refused_before_anything_is_written(data_dir, tmp_path):
+    partial = tmp_path / "data"
+    partial.mkdir()
+    (partial / "pope.parquet").write_bytes((data_dir / "pope.parquet").read_bytes())
+    result = invoke(["run", "--model", "tiny", "--random-weights", "--tasks", "pope,mme", "--data-dir", str(partial),
+                     "--out", str(tmp_path / "out")])
+    _one_line_exit_2(result, "mme")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_model_that_fails_to_load_is_refused(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = invoke(["run", "--model", "llava-1.5-7b", "--tasks", "pope", "--data-dir", str(data_dir), "--out", str(tmp_path)])
+    _one_line_exit_2(result, "--random-weights")
+    assert not any(tmp_path.iterdir())
+
+
+def test_corrupted_samples_line_is_refused_and_results_are_untouched(uninterrupted, data_dir):
+    path = uninterrupted / "samples.jsonl"
+    original = path.read_bytes()
+    lines = original.splitlines(keepends=True)
+    damaged = b"".join([lines[0], b'{"task": "vtc_local_pope", "doc_id": \n', *lines[1:]])
+    path.write_bytes(damaged)
+    try:
+        result = invoke(run_args(data_dir, uninterrupted.parent))
+        _one_line_exit_2(result, "samples.jsonl line 2 is corrupted")
+        assert path.read_bytes() == damaged
+    finally:
+        path.write_bytes(original)

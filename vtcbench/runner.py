@@ -1,0 +1,182 @@
+"""A run: model + method + tasks -> per-sample records -> a run folder (DESIGN.md section 2).
+
+lmms-eval's `simple_evaluate` drives the tasks with our model object (`VtcbenchLMM`), so the
+prompts, splits and metrics are the community's; vtcbench adds the compression, the per-sample
+records (visual tokens per layer, timing) and the run folder that makes a run resumable.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vtcbench.errors import VtcbenchError
+from vtcbench.methods import Method, get_method
+from vtcbench.models import load_config, load_model, model_facts, random_model
+from vtcbench.profilers.flops import analytic_flops
+from vtcbench.provenance import provenance
+from vtcbench.results import RunFolder
+
+
+@dataclass
+class RunConfig:
+    model: str
+    method: str
+    params: dict[str, Any] = field(default_factory=dict)
+    tasks: list[str] = field(default_factory=list)
+    limit: int | None = None
+    seed: int = 0
+    batch_size: int = 1
+    out: Path = Path("results")
+    data_dir: Path | None = None
+    random_weights: bool = False
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    device: str = "cpu"
+    overwrite: bool = False
+    allow_judge: bool = False
+    allow_submission: bool = False
+    show_progress: bool = True
+
+    def identity(self, method: Method, lmms_tasks: list[str]) -> dict[str, Any]:
+        """What determines the numbers (batch size, device and output folder do not)."""
+        return {
+            "model": self.model,
+            "method": method.name,
+            "params": {k: list(v) if isinstance(v, tuple) else v for k, v in method.params().items()},
+            "tasks": lmms_tasks,
+            "limit": self.limit,
+            "seed": self.seed,
+            "random_weights": self.random_weights,
+            "dtype": self.dtype,
+            "attn_implementation": self.attn_implementation,
+            "data_dir": str(self.data_dir.resolve()) if self.data_dir else None,
+        }
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    summary: dict[str, Any]
+
+
+def run(config: RunConfig) -> RunResult:
+    """Evaluate one method on tasks; resumable; every input checked before anything loads."""
+    from vtcbench.tasks import local_task_config, resolve_tasks, task_manager
+
+    method = get_method(config.method, **config.params)
+    facts = model_facts(load_config(config.model))
+    method.validate_for(facts.image_tokens, facts.n_layers)
+    infos = resolve_tasks(config.tasks, allow_judge=config.allow_judge, allow_submission=config.allow_submission)
+    workdir = Path(tempfile.mkdtemp(prefix="vtcbench-tasks-"))
+    if config.data_dir is not None:
+        names = [local_task_config(info, config.data_dir, workdir) for info in infos]
+    else:
+        names = [info.lmms_name for info in infos]
+    local = config.data_dir is not None
+    manager = task_manager(workdir, include_defaults=False) if local else task_manager()
+
+    if config.random_weights:
+        model, processor = load_model(
+            config.model, random_weights=True, dtype=config.dtype,
+            attn_implementation=config.attn_implementation, device=config.device, seed=config.seed,
+        )
+    else:
+        model, processor = load_model(
+            config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=config.device
+        )
+    folder = RunFolder.open(
+        config.out, config.identity(method, names), provenance(model, config.device),
+        extra={"run_config": {**asdict(config), "out": str(config.out), "data_dir": str(config.data_dir)}},
+        overwrite=config.overwrite,
+    )
+    try:
+        task_objects = _load_tasks(names, manager)
+        results = _evaluate(model, processor, method, folder, task_objects, manager, config)
+    except BaseException:
+        folder.discard_if_empty()
+        raise
+    summary = summarize(results, folder, method, model, names)
+    folder.write_summary(summary)
+    return RunResult(folder=folder.path, summary=summary)
+
+
+def _load_tasks(names: list[str], manager) -> list:
+    """Build lmms-eval's tasks (loading their datasets) before evaluating, so that a dataset that
+    cannot be had (offline, no --data-dir) stops the run with one line. lmms-eval retries each
+    load 5 times and then raises tenacity's RetryError."""
+    from lmms_eval.tasks import get_task_dict
+    from tenacity import RetryError
+
+    try:
+        return list(get_task_dict(names, manager).values())
+    except (RetryError, OSError, ConnectionError) as error:
+        cause = error.last_attempt.exception() if isinstance(error, RetryError) else error
+        first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise VtcbenchError(
+            f"the datasets of {', '.join(names)} could not be loaded ({first_line}); offline, point "
+            "--data-dir at local copies (see the README)"
+        ) from error
+
+
+def _evaluate(model, processor, method, folder, task_objects: list, manager, config: RunConfig) -> dict:
+    import argparse
+
+    from lmms_eval.evaluator import simple_evaluate
+
+    from vtcbench.lmms_model import VtcbenchLMM
+
+    lm = VtcbenchLMM(model, processor, method, folder, batch_size=config.batch_size, show_progress=config.show_progress)
+    results = simple_evaluate(
+        model=lm,
+        tasks=task_objects,
+        task_manager=manager,
+        limit=config.limit,
+        # submission files (e.g. textvqa's) go into the run folder, not the working directory
+        cli_args=argparse.Namespace(output_path=str(folder.path), process_with_media=True),
+        batch_size=config.batch_size,
+        log_samples=False,
+        random_seed=config.seed,
+        numpy_random_seed=config.seed,
+        torch_random_seed=config.seed,
+        fewshot_random_seed=config.seed,
+        verbosity="ERROR",
+    )
+    if results is None:
+        raise VtcbenchError("lmms-eval returned no results (a non-zero rank in a distributed run?)")
+    return results
+
+
+def summarize(results: dict, folder: RunFolder, method: Method, model, names: list[str]) -> dict[str, Any]:
+    """Per task: lmms-eval's metrics, mean visual tokens per layer, analytic TFLOPs, timing."""
+    facts = model_facts(model)
+    per_task: dict[str, Any] = {}
+    for name in names:
+        records = [r for r in folder.finished.values() if r["task"] == name]
+        metrics = {k: v for k, v in results["results"].get(name, {}).items() if k != "alias"}
+        entry: dict[str, Any] = {"metrics": metrics, "samples": len(records)}
+        generated = [r for r in records if "prefill_ms" in r]
+        counted = [r for r in records if r.get("image_tokens_per_layer")]
+        if counted:
+            layers = len(counted[0]["image_tokens_per_layer"])
+            entry["mean_image_tokens_per_layer"] = [
+                statistics.fmean(r["image_tokens_per_layer"][i] for r in counted) for i in range(layers)
+            ]
+        if generated:
+            image_tokens = statistics.fmean(r["image_tokens"] for r in generated)
+            text_tokens = statistics.fmean(r["prompt_tokens"] - r["image_tokens"] for r in generated)
+            if image_tokens:
+                flops = analytic_flops(method, facts, model=folder.identity["model"], image_tokens=round(image_tokens),
+                                       text_tokens=max(1, round(text_tokens)))
+                entry["tflops_image"] = flops.tflops_image
+                entry["tflops_total"] = flops.tflops_total
+            entry["prefill_ms_median"] = statistics.median(r["prefill_ms"] for r in generated)
+            per_token = [r["decode_ms"] / (r["new_tokens"] - 1) for r in generated if r["new_tokens"] > 1]
+            entry["decode_ms_per_token_median"] = statistics.median(per_token) if per_token else None
+            busy_s = sum((r["prefill_ms"] + r["decode_ms"]) / r["batch_size"] for r in generated) / 1000
+            entry["samples_per_s"] = len(generated) / busy_s if busy_s else None
+        per_task[name] = entry
+    return {"identity": folder.identity, "tasks": per_task}
