@@ -101,3 +101,22 @@ def test_clean_keeps_the_model(tiny_with_processor, tmp_path):
     lmm = _lmm(tiny_with_processor, tmp_path)
     lmm.clean()
     assert isinstance(lmm.model, torch.nn.Module)
+
+
+def test_fidelity_compares_with_vanilla_on_the_same_samples(tiny_with_processor, tmp_path):
+    model, processor = tiny_with_processor
+    results = {}
+    for name, params in (("keep-all", {"drop_ratio": 0.0}), ("half", {"drop_ratio": 0.5})):
+        folder = RunFolder.open(tmp_path, {"model": "tiny", "method": name}, {"git_revision": "x"})
+        lmm = VtcbenchLMM(model, processor, get_method("fastv", **params), folder, batch_size=3, show_progress=False,
+                          fidelity=True)
+        lmm.task_dict = {"toy": {"test": _docs()}}
+        answers = lmm.generate_until(_requests())
+        records = sorted(folder.finished.values(), key=lambda r: r["doc_id"])
+        assert [r["prediction"] for r in records] == answers
+        results[name] = records
+    for record in results["keep-all"]:
+        assert record["agrees_with_vanilla"] and record["prediction"] == record["vanilla_prediction"]
+        assert record["first_token_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert all(r["first_token_kl"] > 1e-6 for r in results["half"])  # half the image tokens change the distribution
+    assert [r["vanilla_prediction"] for r in results["half"]] == [r["vanilla_prediction"] for r in results["keep-all"]]

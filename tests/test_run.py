@@ -163,3 +163,11 @@ def test_corrupted_samples_line_is_refused_and_results_are_untouched(uninterrupt
         assert path.read_bytes() == damaged
     finally:
         path.write_bytes(original)
+
+
+def test_fidelity_summary(data_dir, tmp_path):
+    result = invoke(["run", "--method", "fastv", "--model", "tiny", "--random-weights", "--tasks", "pope",
+                     "--data-dir", str(data_dir), "--out", str(tmp_path), "--limit", "3", "--fidelity"])
+    assert result.exit_code == 0, result.output
+    fidelity = json.loads((only_folder(tmp_path) / "summary.json").read_text())["tasks"]["vtc_local_pope"]["fidelity"]
+    assert fidelity["samples"] == 3 and 0 <= fidelity["agreement_with_vanilla"] <= 1 and fidelity["first_token_kl_mean"] > 0

@@ -276,6 +276,7 @@ def run(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard an existing run folder of this configuration")] = False,
     allow_judge: Annotated[bool, typer.Option("--allow-judge", help="allow tasks scored by an LLM judge")] = False,
     allow_submission: Annotated[bool, typer.Option("--allow-submission", help="allow tasks scored by a server")] = False,
+    fidelity: Annotated[bool, typer.Option("--fidelity", help="also run vanilla: answer agreement, first-token KL")] = False,
 ) -> None:
     """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
     import torch
@@ -299,7 +300,7 @@ def run(
         model=model, method=method, params=params, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
         dtype=dtype, attn_implementation=attn, device=device, overwrite=overwrite, allow_judge=allow_judge,
-        allow_submission=allow_submission, show_progress=sys.stderr.isatty(),
+        allow_submission=allow_submission, fidelity=fidelity, show_progress=sys.stderr.isatty(),
     )
     _quiet_lmms_eval_logging()
     result = run_evaluation(config)

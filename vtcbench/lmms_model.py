@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from vtcbench.engine import compress
-from vtcbench.methods.base import Method
+from vtcbench.methods.base import Method, get_method
 from vtcbench.models import image_token_mask
 from vtcbench.profilers.latency import PhaseTimer, TokenMarker
 from vtcbench.results import RunFolder
@@ -48,6 +48,27 @@ def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None) -> 
     return prompt if answer is None else f"{prompt} {answer}"
 
 
+_VANILLA = get_method("vanilla")
+
+
+@dataclass
+class _Generated:
+    outputs: list[tuple[str, int]]  # (text, tokens generated) per row
+    timing: dict
+    first_logits: torch.Tensor  # [batch, vocab], the first answer token's logits
+    image_tokens_per_layer: list[int]
+
+
+def _normalise(answer: str) -> str:
+    return " ".join(answer.lower().strip().rstrip(".").split())
+
+
+def _kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """KL(P_vanilla || P_method) of the first answer token, in nats."""
+    reference = reference_logits.log_softmax(-1)
+    return float((reference.exp() * (reference - logits.log_softmax(-1))).sum())
+
+
 @dataclass
 class _Encoded:
     request_index: int
@@ -62,7 +83,10 @@ class VtcbenchLMM(lmms):
 
     is_simple = True
 
-    def __init__(self, model, processor, method: Method, run: RunFolder, *, batch_size: int = 1, show_progress: bool = True):
+    def __init__(
+        self, model, processor, method: Method, run: RunFolder, *, batch_size: int = 1, show_progress: bool = True,
+        fidelity: bool = False,
+    ):
         super().__init__()
         self.model = model
         self.processor = processor
@@ -71,6 +95,7 @@ class VtcbenchLMM(lmms):
         self.run = run
         self.batch_size = batch_size
         self.show_progress = show_progress
+        self.fidelity = fidelity  # also answer with vanilla: agreement and first-token KL, no labels needed
         self._device = model.device
 
     # -- lmms-eval interface ------------------------------------------------------------------------
@@ -101,9 +126,9 @@ class VtcbenchLMM(lmms):
                 results[index] = cached(record)
             else:
                 pending.append(index)
-        with self._progress(requests, done=len(requests) - len(pending)) as advance, compress(self.model, self.method) as engine:
+        with self._progress(requests, done=len(requests) - len(pending)) as advance:
             for batch in self._batches(requests, pending, batch_size=self.batch_size if batchable else 1):
-                for index, output, record in run_batch(engine, [requests[i] for i in batch], batch):
+                for index, output, record in run_batch([requests[i] for i in batch], batch):
                     request = requests[index]
                     record = {
                         "task": request.task_name,
@@ -180,7 +205,7 @@ class VtcbenchLMM(lmms):
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate_batch(self, engine, requests: list[Instance], indices: list[int]):
+    def _generate_batch(self, requests: list[Instance], indices: list[int]):
         gen_kwargs = dict(requests[0].args[1] or {})
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
@@ -191,40 +216,46 @@ class VtcbenchLMM(lmms):
         for request, index in zip(requests, indices):
             visuals = self._visuals(request)
             items.append(self._encode(vicuna_v1_prompt(request.args[0], len(visuals)), visuals, index))
-        outputs, timing = self._timed_generate(engine, items, max_new_tokens, until)
-        for item, (text, new_tokens) in zip(items, outputs):
-            yield item.request_index, text, {
-                **timing,
+        answer = self._timed_generate(self.method, items, max_new_tokens, until)
+        reference = self._timed_generate(_VANILLA, items, max_new_tokens, until) if self.fidelity else None
+        for row, item in enumerate(items):
+            text, new_tokens = answer.outputs[row]
+            record = {
+                **answer.timing,
                 "new_tokens": new_tokens,
                 "prompt_tokens": int(item.input_ids.shape[0]),
                 "image_tokens": item.image_tokens,
-                "image_tokens_per_layer": list(engine.applied_image_tokens_per_layer),
+                "image_tokens_per_layer": answer.image_tokens_per_layer,
             }
+            if reference is not None:
+                vanilla_text = reference.outputs[row][0]
+                record["vanilla_prediction"] = vanilla_text
+                record["agrees_with_vanilla"] = _normalise(text) == _normalise(vanilla_text)
+                record["first_token_kl"] = _kl(reference.first_logits[row], answer.first_logits[row])
+            yield item.request_index, text, record
 
-    def _timed_generate(self, engine, items: list[_Encoded], max_new_tokens: int, until: list[str]):
-        inputs = engine.prepare(self._collate(items))
+    def _timed_generate(self, method: Method, items: list[_Encoded], max_new_tokens: int, until: list[str]) -> _Generated:
         timer = PhaseTimer(self._device)
         marker = TokenMarker(timer)
-        timer.start("ttft")
-        timer.start("end_to_end")
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            num_beams=1,
-            stopping_criteria=StoppingCriteriaList([_StopOnStrings(self.tokenizer, until, inputs["input_ids"].shape[1])]),
-            logits_processor=LogitsProcessorList([marker]),
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
-        timer.stop("end_to_end")
+        with compress(self.model, method) as engine:
+            inputs = engine.prepare(self._collate(items))
+            timer.start("ttft")
+            timer.start("end_to_end")
+            output = self.model.generate(
+                **inputs,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                num_beams=1,
+                stopping_criteria=StoppingCriteriaList([_StopOnStrings(self.tokenizer, until, inputs["input_ids"].shape[1])]),
+                logits_processor=LogitsProcessorList([marker]),
+                pad_token_id=self.tokenizer.pad_token_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+            timer.stop("end_to_end")
         phases = timer.read()
-        decode = phases.get("decode_token", [])
-        timing = {
-            "prefill_ms": phases["ttft"][0],
-            "decode_ms": sum(decode),
-            "batch_size": len(items),
-        }
-        new = output[:, inputs["input_ids"].shape[1] :]
+        timing = {"prefill_ms": phases["ttft"][0], "decode_ms": sum(phases.get("decode_token", [])), "batch_size": len(items)}
+        new = output.sequences[:, inputs["input_ids"].shape[1] :]
         results = []
         eos = self.tokenizer.eos_token_id
         for row in new:
@@ -236,11 +267,11 @@ class VtcbenchLMM(lmms):
                 if stop and stop in text:
                     text = text[: text.index(stop)]
             results.append((text.strip(), len(tokens)))
-        return results, timing
+        return _Generated(results, timing, output.logits[0].float(), list(engine.applied_image_tokens_per_layer))
 
     # -- log-likelihood ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _loglikelihood_batch(self, engine, requests: list[Instance], indices: list[int]):
+    def _loglikelihood_batch(self, requests: list[Instance], indices: list[int]):
         """log P(continuation | prompt) under compression: one forward of prompt + continuation; the
         continuation is text at the end, which no method drops."""
         for request, index in zip(requests, indices):
@@ -250,8 +281,9 @@ class VtcbenchLMM(lmms):
             prompt = vicuna_v1_prompt(context, len(visuals))
             item = self._encode(vicuna_v1_prompt(context, len(visuals), continuation), visuals, index)
             prompt_length = self._encode(prompt, visuals, index).input_ids.shape[0]
-            inputs = engine.prepare(self._collate([item]))
-            logits = self.model(**inputs, use_cache=False).logits[0].float()
+            with compress(self.model, self.method) as engine:
+                inputs = engine.prepare(self._collate([item]))
+                logits = self.model(**inputs, use_cache=False).logits[0].float()
             n_continuation = item.input_ids.shape[0] - prompt_length
             targets = inputs["input_ids"][0, -n_continuation:]
             log_probs = logits[-n_continuation - 1 : -1].log_softmax(-1)
@@ -261,7 +293,7 @@ class VtcbenchLMM(lmms):
 
     # -- multi-round -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _multi_round_batch(self, engine, requests: list[Instance], indices: list[int]):
+    def _multi_round_batch(self, requests: list[Instance], indices: list[int]):
         (request,), (index,) = requests, indices
         context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
         doc = self.task_dict[task][split][doc_id]
@@ -278,7 +310,7 @@ class VtcbenchLMM(lmms):
                     break
                 visuals = [v.convert("RGB") for v in (visuals or [])]
             item = self._encode(vicuna_v1_prompt(context, len(visuals)), visuals, index)
-            ((text, _),), _ = self._timed_generate(engine, [item], max_new_tokens, until)
+            ((text, _),) = self._timed_generate(self.method, [item], max_new_tokens, until).outputs
             rounds = [*rounds, text]
             round_index += 1
         yield index, list(rounds), {"rounds": len(rounds)}

@@ -39,6 +39,7 @@ class RunConfig:
     overwrite: bool = False
     allow_judge: bool = False
     allow_submission: bool = False
+    fidelity: bool = False
     show_progress: bool = True
 
     def identity(self, method: Method, lmms_tasks: list[str]) -> dict[str, Any]:
@@ -54,6 +55,7 @@ class RunConfig:
             "dtype": self.dtype,
             "attn_implementation": self.attn_implementation,
             "data_dir": str(self.data_dir.resolve()) if self.data_dir else None,
+            "fidelity": self.fidelity,
         }
 
 
@@ -129,7 +131,10 @@ def _evaluate(model, processor, method, folder, task_objects: list, manager, con
 
     from vtcbench.lmms_model import VtcbenchLMM
 
-    lm = VtcbenchLMM(model, processor, method, folder, batch_size=config.batch_size, show_progress=config.show_progress)
+    lm = VtcbenchLMM(
+        model, processor, method, folder, batch_size=config.batch_size, show_progress=config.show_progress,
+        fidelity=config.fidelity,
+    )
     results = simple_evaluate(
         model=lm,
         tasks=task_objects,
@@ -178,5 +183,12 @@ def summarize(results: dict, folder: RunFolder, method: Method, model, names: li
             entry["decode_ms_per_token_median"] = statistics.median(per_token) if per_token else None
             busy_s = sum((r["prefill_ms"] + r["decode_ms"]) / r["batch_size"] for r in generated) / 1000
             entry["samples_per_s"] = len(generated) / busy_s if busy_s else None
+            compared = [r for r in generated if "first_token_kl" in r]
+            if compared:
+                entry["fidelity"] = {
+                    "agreement_with_vanilla": statistics.fmean(r["agrees_with_vanilla"] for r in compared),
+                    "first_token_kl_mean": statistics.fmean(r["first_token_kl"] for r in compared),
+                    "samples": len(compared),
+                }
         per_task[name] = entry
     return {"identity": folder.identity, "tasks": per_task}
