@@ -171,3 +171,20 @@ def test_fidelity_summary(data_dir, tmp_path):
     assert result.exit_code == 0, result.output
     fidelity = json.loads((only_folder(tmp_path) / "summary.json").read_text())["tasks"]["vtc_local_pope"]["fidelity"]
     assert fidelity["samples"] == 3 and 0 <= fidelity["agreement_with_vanilla"] <= 1 and fidelity["first_token_kl_mean"] > 0
+
+
+def test_data_parallel_processes_merge_into_one_run_folder(uninterrupted, data_dir, tmp_path):
+    """Two processes (torchrun, gloo on CPU) share the documents; rank 0 writes the summary."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "vtcbench", *run_args(data_dir, out), "--num-processes", "2", "--device", "cpu"]
+    env = {**os.environ, "LMMS_EVAL_DATASETS_CACHE": str(tmp_path / "cache")}
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    folder = only_folder(out)
+    keys = [(r["task"], r["doc_id"], r["request_index"]) for r in samples(folder)]
+    assert len(keys) == len(set(keys)) == 20
+    merged = json.loads((folder / "summary.json").read_text())["tasks"]
+    reference = json.loads((uninterrupted / "summary.json").read_text())["tasks"]
+    assert {t: merged[t]["metrics"] for t in METRICS} == {t: reference[t]["metrics"] for t in METRICS}
+    predictions = {(r["task"], r["doc_id"]): r["prediction"] for r in samples(folder)}
+    assert predictions == {(r["task"], r["doc_id"]): r["prediction"] for r in samples(uninterrupted)}

@@ -277,9 +277,15 @@ def run(
     allow_judge: Annotated[bool, typer.Option("--allow-judge", help="allow tasks scored by an LLM judge")] = False,
     allow_submission: Annotated[bool, typer.Option("--allow-submission", help="allow tasks scored by a server")] = False,
     fidelity: Annotated[bool, typer.Option("--fidelity", help="also run vanilla: answer agreement, first-token KL")] = False,
+    num_processes: Annotated[int, typer.Option(help="data-parallel processes (one per GPU), merged into one run folder")] = 1,
 ) -> None:
     """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
     import torch
+
+    _check_count("--num-processes", num_processes, 1)
+    if num_processes > 1:
+        _relaunch_data_parallel(num_processes)
+        return
 
     from vtcbench.api import check_method_for_model
     from vtcbench.methods import parse_set_options
@@ -304,7 +310,27 @@ def run(
     )
     _quiet_lmms_eval_logging()
     result = run_evaluation(config)
-    _print_summary(result)
+    if result.summary:  # rank 0 (or the only process)
+        _print_summary(result)
+
+
+def _relaunch_data_parallel(num_processes: int) -> None:
+    """Run this same command in `num_processes` processes with torchrun (GPUs or CPU)."""
+    import subprocess
+
+    args = sys.argv[1:]
+    for index, arg in enumerate(args):
+        if arg == "--num-processes":
+            del args[index : index + 2]
+            break
+        if arg.startswith("--num-processes="):
+            del args[index]
+            break
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(num_processes),
+               "-m", "vtcbench", *args]
+    code = subprocess.run(command).returncode
+    if code:
+        raise typer.Exit(code=code)
 
 
 def _quiet_lmms_eval_logging() -> None:

@@ -99,6 +99,10 @@ class VtcbenchLMM(lmms):
         self._device = model.device
 
     # -- lmms-eval interface ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
     def clean(self) -> None:
         """Keep the model: lmms-eval's default deletes every nn.Module attribute between tasks."""
 
@@ -120,11 +124,17 @@ class VtcbenchLMM(lmms):
     def _answer(self, requests: list[Instance], run_batch: Callable, cached: Callable, batchable: bool = True) -> list:
         results: list = [None] * len(requests)
         pending: list[int] = []
+        first_of: dict[tuple, int] = {}  # distributed runs pad ranks with clones of a request: answer once
+        duplicates: dict[int, int] = {}
         for index, request in enumerate(requests):
-            record = self.run.finished.get((request.task_name, int(request.doc_id), int(request.idx)))
+            key = (request.task_name, int(request.doc_id), int(request.idx))
+            record = self.run.finished.get(key)
             if record is not None:
                 results[index] = cached(record)
+            elif key in first_of:
+                duplicates[index] = first_of[key]
             else:
+                first_of[key] = index
                 pending.append(index)
         with self._progress(requests, done=len(requests) - len(pending)) as advance:
             for batch in self._batches(requests, pending, batch_size=self.batch_size if batchable else 1):
@@ -141,6 +151,8 @@ class VtcbenchLMM(lmms):
                     self.run.append(record)
                     results[index] = output
                     advance(request.task_name)
+        for index, original in duplicates.items():
+            results[index] = results[original]
         return results
 
     def _batches(self, requests: list[Instance], pending: list[int], batch_size: int) -> list[list[int]]:

@@ -73,8 +73,16 @@ class RunFolder:
         path.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=path.parent))
         _write_json(staging / "config.json", config)
-        os.replace(staging, path)
+        try:
+            os.replace(staging, path)
+        except OSError:  # another process (a data-parallel rank) created it first: join it
+            shutil.rmtree(staging, ignore_errors=True)
+            return cls.open(out_dir, identity, provenance, extra=extra)
         return cls(path=path, identity=identity, created=True)
+
+    def reload(self) -> None:
+        """Re-read every finished sample (data-parallel ranks append to the same file)."""
+        self.finished = self._read_samples()
 
     def _check_resumable(self, provenance: dict[str, Any]) -> None:
         config_path = self.path / "config.json"

@@ -7,6 +7,7 @@ records (visual tokens per layer, timing) and the run folder that makes a run re
 
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -81,6 +82,8 @@ def run(config: RunConfig) -> RunResult:
     local = config.data_dir is not None
     manager = task_manager(workdir, include_defaults=False) if local else task_manager()
 
+    if _data_parallel():
+        _join_process_group(config)
     if config.random_weights:
         model, processor = load_model(
             config.model, random_weights=True, dtype=config.dtype,
@@ -101,9 +104,28 @@ def run(config: RunConfig) -> RunResult:
     except BaseException:
         folder.discard_if_empty()
         raise
+    if results is None:  # a non-zero data-parallel rank: rank 0 writes the summary
+        return RunResult(folder=folder.path, summary={})
+    folder.reload()
     summary = summarize(results, folder, method, model, names)
     folder.write_summary(summary)
     return RunResult(folder=folder.path, summary=summary)
+
+
+def _data_parallel() -> bool:
+    """Launched as one of several processes (`torchrun`, `accelerate launch`, `--num-processes`)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def _join_process_group(config: RunConfig) -> None:
+    """One GPU per process (NCCL), or gloo on CPU. Initialised here, not by lmms-eval, whose
+    fallback is gloo, which cannot gather the CUDA tensors it then passes."""
+    import torch.distributed as dist
+
+    if config.device.startswith("cuda"):
+        config.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if config.device.startswith("cuda") else "gloo")
 
 
 def _load_tasks(names: list[str], manager) -> list:
@@ -139,6 +161,7 @@ def _evaluate(model, processor, method, folder, task_objects: list, manager, con
         model=lm,
         tasks=task_objects,
         task_manager=manager,
+        distributed_executor_backend="torchrun" if _data_parallel() else "accelerate",
         limit=config.limit,
         # submission files (e.g. textvqa's) go into the run folder, not the working directory
         cli_args=argparse.Namespace(output_path=str(folder.path), process_with_media=True),
@@ -150,9 +173,7 @@ def _evaluate(model, processor, method, folder, task_objects: list, manager, con
         fewshot_random_seed=config.seed,
         verbosity="ERROR",
     )
-    if results is None:
-        raise VtcbenchError("lmms-eval returned no results (a non-zero rank in a distributed run?)")
-    return results
+    return results  # None on non-zero ranks of a data-parallel run
 
 
 def summarize(results: dict, folder: RunFolder, method: Method, model, names: list[str]) -> dict[str, Any]:

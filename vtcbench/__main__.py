@@ -1,0 +1,5 @@
+"""`python -m vtcbench ...` and `accelerate launch -m vtcbench run ...`."""
+
+from vtcbench.cli import main
+
+main()
