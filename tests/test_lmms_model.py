@@ -120,3 +120,23 @@ def test_fidelity_compares_with_vanilla_on_the_same_samples(tiny_with_processor,
         assert record["first_token_kl"] == pytest.approx(0.0, abs=1e-6)
     assert all(r["first_token_kl"] > 1e-6 for r in results["half"])  # half the image tokens change the distribution
     assert [r["vanilla_prediction"] for r in results["half"]] == [r["vanilla_prediction"] for r in results["keep-all"]]
+
+
+def test_multi_round_follows_lmms_eval_protocol(tiny_with_processor, tmp_path):
+    """Round 0 from the request, then `doc_to_text(doc, previous_output=..., round_idx=...)` until terminal."""
+    lmm = _lmm(tiny_with_processor, tmp_path)
+    calls = []
+
+    def doc_to_text(doc, previous_output, round_idx, previous_round_info):
+        calls.append((round_idx, list(previous_output)))
+        terminal = round_idx == 2
+        return [doc["image"]], "And now?", terminal, list(previous_output), {"round": round_idx}
+
+    doc_to_visual = lambda doc: [doc["image"]]  # noqa: E731
+    request = Instance(
+        request_type="generate_until_multi_round",
+        arguments=("First question?", {"max_new_tokens": 2}, doc_to_visual, doc_to_text, 0, "toy", "test"),
+        idx=0, metadata={"task": "toy", "doc_id": 0, "repeats": 1},
+    )
+    (rounds,) = lmm.generate_until_multi_round([request])
+    assert len(rounds) == 2 and [c[0] for c in calls] == [1, 2] and calls[1][1] == rounds

@@ -188,3 +188,19 @@ def test_data_parallel_processes_merge_into_one_run_folder(uninterrupted, data_d
     assert {t: merged[t]["metrics"] for t in METRICS} == {t: reference[t]["metrics"] for t in METRICS}
     predictions = {(r["task"], r["doc_id"]): r["prediction"] for r in samples(folder)}
     assert predictions == {(r["task"], r["doc_id"]): r["prediction"] for r in samples(uninterrupted)}
+
+
+def test_hub_dataset_missing_offline_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = invoke(["run", "--model", "tiny", "--random-weights", "--tasks", "pope", "--out", str(tmp_path / "out")])
+    _one_line_exit_2(result, "--data-dir")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_tasks_lists_short_names_and_opt_ins():
+    result = invoke(["tasks"])
+    assert result.exit_code == 0
+    for fragment in ("gqa", "textvqa_val", "docvqa_val", "mmbench_en_dev", "LLM judge (--allow-judge)"):
+        assert fragment in result.stdout
