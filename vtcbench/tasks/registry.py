@@ -537,19 +537,3 @@ def _gqa_images_module(keys, data_path: Path, questions: LocalData, split: str, 
         f"process_docs = make_process_docs({kind!r}, {[str(f) for f in images.files]!r})\n"
     )
     return module
-
-
-__all__ = [
-    "LOCAL_PREFIX",
-    "REQUIRED_COLUMNS",
-    "TASKS",
-    "LocalData",
-    "TaskInfo",
-    "find_local_data",
-    "list_tasks",
-    "lmms_tasks_dir",
-    "local_task_config",
-    "resolve_tasks",
-    "short_name",
-    "task_manager",
-]
