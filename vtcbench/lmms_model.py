@@ -136,7 +136,7 @@ class VtcbenchLMM(lmms):
             else:
                 first_of[key] = index
                 pending.append(index)
-        with self._progress(requests, done=len(requests) - len(pending)) as advance:
+        with _TaskProgress(requests, self.run, enabled=self.show_progress) as advance:
             for batch in self._batches(requests, pending, batch_size=self.batch_size if batchable else 1):
                 for index, output, record in run_batch([requests[i] for i in batch], batch):
                     request = requests[index]
@@ -169,8 +169,10 @@ class VtcbenchLMM(lmms):
                 batches.append(indices[start : start + batch_size])
         return batches
 
-    def _image_count(self, request: Instance) -> int:
-        return len(self._visuals(request))
+    def _image_count(self, request: Instance) -> int | tuple:
+        """What fixes the visual-token count: the number of images (LLaVA-1.5), their sizes (AnyRes)."""
+        visuals = self._visuals(request)
+        return tuple(v.size for v in visuals) if self.model.config.model_type == "llava_next" else len(visuals)
 
     def _doc(self, request: Instance) -> dict:
         *_, doc_id, task, split = request.args
@@ -326,10 +328,6 @@ class VtcbenchLMM(lmms):
             rounds = [*rounds, text]
             round_index += 1
         yield index, list(rounds), {"rounds": len(rounds)}
-
-    # -- progress ----------------------------------------------------------------------------------------
-    def _progress(self, requests: list[Instance], done: int):
-        return _TaskProgress(requests, self.run, enabled=self.show_progress)
 
 
 class _TaskProgress:
