@@ -7,7 +7,8 @@ import torch
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
-from vtcbench.lmms_model import VtcbenchLMM, vicuna_v1_prompt
+from vtcbench.lmms_model import VtcbenchLMM
+from vtcbench.models import vicuna_v1_prompt
 from vtcbench.methods import get_method
 from vtcbench.models import load_model
 from vtcbench.results import RunFolder

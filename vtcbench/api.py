@@ -10,7 +10,7 @@ from PIL import Image
 
 from vtcbench.engine import compress
 from vtcbench.methods import Method, get_method, parse_set_options
-from vtcbench.models import load_config, load_model, model_facts
+from vtcbench.models import load_config, load_model, model_facts, vicuna_v1_prompt
 
 
 @dataclass
@@ -28,11 +28,6 @@ def check_method_for_model(method: Method, model: str) -> None:
     """Model-dependent checks (layer beyond depth, stride not dividing the tokens), no weights."""
     facts = model_facts(load_config(model))
     method.validate_for(facts.image_tokens, facts.n_layers)
-
-
-def llava_prompt(question: str) -> str:
-    """LLaVA-1.5's single-turn vicuna_v1 format, as the llava-hf model cards use it."""
-    return f"USER: <image>\n{question} ASSISTANT:"
 
 
 def test_pattern(size: int) -> Image.Image:
@@ -60,7 +55,7 @@ def answer(
         model_name, random_weights=random_weights, dtype=dtype, attn_implementation=attn_implementation, device=device
     )
     picture = Image.open(image).convert("RGB") if image else test_pattern(model.config.vision_config.image_size)
-    inputs = processor(images=[picture], text=[llava_prompt(question)], return_tensors="pt").to(device)
+    inputs = processor(images=[picture], text=[vicuna_v1_prompt(question, 1)], return_tensors="pt").to(device)
     with compress(model, method) as engine:
         output = model.generate(**engine.prepare(inputs), max_new_tokens=max_new_tokens, do_sample=False)
         counts = engine.applied_image_tokens_per_layer

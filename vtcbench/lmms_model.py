@@ -29,24 +29,9 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from vtcbench.engine import compress
 from vtcbench.methods.base import Method, get_method
-from vtcbench.models import image_token_mask
+from vtcbench.models import image_token_mask, vicuna_v1_prompt
 from vtcbench.profilers.latency import PhaseTimer, TokenMarker
 from vtcbench.results import RunFolder
-
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-IMAGE_PLACEHOLDER = "<image>"
-
-
-def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None) -> str:
-    """LLaVA's `conv_vicuna_v1`: system prompt, `USER: <image>\\n...`, `ASSISTANT:`."""
-    if IMAGE_PLACEHOLDER not in context and n_images:
-        context = "\n".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + context
-    prompt = f"{VICUNA_V1_SYSTEM} USER: {context} ASSISTANT:"
-    return prompt if answer is None else f"{prompt} {answer}"
-
 
 _VANILLA = get_method("vanilla")
 

@@ -505,6 +505,25 @@ def model_facts(config_or_model: Any) -> ModelFacts:
 # --------------------------------------------------------------------------------------------------
 
 
+# --------------------------------------------------------------------------------------------------
+# prompts
+# --------------------------------------------------------------------------------------------------
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None) -> str:
+    """LLaVA's `conv_vicuna_v1`: system prompt, `USER: <image>\\n...`, `ASSISTANT:`."""
+    if IMAGE_PLACEHOLDER not in context and n_images:
+        context = "\n".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + context
+    prompt = f"{VICUNA_V1_SYSTEM} USER: {context} ASSISTANT:"
+    return prompt if answer is None else f"{prompt} {answer}"
+
+
 def image_token_mask(input_ids: torch.Tensor, image_token_index: int) -> torch.Tensor:
     """Bool mask of image-placeholder positions.
 
