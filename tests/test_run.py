@@ -204,3 +204,8 @@ def test_tasks_lists_short_names_and_opt_ins():
     assert result.exit_code == 0
     for fragment in ("gqa", "textvqa_val", "docvqa_val", "mmbench_en_dev", "LLM judge (--allow-judge)"):
         assert fragment in result.stdout
+
+
+def test_bad_input_is_refused_before_a_data_parallel_relaunch(tmp_path):
+    args = ["run", "--model", "tiny", "--random-weights", "--tasks", "popee", "--num-processes", "2", "--out", str(tmp_path)]
+    _one_line_exit_2(invoke(args), "unknown task 'popee'")

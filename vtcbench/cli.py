@@ -207,8 +207,6 @@ def profile(
     fmt: FormatOption = "table",
 ) -> None:
     """Latency per phase, memory, energy and FLOPs of one method on synthetic inputs (no dataset)."""
-    import torch
-
     from vtcbench.api import method_from_options
     from vtcbench.methods import get_method
     from vtcbench.models import load_config, load_model, model_facts, random_model
@@ -225,8 +223,7 @@ def profile(
     if train and not compression.trainable:
         raise VtcbenchError(f"--train: {method} cannot be trained (its selection has no gradient path); "
                             "trainable: " + ", ".join(n for n, c in sorted(_methods().items()) if c.trainable))
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    dtype = ("float16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    device, dtype = _device_and_dtype(device, dtype)
     config = load_config(model)
     facts = model_facts(config)
     if facts.family != "llava":
@@ -280,30 +277,26 @@ def run(
     num_processes: Annotated[int, typer.Option(help="data-parallel processes (one per GPU), merged into one run folder")] = 1,
 ) -> None:
     """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
-    import torch
-
-    _check_count("--num-processes", num_processes, 1)
-    if num_processes > 1:
-        _relaunch_data_parallel(num_processes)
-        return
-
-    from vtcbench.api import check_method_for_model
+    from vtcbench.api import check_method_for_model, method_from_options
     from vtcbench.methods import parse_set_options
     from vtcbench.runner import RunConfig
     from vtcbench.runner import run as run_evaluation
+    from vtcbench.tasks import resolve_tasks
 
-    _check_count("--limit", limit, 1)
-    _check_count("--batch-size", batch_size, 1)
-    params = parse_set_options(set_ or [])
-    from vtcbench.methods import get_method
-
-    check_method_for_model(get_method(method, **params), model)
+    for option, value in (("--limit", limit), ("--batch-size", batch_size), ("--num-processes", num_processes)):
+        _check_count(option, value, 1)
+    compression = method_from_options(method, set_ or [])
+    check_method_for_model(compression, model)
+    task_names = [t.strip() for t in tasks.split(",") if t.strip()]
+    resolve_tasks(task_names, allow_judge=allow_judge, allow_submission=allow_submission)
     if data_dir is not None and not data_dir.is_dir():
         raise VtcbenchError(f"--data-dir {str(data_dir)!r} is not a folder")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    dtype = ("float16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    if num_processes > 1:  # input checked once, here; then every process runs this same command
+        _relaunch_data_parallel(num_processes)
+        return
+    device, dtype = _device_and_dtype(device, dtype)
     config = RunConfig(
-        model=model, method=method, params=params, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        model=model, method=method, params=parse_set_options(set_ or []), tasks=task_names,
         limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
         dtype=dtype, attn_implementation=attn, device=device, overwrite=overwrite, allow_judge=allow_judge,
         allow_submission=allow_submission, fidelity=fidelity, show_progress=sys.stderr.isatty(),
@@ -312,6 +305,15 @@ def run(
     result = run_evaluation(config)
     if result.summary:  # rank 0 (or the only process)
         _print_summary(result)
+
+
+def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
+    """`auto`: CUDA when available; float16 on GPU (the papers' setting), float32 on CPU."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    dtype = ("float16" if device.startswith("cuda") else "float32") if dtype == "auto" else dtype
+    return device, dtype
 
 
 def _relaunch_data_parallel(num_processes: int) -> None:
