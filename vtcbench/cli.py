@@ -283,6 +283,7 @@ def run(
     from vtcbench.runner import run as run_evaluation
     from vtcbench.tasks import resolve_tasks
 
+    _quiet_lmms_eval_logging()
     for option, value in (("--limit", limit), ("--batch-size", batch_size), ("--num-processes", num_processes)):
         _check_count(option, value, 1)
     compression = method_from_options(method, set_ or [])
@@ -301,7 +302,6 @@ def run(
         dtype=dtype, attn_implementation=attn, device=device, overwrite=overwrite, allow_judge=allow_judge,
         allow_submission=allow_submission, fidelity=fidelity, show_progress=sys.stderr.isatty(),
     )
-    _quiet_lmms_eval_logging()
     result = run_evaluation(config)
     if result.summary:  # rank 0 (or the only process)
         _print_summary(result)
