@@ -346,6 +346,8 @@ def _quiet_lmms_eval_logging() -> None:
 
 
 def _print_summary(result) -> None:
+    from vtcbench.tasks import short_name
+
     table = Table(title=f"{result.folder}")
     for column in ("task", "samples", "metrics", "visual tokens (mean over layers)", "TFLOPs image/total", "prefill ms", "samples/s"):
         table.add_column(column)
@@ -357,7 +359,7 @@ def _print_summary(result) -> None:
         flops = f"{entry['tflops_image']:.3g}/{entry['tflops_total']:.3g}" if "tflops_image" in entry else "-"
         prefill = f"{entry['prefill_ms_median']:.1f}" if entry.get("prefill_ms_median") is not None else "-"
         rate = f"{entry['samples_per_s']:.2f}" if entry.get("samples_per_s") else "-"
-        table.add_row(name, str(entry["samples"]), metrics, f"{sum(tokens) / len(tokens):.1f}" if tokens else "-", flops, prefill, rate)
+        table.add_row(short_name(name), str(entry["samples"]), metrics, f"{sum(tokens) / len(tokens):.1f}" if tokens else "-", flops, prefill, rate)
     console.print(table)
 
 

@@ -9,7 +9,7 @@ for time to first token and per-token decode. Nothing inside the model is change
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from transformers import LogitsProcessorList
@@ -51,7 +51,6 @@ class ProfileRecord:
     iterations: int
     train_step_ms: Latency | None = None
     train_step_vanilla_ms: Latency | None = None
-    extra: dict = field(default_factory=dict)
 
     @property
     def train_time_ratio(self) -> float | None:
