@@ -163,6 +163,30 @@ def test_gradients_flow_through_the_engine(tiny):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("name", ["fastv", "pdrop"])
+def test_teacher_forced_answer_does_not_change_what_is_kept(tiny, name):
+    """Training appends the answer after the prompt; with `prompt_length` set, scoring uses the last
+    prompt token and ignores the answer, so the prompt's logits equal those of the prompt alone."""
+    model = tiny("sdpa")
+    prompt = _inputs(model)
+    answer = torch.tensor([[17, 23, 2]])
+    ids = torch.cat([prompt["input_ids"], answer], dim=1)
+    full = dict(prompt, input_ids=ids, attention_mask=torch.ones_like(ids))
+    length = prompt["input_ids"].shape[1]
+    method = get_method(name, **TINY_DEFAULTS[name])
+    with torch.no_grad(), compress(model, method) as engine:
+        alone = model(**prompt).logits
+        kept_alone = list(engine.applied_image_tokens_per_layer)
+        engine.prompt_length = length
+        forced = model(**full).logits
+        engine.prompt_length = None
+        unguarded = model(**full).logits
+    assert engine.applied_image_tokens_per_layer == kept_alone
+    torch.testing.assert_close(forced[:, : alone.shape[1]], alone)
+    # without it, the last answer token picks the tokens: the prompt's logits change
+    assert not torch.allclose(unguarded[:, : alone.shape[1]], alone)
+
+
 def test_pre_llm_method_without_prepare_fails_with_a_clear_error(tiny):
     from vtcbench.errors import VtcbenchError
 

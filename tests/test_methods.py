@@ -17,7 +17,9 @@ def test_every_method_documents_itself():
 
 def test_defaults_follow_the_design_table():
     assert get_method("fastv").params() == {"layer": 2, "drop_ratio": 0.5}
-    assert get_method("pdrop").params() == {"layers": (8, 16, 24), "keep_ratio": 0.5}
+    assert get_method("pdrop").params() == {"layers": (), "keep_ratio": 0.5}
+    assert get_method("pdrop").stage_layers(32) == (8, 16, 24)  # the paper's setting
+    assert get_method("pdrop").stage_layers(6) == (1, 3, 4)
     assert get_method("vico").params() == {"stages": 4, "keep_ratio": 0.5}
     assert get_method("llavolta").params() == {"layer": 2, "stride": 8}
     assert get_method("random").params() == {"layer": 2, "drop_ratio": 0.5, "seed": 0}

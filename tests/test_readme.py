@@ -18,3 +18,22 @@ def test_readme_python_example_generates_with_fastv():
         exec(compile(code, str(README), "exec"), {})
     first_line = out.getvalue().splitlines()[0]
     assert first_line == "[64, 64, 32, 32]"
+
+
+def test_readme_main_job_runs_as_written_and_prints_the_readme_table(tmp_path, monkeypatch):
+    """The first set-up command's `vtcbench run ...` (the offline default) runs and gives the numbers
+    the README shows under it."""
+    from typer.testing import CliRunner
+
+    from vtcbench.cli import app
+
+    text = README.read_text()
+    command = re.search(r"\n    pip install torch==2\.13\.0 && .*? && (vtcbench run[^\n]*)\n", text).group(1)
+    assert command == "vtcbench run --method fastv"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VTCBENCH_CACHE", str(tmp_path / "cache"))
+    result = CliRunner().invoke(app, command.split()[1:])
+    assert result.exit_code == 0, result.output
+    shown = re.search(r"\$ vtcbench run --method fastv\n(.*?)\n\n", text, re.S).group(1)
+    metrics = re.search(r"overall=[0-9.]+(, \w+=[0-9.]+)+", shown).group(0)
+    assert metrics in result.output

@@ -90,8 +90,9 @@ class _NoIndex:
 def test_short_names_resolve_without_the_task_index():
     infos = resolve_tasks(list(DESIGN_SHORT_NAMES) , allow_judge=True, task_manager=_NoIndex())
     assert {i.short: i.lmms_name for i in infos} == DESIGN_SHORT_NAMES
-    assert [r["short"] for r in list_tasks()] == list(DESIGN_SHORT_NAMES)
+    assert [r["short"] for r in list_tasks()] == [*DESIGN_SHORT_NAMES, "vtcshapes"]  # + vtcbench's own
     assert short_name("vtc_local_textvqa_val") == "textvqa" and short_name("ok_vqa_val2014") == "ok_vqa_val2014"
+    assert short_name("vtc_local_vtcshapes") == "vtcshapes"
 
 
 def test_duplicates_collapse_and_lmms_names_of_short_tasks_resolve():

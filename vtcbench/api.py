@@ -10,7 +10,7 @@ from PIL import Image
 
 from vtcbench.engine import compress
 from vtcbench.methods import Method, get_method, parse_set_options
-from vtcbench.models import load_config, load_model, model_facts, vicuna_v1_prompt
+from vtcbench.models import load_config, load_model, model_facts, system_prompt, vicuna_v1_prompt
 
 
 @dataclass
@@ -30,11 +30,12 @@ def check_method_for_model(method: Method, model: str) -> None:
     method.validate_for(facts.image_tokens, facts.n_layers)
 
 
-def test_pattern(size: int) -> Image.Image:
-    """A deterministic colour gradient, for runs without an image file."""
-    axis = torch.linspace(0, 255, size)
-    rgb = torch.stack([axis[None, :].expand(size, size), axis[:, None].expand(size, size), 255 - axis[None, :].expand(size, size)], -1)
-    return Image.fromarray(rgb.to(torch.uint8).numpy())
+def example_image() -> Image.Image:
+    """A vtcshapes scene with one of each shape, for runs without an image file."""
+    from vtcbench.shapes import Scene
+
+    objects = ((10, "red", "circle"), (21, "blue", "square"), (43, "green", "triangle"), (52, "yellow", "cross"))
+    return Image.fromarray(Scene(objects=objects, letter="K", letter_cell=30).render())
 
 
 @torch.no_grad()
@@ -54,8 +55,8 @@ def answer(
     model, processor = load_model(
         model_name, random_weights=random_weights, dtype=dtype, attn_implementation=attn_implementation, device=device
     )
-    picture = Image.open(image).convert("RGB") if image else test_pattern(model.config.vision_config.image_size)
-    inputs = processor(images=[picture], text=[vicuna_v1_prompt(question, 1)], return_tensors="pt").to(device)
+    picture = Image.open(image).convert("RGB") if image else example_image()
+    inputs = processor(images=[picture], text=[vicuna_v1_prompt(question, 1, system=system_prompt(model.config))], return_tensors="pt").to(device)
     with compress(model, method) as engine:
         output = model.generate(**engine.prepare(inputs), max_new_tokens=max_new_tokens, do_sample=False)
         counts = engine.applied_image_tokens_per_layer

@@ -80,7 +80,7 @@ def models() -> None:
         facts = model_facts(load_config(alias))
         table.add_row(
             alias,
-            spec.hub_id or "(random weights only)",
+            "(shipped in the package)" if spec.packaged else spec.hub_id or "(random weights only)",
             str(facts.n_layers),
             str(facts.hidden_size),
             str(facts.intermediate_size),
@@ -95,10 +95,10 @@ def models() -> None:
 @user_errors
 def generate(
     method: MethodOption = "fastv",
-    model: ModelOption = "tiny",
+    model: ModelOption = "vtc-tiny",
     set_: SetOption = None,
-    prompt: Annotated[str, typer.Option(help="the question about the image")] = "What is in the image?",
-    image: Annotated[Path | None, typer.Option(help="image file (default: a synthetic test pattern)")] = None,
+    prompt: Annotated[str, typer.Option(help="the question about the image")] = "What color is the circle?",
+    image: Annotated[Path | None, typer.Option(help="image file (default: a vtcshapes scene)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
     random_weights: Annotated[bool, typer.Option(help="build the architecture with random weights, offline")] = False,
     dtype: str = "float32",
@@ -258,8 +258,8 @@ def profile(
 @user_errors
 def run(
     method: MethodOption = "vanilla",
-    model: ModelOption = "llava-1.5-7b",
-    tasks: Annotated[str, typer.Option(help="comma-separated short names or lmms-eval task names")] = "gqa,pope",
+    model: ModelOption = "vtc-tiny",
+    tasks: Annotated[str, typer.Option(help="comma-separated short names or lmms-eval task names")] = "vtcshapes",
     set_: SetOption = None,
     limit: Annotated[int | None, typer.Option(help="at most this many samples per task")] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per generate() call")] = 1,
@@ -305,6 +305,87 @@ def run(
     result = run_evaluation(config)
     if result.summary:  # rank 0 (or the only process)
         _print_summary(result)
+
+
+@app.command()
+@user_errors
+def train(
+    model: Annotated[str, typer.Option("--model", help="the model to train (its shipped config, random init)")] = "vtc-tiny",
+    method: Annotated[str, typer.Option("--method", "-m", help="compression active during training")] = "vanilla",
+    set_: SetOption = None,
+    schedule: Annotated[str | None, typer.Option(help="stage-wise schedule, e.g. llavolta-4stage (needs --method llavolta)")] = None,
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 0,
+    batch_size: Annotated[int, typer.Option(help="samples per step")] = 32,
+    lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 2e-3,
+    seed: Annotated[int, typer.Option(help="weights and data stream")] = 0,
+    out: Annotated[Path | None, typer.Option(help="folder for the trained model (default: trained/<model>-<method>-seed<seed>)")] = None,
+    time_every: Annotated[int, typer.Option(help="with compression: time a vanilla step on the same batch every N steps")] = 25,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing model folder")] = False,
+    test_per_family: Annotated[int, typer.Option(help="held-out questions per family for the final accuracy")] = 125,
+) -> None:
+    """Train vtc-tiny on vtcshapes (the recipe of the shipped weights), optionally compression-aware."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from vtcbench.api import method_from_options
+    from vtcbench.schedules import SCHEDULES
+    from vtcbench.training import DEFAULT_STEPS, TEST_PER_FAMILY, TRAINABLE_MODELS, TrainConfig
+    from vtcbench.training import train as run_training
+
+    if model not in TRAINABLE_MODELS:
+        raise VtcbenchError(f"model {model!r} cannot be trained here; valid choices: {', '.join(TRAINABLE_MODELS)}")
+    compression = method_from_options(method, set_ or [])
+    if schedule is not None:
+        if schedule not in SCHEDULES:
+            from vtcbench.errors import choices_error
+
+            raise choices_error("schedule", schedule, SCHEDULES)
+        if method != "llavolta" or set_:
+            raise VtcbenchError(f"--schedule {schedule} sets LLaVolta's stages itself; pass --method llavolta and no --set")
+    _check_count("--batch-size", batch_size, 1)
+    _check_count("--time-every", time_every, 0)
+    if not 1 <= test_per_family <= TEST_PER_FAMILY:
+        raise VtcbenchError(f"--test-per-family {test_per_family} is out of range; valid: 1..{TEST_PER_FAMILY}")
+    steps = steps or DEFAULT_STEPS
+    _check_count("--steps", steps, 1)
+    if out is None:
+        out = Path("trained") / f"{model}-{schedule or method}-seed{seed}"
+    if out.exists() and not overwrite:
+        raise VtcbenchError(f"{out} already exists; pass --overwrite to replace it, or choose --out")
+    compressed = schedule is not None or compression.name != "vanilla"
+    config = TrainConfig(
+        out=out, model=model, method=compression, schedule=schedule, steps=steps, batch_size=batch_size, lr=lr,
+        seed=seed, time_every=time_every if compressed else 0, test_per_family=test_per_family,
+    )
+    with Progress(
+        TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=errors, disable=not sys.stderr.isatty(),
+    ) as bar:
+        task = bar.add_task("train", total=steps, status="")
+
+        def report(entry: dict) -> None:
+            status = f"lm {entry['lm_loss']:.3f} aux {entry['aux_loss']:.3f} {entry['method']}"
+            bar.update(task, completed=entry["step"], status=status)
+            if not sys.stderr.isatty():
+                errors.print(f"step {entry['step']}/{steps} {status} {entry['seconds']:.0f}s", highlight=False)
+
+        result = run_training(config, progress=report)
+    _print_training(result)
+
+
+def _print_training(result) -> None:
+    from vtcbench.shapes import FAMILIES
+
+    console.print(f"trained {result.steps} steps in {result.seconds / 60:.1f} min ({result.stages}) -> {result.out}")
+    if result.time_ratio is not None:
+        console.print(
+            f"training step time / vanilla step time, measured side by side on the same batches: {result.time_ratio:.2f}"
+        )
+    table = Table(title="vtcshapes held-out accuracy (%)")
+    for column in ("tested with", *FAMILIES, "overall"):
+        table.add_column(column)
+    for tested, scores in result.accuracy.items():
+        table.add_row(tested, *(f"{100 * scores[k]:.1f}" for k in (*FAMILIES, "overall")))
+    console.print(table)
 
 
 def _device_and_dtype(device: str, dtype: str) -> tuple[str, str]:
@@ -426,6 +507,8 @@ def _format_params(params: dict) -> str:
 
 
 def _format_value(value) -> str:
+    if isinstance(value, (tuple, list)) and not value:
+        return "auto"
     if isinstance(value, (tuple, list)):
         return ",".join(map(str, value))
     return str(value)

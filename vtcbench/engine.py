@@ -47,6 +47,7 @@ class Space:
     valid: torch.Tensor  # bool: not padding
     is_image: torch.Tensor  # bool
     shift: torch.Tensor  # [batch]: layer-0 position of the last prompt token minus ours
+    query: torch.Tensor  # [batch]: column of the scoring query (the last prompt token)
     mask: torch.Tensor | None = None  # the attention mask in this space (prefill)
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     decode_memo: tuple = field(default=(), repr=False)  # (mask_in, position_ids_in, mask_out, pos_out, emb_out)
@@ -96,6 +97,10 @@ class CompressionEngine:
         #: wraps the method's own work (scoring, selection, rebuilding the sequence); a profiler
         #: may set it to a timer, e.g. `engine.overhead = lambda: timer.phase("method_overhead")`
         self.overhead: Callable[[], AbstractContextManager] = nullcontext
+        #: for teacher-forced training, where the forward carries the answer after the prompt: the
+        #: number of (left-padded) prompt columns. Scores then come from the last prompt token, as
+        #: PyramidDrop's training code ranks by the last instruction token, and ignore the answer.
+        self.prompt_length: int | None = None
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> CompressionEngine:
@@ -146,7 +151,7 @@ class CompressionEngine:
         if not bool((counts == counts[0]).all()):
             raise VtcbenchError("every prompt in a batch must hold the same number of images")
         out = dict(inputs)
-        for key in ("input_ids", "attention_mask"):
+        for key in ("input_ids", "attention_mask", "labels"):
             if key in inputs and inputs[key] is not None:
                 out[key] = inputs[key][keep].reshape(input_ids.shape[0], -1)
         return out
@@ -212,18 +217,20 @@ class CompressionEngine:
             position_ids = torch.arange(length, device=embeds.device).expand(batch, -1)
         position_ids = position_ids.expand(batch, -1)
         request.original_length = length
+        query = length - 1 if self.prompt_length is None else self.prompt_length - 1
         space = Space(
             index0=torch.arange(length, device=embeds.device).expand(batch, -1),
             position_ids=position_ids,
             valid=valid,
             is_image=request.image_mask,
             shift=position_ids.new_zeros(batch),
+            query=torch.full((batch,), query, device=embeds.device),
         )
         if 0 in self.plan:
             if self.plan[0] == 0:
                 cos_sin = self.language_model.rotary_emb(embeds, position_ids)
                 with self.overhead():
-                    request.scores[0] = _last_token_attention(self.layers[0], embeds, cos_sin, valid)
+                    request.scores[0] = _query_attention(self.layers[0], embeds, cos_sin, space)
             with self.overhead():
                 space, embeds = self._act(request, 0, space, embeds)
             request.lm_index = space.index0
@@ -236,6 +243,7 @@ class CompressionEngine:
                 valid=space.valid,
                 is_image=space.is_image,
                 shift=space.shift,
+                query=space.query,
             )
         else:
             kwargs = dict(kwargs, position_ids=position_ids)
@@ -274,7 +282,7 @@ class CompressionEngine:
             if index in self.score_layers:
                 embeddings = self._prefill_kwargs(request, space, kwargs)["position_embeddings"]
                 with self.overhead():
-                    scores = _last_token_attention(module, hidden, embeddings, space.valid)
+                    scores = _query_attention(module, hidden, embeddings, space)
                 request.scores[self.score_layers[index]] = scores
             if index in self.plan:
                 with self.overhead():
@@ -325,6 +333,7 @@ class CompressionEngine:
             valid=valid,
             is_image=is_image,
             shift=reference.position_ids[:, -1] - position_ids[:, -1],
+            query=(order == space.query[:, None]).int().argmax(dim=1),
         )
         count = new_space.image_count
         self.applied_image_tokens_per_layer[layer:] = [count] * (self.n_layers - layer)
@@ -396,24 +405,28 @@ def _gather_mask(mask: torch.Tensor, index: torch.Tensor, *, rows: bool) -> torc
 
 
 @torch.no_grad()
-def _last_token_attention(
-    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], valid: torch.Tensor
+def _query_attention(
+    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], space: Space
 ) -> torch.Tensor:
     """softmax(q_last . K / sqrt(d)) averaged over heads, [batch, seq], from the layer's input.
 
-    The same row eager attention would return, recomputed so any attention backend works:
-    `input_layernorm`, `q_proj` (last token only), `k_proj`, RoPE, `repeat_kv`; padding keys masked.
+    The row eager attention would return for the space's query (the last prompt token), recomputed
+    so any attention backend works: `input_layernorm`, `q_proj` (query only), `k_proj`, RoPE,
+    `repeat_kv`; padding keys and keys after the query (a teacher-forced answer) masked.
     """
     attention = layer.self_attn
     batch, length, _ = hidden.shape
+    rows = torch.arange(batch, device=hidden.device)
     normed = layer.input_layernorm(hidden)
     head_dim = attention.head_dim
-    query = attention.q_proj(normed[:, -1:]).view(batch, 1, -1, head_dim).transpose(1, 2)
+    query = attention.q_proj(normed[rows, space.query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
     key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-    cos, sin = (table.unsqueeze(1) for table in position_embeddings)  # RoPE as apply_rotary_pos_emb, once each
-    query = query * cos[:, :, -1:] + rotate_half(query) * sin[:, :, -1:]
+    cos, sin = (table.expand(batch, -1, -1).unsqueeze(1) for table in position_embeddings)  # as apply_rotary_pos_emb
+    query_cos, query_sin = (table[rows, :, space.query][:, :, None] for table in (cos, sin))
+    query = query * query_cos + rotate_half(query) * query_sin
     key = key * cos + rotate_half(key) * sin
     key = repeat_kv(key, attention.num_key_value_groups)
     logits = (query @ key.transpose(-1, -2)).float() * attention.scaling  # [batch, heads, 1, seq]
-    logits = logits.masked_fill(~valid[:, None, None, :], float("-inf"))
+    visible = space.valid & (torch.arange(length, device=hidden.device) <= space.query[:, None])
+    logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]

@@ -29,7 +29,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from vtcbench.engine import compress
 from vtcbench.methods.base import Method, get_method
-from vtcbench.models import image_token_mask, vicuna_v1_prompt
+from vtcbench.models import image_token_mask, system_prompt, vicuna_v1_prompt
 from vtcbench.profilers.latency import PhaseTimer, TokenMarker
 from vtcbench.results import RunFolder
 
@@ -82,6 +82,10 @@ class VtcbenchLMM(lmms):
         self.show_progress = show_progress
         self.fidelity = fidelity  # also answer with vanilla: agreement and first-token KL, no labels needed
         self._device = model.device
+        self._system = system_prompt(model.config)
+
+    def _prompt(self, context: str, n_images: int, answer: str | None = None) -> str:
+        return vicuna_v1_prompt(context, n_images, answer, system=self._system)
 
     # -- lmms-eval interface ------------------------------------------------------------------------
     @property
@@ -214,7 +218,7 @@ class VtcbenchLMM(lmms):
         items = []
         for request, index in zip(requests, indices):
             visuals = self._visuals(request)
-            items.append(self._encode(vicuna_v1_prompt(request.args[0], len(visuals)), visuals, index))
+            items.append(self._encode(self._prompt(request.args[0], len(visuals)), visuals, index))
         answer = self._timed_generate(self.method, items, max_new_tokens, until)
         reference = self._timed_generate(_VANILLA, items, max_new_tokens, until) if self.fidelity else None
         for row, item in enumerate(items):
@@ -277,8 +281,8 @@ class VtcbenchLMM(lmms):
             context, target = request.args[0], request.args[1]
             continuation = target if isinstance(target, str) else target(self._doc(request))
             visuals = self._visuals(request)
-            prompt = vicuna_v1_prompt(context, len(visuals))
-            item = self._encode(vicuna_v1_prompt(context, len(visuals), continuation), visuals, index)
+            prompt = self._prompt(context, len(visuals))
+            item = self._encode(self._prompt(context, len(visuals), continuation), visuals, index)
             prompt_length = self._encode(prompt, visuals, index).input_ids.shape[0]
             with compress(self.model, self.method) as engine:
                 inputs = engine.prepare(self._collate([item]))
@@ -308,7 +312,7 @@ class VtcbenchLMM(lmms):
                 if terminal:
                     break
                 visuals = [v.convert("RGB") for v in (visuals or [])]
-            item = self._encode(vicuna_v1_prompt(context, len(visuals)), visuals, index)
+            item = self._encode(self._prompt(context, len(visuals)), visuals, index)
             ((text, _),) = self._timed_generate(self.method, [item], max_new_tokens, until).outputs
             rounds = [*rounds, text]
             round_index += 1

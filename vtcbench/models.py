@@ -29,6 +29,7 @@ from torch import nn
 from vtcbench.errors import VtcbenchError, choices_error
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+WEIGHTS_DIR = Path(__file__).parent / "weights"  # weights shipped in the package, one folder per alias
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -51,6 +52,12 @@ class ModelSpec:
     family: Family
     description: str
     image_tokens: int  # visual tokens per image used for FLOPs (llava-next: 5 crops, newlines not counted)
+    packaged: bool = False  # weights ship in WEIGHTS_DIR/<alias> (no hub)
+
+    @property
+    def source(self) -> str | None:
+        """Where real weights load from: the hub id, the packaged folder, or None."""
+        return str(WEIGHTS_DIR / self.alias) if self.packaged else self.hub_id
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -79,6 +86,15 @@ MODELS: dict[str, ModelSpec] = {
             "llava_next",
             "LLaVA-NeXT (v1.6) Vicuna-7B: AnyRes up to 4+1 crops of 576 tokens",
             2880,
+        ),
+        ModelSpec(
+            "vtc-tiny",
+            None,
+            "vtc-tiny.json",
+            "llava",
+            "vtcbench's own LLaVA trained on vtcshapes (3-layer CLIP, 6-layer LLaMA, 64 image tokens), shipped",
+            64,
+            packaged=True,
         ),
         ModelSpec(
             "tiny",
@@ -194,7 +210,9 @@ LOCAL_WORDS: tuple[str, ...] = tuple(
 _FIXED_SPECIALS = {0: "<unk>", 1: "<s>", 2: "</s>"}
 
 
-def _local_vocab(vocab_size: int, image_token_index: int, pad_token_id: int | None) -> dict[str, int]:
+def _local_vocab(
+    vocab_size: int, image_token_index: int, pad_token_id: int | None, words: tuple[str, ...] = LOCAL_WORDS
+) -> dict[str, int]:
     """Vocabulary with ``<image>`` at ``image_token_index`` (and ``<pad>`` at the config's pad id when that
     slot is free), words in the remaining low ids and ``<extra_i>`` filler up to ``vocab_size``.
 
@@ -208,20 +226,22 @@ def _local_vocab(vocab_size: int, image_token_index: int, pad_token_id: int | No
             pad_token_id += 1
     by_id[pad_token_id] = "<pad>"
     size = max(vocab_size, max(by_id) + 1)
-    words = iter(LOCAL_WORDS)
+    words_left = iter(words)
     extra = 0
     vocab: dict[str, int] = {}
     for idx in range(size):
         token = by_id.get(idx)
         if token is None:
-            token = next(words, None)
+            token = next(words_left, None)
         if token is None:
             token, extra = f"<extra_{extra}>", extra + 1
         vocab[token] = idx
     return vocab
 
 
-def build_local_tokenizer(vocab_size: int, image_token_index: int, pad_token_id: int | None = None):
+def build_local_tokenizer(
+    vocab_size: int, image_token_index: int, pad_token_id: int | None = None, words: tuple[str, ...] = LOCAL_WORDS
+):
     """A word-level ``PreTrainedTokenizerFast`` built in memory (no files, no network).
 
     Mirrors the LLaVA tokenizer where it matters: ``<s>`` prepended, ``<image>`` an unsplittable special
@@ -230,7 +250,7 @@ def build_local_tokenizer(vocab_size: int, image_token_index: int, pad_token_id:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = _local_vocab(vocab_size, image_token_index, pad_token_id)
+    vocab = _local_vocab(vocab_size, image_token_index, pad_token_id, words)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
@@ -268,7 +288,7 @@ def _image_processor_classes():
     return transformers.CLIPImageProcessor, transformers.LlavaNextImageProcessor
 
 
-def build_local_processor(config):
+def build_local_processor(config, words: tuple[str, ...] = LOCAL_WORDS):
     """An offline LlavaProcessor / LlavaNextProcessor matching ``config``.
 
     ``<image>`` expands to exactly the model's image-token count because the processor gets the vision
@@ -282,7 +302,7 @@ def build_local_processor(config):
     pad = getattr(config, "pad_token_id", None)
     if pad is None:
         pad = getattr(text, "pad_token_id", None)
-    tokenizer = build_local_tokenizer(text.vocab_size, config.image_token_index, pad)
+    tokenizer = build_local_tokenizer(text.vocab_size, config.image_token_index, pad, words)
     size = vision.image_size
     clip_cls, next_cls = _image_processor_classes()
     common = dict(
@@ -372,7 +392,7 @@ def load_model(
     torch_dtype = _validate(dtype, attn_implementation)
     spec = resolve_model(name)
     torch_device = check_device(device)
-    source = spec.hub_id if spec is not None else os.path.expanduser(name)
+    source = spec.source if spec is not None else os.path.expanduser(name)
     label = spec.alias if spec is not None else name
 
     if random_weights:
@@ -382,8 +402,13 @@ def load_model(
         if processor is None:
             processor = build_local_processor(config)
     else:
-        if spec is not None and spec.hub_id is None:
+        if spec is not None and spec.source is None:
             raise VtcbenchError(f"model {spec.alias!r} has no pretrained weights (test model); pass --random-weights")
+        if spec is not None and spec.packaged and not (Path(spec.source) / "model.safetensors").is_file():
+            raise VtcbenchError(
+                f"the packaged weights of {spec.alias} are missing from {spec.source}; reinstall vtcbench, "
+                f"or train them: vtcbench train --model {spec.alias} --out {spec.source}"
+            )
         assert source is not None
         from transformers import AutoConfig, AutoProcessor
 
@@ -516,11 +541,17 @@ VICUNA_V1_SYSTEM = (
 IMAGE_PLACEHOLDER = "<image>"
 
 
-def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None) -> str:
+def system_prompt(config) -> str:
+    """The system sentence a model was trained with: LLaVA's, unless its config says otherwise
+    (`vtcbench_system_prompt`; vtc-tiny has none, saving a fifth of its training compute)."""
+    return getattr(config, "vtcbench_system_prompt", VICUNA_V1_SYSTEM)
+
+
+def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None, system: str = VICUNA_V1_SYSTEM) -> str:
     """LLaVA's `conv_vicuna_v1`: system prompt, `USER: <image>\\n...`, `ASSISTANT:`."""
     if IMAGE_PLACEHOLDER not in context and n_images:
         context = "\n".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + context
-    prompt = f"{VICUNA_V1_SYSTEM} USER: {context} ASSISTANT:"
+    prompt = f"{system} USER: {context} ASSISTANT:" if system else f"USER: {context} ASSISTANT:"
     return prompt if answer is None else f"{prompt} {answer}"
 
 

@@ -68,19 +68,13 @@ class RunResult:
 
 def run(config: RunConfig) -> RunResult:
     """Evaluate one method on tasks; resumable; every input checked before anything loads."""
-    from vtcbench.tasks import local_task_config, resolve_tasks, task_manager
+    from vtcbench.tasks import resolve_tasks
 
     method = get_method(config.method, **config.params)
     facts = model_facts(load_config(config.model))
     method.validate_for(facts.image_tokens, facts.n_layers)
     infos = resolve_tasks(config.tasks, allow_judge=config.allow_judge, allow_submission=config.allow_submission)
-    workdir = Path(tempfile.mkdtemp(prefix="vtcbench-tasks-"))
-    if config.data_dir is not None:
-        names = [local_task_config(info, config.data_dir, workdir) for info in infos]
-    else:
-        names = [info.lmms_name for info in infos]
-    local = config.data_dir is not None
-    manager = task_manager(workdir, include_defaults=False) if local else task_manager()
+    names, manager = _task_names(infos, config.data_dir)
 
     if _data_parallel():
         _join_process_group(config)
@@ -110,6 +104,33 @@ def run(config: RunConfig) -> RunResult:
     summary = summarize(results, folder, method, model, names)
     folder.write_summary(summary)
     return RunResult(folder=folder.path, summary=summary)
+
+
+def _task_names(infos: list, data_dir: Path | None) -> tuple[list[str], Any]:
+    """lmms-eval task names and the TaskManager that knows them.
+
+    With --data-dir every task runs on local data (include YAMLs in a work folder); without it,
+    hub tasks keep their names, and shipped tasks (vtcshapes) still run locally on their default
+    data, so a mixed run needs a manager that knows both the work folder and lmms-eval's tasks.
+    """
+    from vtcbench.tasks import local_task_config, shipped_data, task_manager
+
+    workdir = Path(tempfile.mkdtemp(prefix="vtcbench-tasks-"))
+    names: list[str] = []
+    hub = local = False
+    for info in infos:
+        if info.shipped_yaml is not None:
+            names.append(local_task_config(info, shipped_data(info, data_dir), workdir))
+        elif data_dir is not None:
+            names.append(local_task_config(info, data_dir, workdir))
+        else:
+            names.append(info.lmms_name)
+            hub = True
+            continue
+        local = True
+    if not hub:
+        return names, task_manager(workdir, include_defaults=False)
+    return names, task_manager(workdir) if local else task_manager()
 
 
 def _data_parallel() -> bool:

@@ -40,22 +40,27 @@ class StagedDrop(ScoredDrop):
 @register
 @dataclass
 class PyramidDrop(StagedDrop):
-    layers: tuple[int, ...] = (8, 16, 24)
+    layers: tuple[int, ...] = ()  # empty: the paper's 4 equal stages, L/4, L/2, 3L/4
     keep_ratio: float = 0.5
 
     name: ClassVar[str] = "pdrop"
-    description: ClassVar[str] = "stage-wise drop at each listed layer, keep N0*lambda^s (positions compacted)"
+    description: ClassVar[str] = (
+        "stage-wise drop at each listed layer, keep N0*lambda^s (positions compacted); "
+        "default layers: L/4,L/2,3L/4 (8,16,24 on 32 layers)"
+    )
 
     def __post_init__(self) -> None:
         check_ratio(self.name, "keep_ratio", self.keep_ratio, low_open=True, high_closed=True)
-        if not self.layers or list(self.layers) != sorted(set(self.layers)):
+        if list(self.layers) != sorted(set(self.layers)):
             raise VtcbenchError(
-                f"{self.name}: layers={','.join(map(str, self.layers))} must be a non-empty, strictly increasing list"
+                f"{self.name}: layers={','.join(map(str, self.layers))} must be a strictly increasing list"
             )
 
     def stage_layers(self, n_layers: int) -> tuple[int, ...]:
-        return self.layers
+        """The listed layers; by default the paper's split of the depth into 4 equal stages
+        (section 4.1: layers 8, 16, 24 of LLaVA-1.5's 32), scaled to shallower models."""
+        return self.layers or tuple(n_layers * stage // 4 for stage in (1, 2, 3))
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
-        for layer in self.layers:
+        for layer in self.stage_layers(n_layers):
             self._check_layer("layers", layer, n_layers, low=1)

@@ -11,6 +11,7 @@ from vtcbench.tasks.registry import (
     lmms_tasks_dir,
     local_task_config,
     resolve_tasks,
+    shipped_data,
     short_name,
     task_manager,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "lmms_tasks_dir",
     "local_task_config",
     "resolve_tasks",
+    "shipped_data",
     "short_name",
     "task_manager",
 ]

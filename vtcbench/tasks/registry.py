@@ -20,6 +20,9 @@ What the flags of the short names rest on (read from the task YAMLs and utils of
 
 Pass-through names get their flags from their YAML (see `_flags_from_yaml`).
 
+Shipped tasks (`TaskInfo.shipped_yaml`, today vtcshapes): the YAML lives in this package, not in
+lmms-eval, and always runs on local data through `local_task_config`; `shipped_data` says where.
+
 Offline data (`local_task_config`): an include YAML in a work folder `include:`s the shipped YAML
 by absolute path and replaces `dataset_path` / `dataset_name` / `dataset_kwargs`, which is how
 lmms-eval's `ConfigurableTask.download` reads local data:
@@ -58,6 +61,10 @@ class TaskInfo:
     description: str
     needs_judge: bool = False
     needs_submission: bool = False
+    shipped_yaml: str | None = None  # a YAML shipped with vtcbench, relative to vtcbench/tasks
+
+
+SHIPPED_DIR = Path(__file__).resolve().parent
 
 
 TASKS: dict[str, TaskInfo] = {
@@ -82,6 +89,12 @@ TASKS: dict[str, TaskInfo] = {
         TaskInfo("vqav2", "vqav2_val", "VQAv2 val: open questions on COCO images; VQA accuracy"),
         TaskInfo("vizwiz", "vizwiz_vqa_val", "VizWiz-VQA val: photos taken by blind people, may be unanswerable; VQA accuracy"),
         TaskInfo("infovqa", "infovqa_val", "InfographicVQA val: questions on infographics; ANLS"),
+        TaskInfo(
+            "vtcshapes", "vtcshapes",
+            "vtcshapes (vtcbench's own, offline): color / presence / count / text questions on procedural "
+            "scenes; exact match per family and overall",
+            shipped_yaml="vtcshapes/vtcshapes.yaml",
+        ),
     )
 }
 _BY_LMMS = {info.lmms_name: info for info in TASKS.values()}
@@ -113,6 +126,7 @@ REQUIRED_COLUMNS = {
     "pope": ("question", "answer", "question_id", "image"),
     "mme": ("question", "answer", "category", "question_id", "image"),
     "docvqa_val": ("question", "answers", "image"),
+    "vtcshapes": ("question_id", "image", "question", "answer", "family"),
 }
 
 _JUDGE_WORDS = re.compile(r"gpt|judge|llm_as", re.IGNORECASE)
@@ -482,7 +496,22 @@ def _expected(keys: list[str], data_path: Path) -> str:
     return f"{files}, or a folder {folders} (save_to_disk or parquet files)"
 
 
+def shipped_data(info: TaskInfo, data_dir: Path | None) -> Path:
+    """The data folder of a shipped task: `data_dir` when it holds the task's data, else the
+    folder of the generated default (written on first use)."""
+    keys = list(dict.fromkeys([info.short, info.lmms_name]))
+    if data_dir is not None and any((Path(data_dir) / f"{k}.parquet").is_file() or (Path(data_dir) / k).is_dir() for k in keys):
+        return Path(data_dir)
+    if info.short == "vtcshapes":
+        from vtcbench import shapes
+
+        return shapes.default_dataset().parent
+    raise VtcbenchError(f"no data for shipped task {info.short!r}: expected {_expected(keys, Path(data_dir or '.'))}")
+
+
 def _shipped_yaml(info: TaskInfo) -> Path:
+    if info.shipped_yaml is not None:
+        return SHIPPED_DIR / info.shipped_yaml
     relative = _YAML.get(info.lmms_name)
     if relative is not None:
         path = lmms_tasks_dir() / relative

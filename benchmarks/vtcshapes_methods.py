@@ -1,0 +1,49 @@
+"""The README's method table: each method on vtcshapes with the shipped vtc-tiny, through
+`vtcbench run` (lmms-eval, the held-out split), one run folder per method under --out.
+
+Methods run at their defaults (DESIGN.md section 4), scaled to vtc-tiny's 6 layers where a
+default is a layer list (PyramidDrop: L/4, L/2, 3L/4 = 1, 3, 4). Prints a markdown table of
+accuracy per question family, mean visual tokens per layer and analytic image TFLOPs.
+Rerunning resumes (finished runs are read back). Run: python benchmarks/vtcshapes_methods.py
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vtcbench.runner import RunConfig, run
+from vtcbench.shapes import FAMILIES
+
+METHODS = ("vanilla", "fastv", "pdrop", "llavolta", "random", "avgpool")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--out", type=Path, default=Path("results"))
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+
+    rows = []
+    for method in args.methods.split(","):
+        config = RunConfig(
+            model="vtc-tiny", method=method, tasks=["vtcshapes"], out=args.out, batch_size=args.batch_size,
+            show_progress=False,
+        )
+        summary = run(config).summary
+        (entry,) = summary["tasks"].values()
+        metrics = {key.split(",")[0]: value for key, value in entry["metrics"].items()}
+        tokens = entry["mean_image_tokens_per_layer"]
+        rows.append(
+            f"| {method} | "
+            + " | ".join(f"{100 * metrics[k]:.1f}" for k in (*FAMILIES, "overall"))
+            + f" | {sum(tokens) / len(tokens):.1f} | {1e6 * entry['tflops_image']:.1f} |"
+        )
+    print(f"| method | {' | '.join(FAMILIES)} | overall | visual tokens / layer | image MFLOPs |")
+    print("|---" * (len(FAMILIES) + 4) + "|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

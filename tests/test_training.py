@@ -1,0 +1,104 @@
+"""`vtcbench train`: reproducible from a seed, compression-aware, schedules, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from vtcbench.cli import app
+from vtcbench.methods import get_method
+from vtcbench.models import load_model
+from vtcbench.schedules import SCHEDULES, stages
+from vtcbench.training import TrainConfig, train
+
+runner = CliRunner()
+SMALL = ["--steps", "4", "--batch-size", "4", "--test-per-family", "2"]
+
+
+def _small(tmp_path, name: str, **kwargs) -> TrainConfig:
+    return TrainConfig(out=tmp_path / name, steps=3, batch_size=4, test_per_family=1, log_every=1, **kwargs)
+
+
+def test_same_seed_gives_the_same_weights_and_another_seed_does_not(tmp_path):
+    weights = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        train(_small(tmp_path, name, seed=seed))
+        weights.append(load_model(str(tmp_path / name))[0].state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_train_writes_a_loadable_model_its_log_and_a_model_card(tmp_path):
+    out = tmp_path / "model"
+    result = runner.invoke(app, ["train", *SMALL, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "vtcshapes held-out accuracy" in result.output
+    assert {"model.safetensors", "config.json", "tokenizer.json", "training.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert not (tmp_path / "model.partial").exists()
+    record = json.loads((out / "training.json").read_text())
+    assert record["config"]["steps"] == 4 and set(record["accuracy"]) == {"vanilla"}
+    assert "What it is not" in (out / "README.md").read_text()
+    model, processor = load_model(str(out))
+    assert processor.tokenizer.convert_tokens_to_ids("triangle") != processor.tokenizer.unk_token_id
+    assert model.config.text_config.num_hidden_layers == 6
+
+
+def test_llavolta_schedule_reports_time_ratio_and_accuracy_with_and_without_compression(tmp_path):
+    out = tmp_path / "volta"
+    args = ["train", *SMALL, "--method", "llavolta", "--schedule", "llavolta-4stage", "--time-every", "1", "--out", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "training step time / vanilla step time" in result.output
+    record = json.loads((out / "training.json").read_text())
+    assert set(record["accuracy"]) == {"vanilla", "llavolta(layer=2,stride=8)"}
+    assert record["time_ratio"] > 0
+    assert [entry["method"] for entry in record["log"]] == [
+        "llavolta(layer=2,stride=8)", "llavolta(layer=3,stride=8)", "llavolta(layer=3,stride=2)", "vanilla"
+    ]
+
+
+def test_schedules_split_the_steps_into_equal_stages():
+    plan = stages("llavolta-4stage", get_method("llavolta"), steps=8, n_layers=6)
+    assert [s.first_step for s in plan] == [0, 2, 4, 6]
+    assert [s.method.params() for s in plan[:3]] == [
+        {"layer": 2, "stride": 8}, {"layer": 3, "stride": 8}, {"layer": 3, "stride": 2}
+    ]
+    assert plan[3].method.name == "vanilla"
+    assert len(stages("llavolta-2stage", get_method("llavolta"), 10, 32)) == 2
+    assert stages("llavolta-3stage-deeper", get_method("llavolta"), 9, 32)[1].method.params() == {"layer": 16, "stride": 8}
+
+
+@pytest.mark.parametrize("method", ["fastv", "pdrop", "avgpool"])
+def test_compression_aware_training_runs_each_kind_of_method(tmp_path, method):
+    result = train(_small(tmp_path, method, method=get_method(method)))
+    assert set(result.accuracy) == {"vanilla", result.log[-1]["method"]}
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--schedule", "llavolta-9stage", "--method", "llavolta"], "valid choices: " + ", ".join(SCHEDULES)),
+        (["--schedule", "llavolta-4stage", "--method", "fastv"], "pass --method llavolta"),
+        (["--model", "llava-1.5-7b"], "valid choices: vtc-tiny"),
+        (["--method", "nope"], "unknown method"),
+        (["--steps", "-1"], "--steps -1"),
+        (["--test-per-family", "500"], "valid: 1..125"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, fragment):
+    result = runner.invoke(app, ["train", *args, "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2
+    assert fragment in result.output and len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "m").exists()
+
+
+def test_an_existing_model_folder_is_not_overwritten(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["train", *SMALL, "--out", str(out)])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (out / "keep.txt").read_text() == "mine"

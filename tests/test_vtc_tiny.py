@@ -1,0 +1,50 @@
+"""The shipped vtc-tiny: what the issue promises about it, checked on the shipped files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from vtcbench.cli import app
+from vtcbench.methods import get_method
+from vtcbench.models import MODELS, load_model, model_facts
+from vtcbench.shapes import FAMILIES
+from vtcbench.training import evaluate, test_split
+
+FOLDER = MODELS["vtc-tiny"].source
+
+
+@pytest.fixture(scope="module")
+def vtc_tiny():
+    return load_model("vtc-tiny")
+
+
+def test_shipped_weights_are_small_and_the_architecture_is_big_enough(vtc_tiny):
+    from pathlib import Path
+
+    model, _ = vtc_tiny
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert (Path(FOLDER) / "model.safetensors").stat().st_size <= 20 * 2**20
+    facts = model_facts(model)
+    assert facts.image_tokens >= 64 and facts.n_layers >= 6
+    assert "What it is not" in (Path(FOLDER) / "README.md").read_text()
+
+
+def test_vanilla_accuracy_on_the_held_out_split_is_what_the_model_card_says(vtc_tiny):
+    """>= 90% overall, >= 80% per family (issue 5), and equal to the recorded training result."""
+    from pathlib import Path
+
+    model, processor = vtc_tiny
+    scores = evaluate(model, processor, test_split(), get_method("vanilla"))
+    assert scores["overall"] >= 0.90
+    assert all(scores[family] >= 0.80 for family in FAMILIES), scores
+    recorded = json.loads((Path(FOLDER) / "training.json").read_text())["accuracy"]["vanilla"]
+    assert scores == pytest.approx(recorded, abs=1e-9)
+
+
+def test_generate_answers_the_default_question_about_the_default_scene():
+    result = CliRunner().invoke(app, ["generate", "--method", "vanilla"])
+    assert result.exit_code == 0, result.output
+    assert "answer: 'red'" in result.output  # the example scene's circle is red
