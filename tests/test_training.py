@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from vtcbench.cli import app
 from vtcbench.methods import get_method
 from vtcbench.models import load_model
 from vtcbench.schedules import SCHEDULES, stages
-from vtcbench.training import TrainConfig, train
+from vtcbench import shapes
+from vtcbench.training import AuxiliaryHeads, Encoder, TrainConfig, train, training_conversations
 
 runner = CliRunner()
 SMALL = ["--steps", "4", "--batch-size", "4", "--test-per-family", "2"]
@@ -29,6 +31,26 @@ def test_same_seed_gives_the_same_weights_and_another_seed_does_not(tmp_path):
         weights.append(load_model(str(tmp_path / name))[0].state_dict())
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+def test_the_alignment_loss_is_near_zero_when_image_tokens_are_their_words_embeddings():
+    config = load_config("vtc-tiny")
+    model = random_model(config, seed=0, attn_implementation="sdpa")
+    processor = build_local_processor(config, vocabulary(system_prompt(config)))
+    words = model.get_input_embeddings().weight.detach()
+    heads = AuxiliaryHeads(config.vision_config.hidden_size, model.get_input_embeddings(), processor.tokenizer)
+    batch = Encoder(processor.tokenizer, 64, "")(training_conversations(0, set())(3))
+    names = {"colour": [None, *shapes.COLORS, None], "content": [None, *shapes.SHAPES, *shapes.LETTERS]}
+    tokens = torch.zeros(3, 64, words.shape[1])
+    for kind, labels in (("colour", batch.colour), ("content", batch.content)):
+        for (row, cell), label in zip(torch.cartesian_prod(torch.arange(3), torch.arange(64)).tolist(), labels.flatten()):
+            if names[kind][label] is not None:
+                tokens[row, cell] += 1000 * words[processor.tokenizer.convert_tokens_to_ids(names[kind][label])]
+    tower = torch.zeros(3, 64, config.vision_config.hidden_size)  # the classifiers' part: the same constant in all three
+    chance = heads.loss(tower, torch.zeros_like(tokens), batch)  # alignment at chance: log 5 + log 12
+    aligned = heads.loss(tower, tokens, batch)
+    unaligned = heads.loss(tower, torch.randn_like(tokens) * tokens.abs().max(), batch)
+    assert aligned < chance - math.log(5 * 12) + 0.05 < unaligned - 1
 
 
 def test_train_writes_a_loadable_model_its_log_and_a_model_card(tmp_path):

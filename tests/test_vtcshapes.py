@@ -105,14 +105,27 @@ def test_objects_and_the_letter_never_touch_and_labels_cover_their_cells(held_ou
         assert np.array_equal(lit, content > 0)  # every labelled cell has pixels, no other cell does
 
 
-def test_a_training_conversation_asks_every_family_about_one_scene():
+def test_a_training_conversation_asks_everything_about_one_scene():
     rng = np.random.default_rng(0)
-    for _ in range(50):
+    answers = []
+    for _ in range(200):
         turns = shapes.conversation(rng)
-        assert len({id(t.scene) for t in turns}) == 1
-        families = [t.family for t in turns]
-        assert {"count", "presence", "text"} <= set(families) and families.count("presence") == 2
-        assert sorted(t.answer for t in turns if t.family == "presence") == ["no", "yes"]
+        scene = turns[0].scene
+        assert all(t.scene is scene for t in turns)
+        colours = [c for _, c, _ in scene.objects]
+        kinds = [s for _, _, s in scene.objects]
+        asked = {t.question for t in turns}
+        assert {f"How many {c} shapes are there?" for c in colours if colours.count(c) <= 3} <= asked
+        assert {f"What color is the {s}?" for s in kinds if kinds.count(s) == 1} <= asked
+        assert [t.family for t in turns].count("presence") == 4
+        for t in turns:
+            if t.family == "count":
+                assert t.answer == str(colours.count(t.question.split()[2]))
+            if t.family == "presence":
+                colour, shape = t.question.rstrip("?").split()[-2:]
+                assert t.answer == ("yes" if (colour, shape) in {(c, s) for _, c, s in scene.objects} else "no")
+                answers.append(t.answer)
+    assert 0.45 < answers.count("yes") / len(answers) < 0.55  # balanced, question by question
 
 
 # ---------------------------------------------------------------------------------------------

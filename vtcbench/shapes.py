@@ -246,20 +246,26 @@ def sample(rng: np.random.Generator, family: str) -> Sample:
     raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
 
-def conversation(rng: np.random.Generator) -> list[Sample]:
-    """Questions of every family about one scene, in random order: a multi-turn training
-    conversation, as LLaVA's instruction data has several per image. Presence is asked twice
-    (once "yes", once "no"); colour when a shape is unique."""
-    scene, count = _count_scene(rng)
+def conversation(rng: np.random.Generator, presence_questions: int = 4) -> list[Sample]:
+    """Every question the scene answers, in random order: a multi-turn training conversation (LLaVA's
+    instruction data asks several questions per image). The count of every colour present (when
+    1-3), the colour of every unique shape, the letter, and `presence_questions` presence
+    questions, each "yes" or "no" by its own coin flip so that no answer follows from another."""
+    scene, _ = _count_scene(rng)
+    colours = [c for _, c, _ in scene.objects]
     turns = [
-        Sample(scene, "count", *count),
-        Sample(scene, "presence", *_ask_presence(scene, rng, yes=True)),
-        Sample(scene, "presence", *_ask_presence(scene, rng, yes=False)),
-        Sample(scene, "text", *_ask_text(scene)),
+        Sample(scene, "count", f"How many {c} shapes are there?", str(colours.count(c)))
+        for c in dict.fromkeys(colours)
+        if colours.count(c) in COUNTS
     ]
-    colour = _ask_color(scene, rng)
-    if colour is not None:
-        turns.append(Sample(scene, "color", *colour))
+    kinds = [s for _, _, s in scene.objects]
+    turns += [
+        Sample(scene, "color", f"What color is the {s}?", next(c for _, c, k in scene.objects if k == s))
+        for s in SHAPES
+        if kinds.count(s) == 1
+    ]
+    turns += [Sample(scene, "presence", *_ask_presence(scene, rng)) for _ in range(presence_questions)]
+    turns.append(Sample(scene, "text", *_ask_text(scene)))
     return [turns[i] for i in rng.permutation(len(turns))]
 
 
