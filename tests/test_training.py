@@ -9,12 +9,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from vtcbench import shapes
 from vtcbench.cli import app
 from vtcbench.methods import get_method
-from vtcbench.models import load_model
+from vtcbench.models import build_local_processor, load_config, load_model, random_model, system_prompt
 from vtcbench.schedules import SCHEDULES, stages
-from vtcbench import shapes
-from vtcbench.training import AuxiliaryHeads, Encoder, TrainConfig, train, training_conversations
+from vtcbench.training import AuxiliaryHeads, Encoder, TrainConfig, train, training_conversations, vocabulary
 
 runner = CliRunner()
 SMALL = ["--steps", "4", "--batch-size", "4", "--test-per-family", "2"]

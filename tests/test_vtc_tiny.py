@@ -11,7 +11,7 @@ from vtcbench.cli import app
 from vtcbench.methods import get_method
 from vtcbench.models import MODELS, load_model, model_facts
 from vtcbench.shapes import FAMILIES
-from vtcbench.training import evaluate, test_split
+from vtcbench.training import evaluate, held_out_split
 
 FOLDER = MODELS["vtc-tiny"].source
 
@@ -35,7 +35,7 @@ def test_shipped_weights_are_small_and_the_architecture_is_big_enough(vtc_tiny):
 @pytest.fixture(scope="module")
 def vanilla_scores(vtc_tiny):
     model, processor = vtc_tiny
-    return evaluate(model, processor, test_split(), get_method("vanilla"))
+    return evaluate(model, processor, held_out_split(), get_method("vanilla"))
 
 
 def test_vanilla_accuracy_on_the_held_out_split_is_what_training_recorded(vanilla_scores):
@@ -56,4 +56,4 @@ def test_vanilla_meets_the_issue_bar(vanilla_scores):
 def test_generate_answers_the_default_question_about_the_default_scene():
     result = CliRunner().invoke(app, ["generate", "--method", "vanilla"])
     assert result.exit_code == 0, result.output
-    assert "answer: 'red'" in result.output  # the example scene's circle is red
+    assert "answer: 'K'" in result.output  # the example scene's letter (the family vtc-tiny reads reliably)

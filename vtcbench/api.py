@@ -11,6 +11,7 @@ from PIL import Image
 from vtcbench.engine import compress
 from vtcbench.methods import Method, get_method, parse_set_options
 from vtcbench.models import load_config, load_model, model_facts, system_prompt, vicuna_v1_prompt
+from vtcbench.shapes import Scene
 
 
 @dataclass
@@ -30,12 +31,17 @@ def check_method_for_model(method: Method, model: str) -> None:
     method.validate_for(facts.image_tokens, facts.n_layers)
 
 
+#: the default image: one of each shape (2x2 cells) and the letter K, none touching
+EXAMPLE_SCENE = Scene(
+    objects=((0, "red", "circle"), (3, "blue", "square"), (32, "green", "triangle"), (35, "yellow", "cross")),
+    letter="K",
+    letter_cell=46,
+)
+
+
 def example_image() -> Image.Image:
     """A vtcshapes scene with one of each shape, for runs without an image file."""
-    from vtcbench.shapes import Scene
-
-    objects = ((10, "red", "circle"), (21, "blue", "square"), (43, "green", "triangle"), (52, "yellow", "cross"))
-    return Image.fromarray(Scene(objects=objects, letter="K", letter_cell=30).render())
+    return Image.fromarray(EXAMPLE_SCENE.render())
 
 
 @torch.no_grad()

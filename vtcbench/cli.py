@@ -97,7 +97,7 @@ def generate(
     method: MethodOption = "fastv",
     model: ModelOption = "vtc-tiny",
     set_: SetOption = None,
-    prompt: Annotated[str, typer.Option(help="the question about the image")] = "What color is the circle?",
+    prompt: Annotated[str, typer.Option(help="the question about the image")] = "What letter is written in the image?",
     image: Annotated[Path | None, typer.Option(help="image file (default: a vtcshapes scene)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
     random_weights: Annotated[bool, typer.Option(help="build the architecture with random weights, offline")] = False,

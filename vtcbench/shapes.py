@@ -65,6 +65,8 @@ _GLYPHS = {
 }
 LETTERS: tuple[str, ...] = tuple(_GLYPHS)
 COUNTS: tuple[int, ...] = (1, 2, 3)
+#: a blind guesser's accuracy per family (answers are uniform in the held-out split)
+CHANCE: dict[str, float] = {"color": 1 / len(COLORS), "presence": 1 / 2, "count": 1 / len(COUNTS), "text": 1 / len(LETTERS)}
 
 #: every word a vtcshapes prompt or answer uses (the vtc-tiny vocabulary adds these to the chat template's)
 WORDS: tuple[str, ...] = (
