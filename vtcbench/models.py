@@ -543,7 +543,7 @@ IMAGE_PLACEHOLDER = "<image>"
 
 def system_prompt(config) -> str:
     """The system sentence a model was trained with: LLaVA's, unless its config says otherwise
-    (`vtcbench_system_prompt`; vtc-tiny has none, saving a fifth of its training compute)."""
+    (`vtcbench_system_prompt`; vtc-tiny has none, which keeps its training sequences shorter)."""
     return getattr(config, "vtcbench_system_prompt", VICUNA_V1_SYSTEM)
 
 
