@@ -117,7 +117,6 @@ def _task_names(infos: list, data_dir: Path | None) -> tuple[list[str], Any]:
 
     workdir = Path(tempfile.mkdtemp(prefix="vtcbench-tasks-"))
     names: list[str] = []
-    hub = local = False
     for info in infos:
         if info.shipped_yaml is not None:
             names.append(local_task_config(info, shipped_data(info, data_dir), workdir))
@@ -125,12 +124,10 @@ def _task_names(infos: list, data_dir: Path | None) -> tuple[list[str], Any]:
             names.append(local_task_config(info, data_dir, workdir))
         else:
             names.append(info.lmms_name)
-            hub = True
-            continue
-        local = True
-    if not hub:
+    n_local = sum(info.shipped_yaml is not None or data_dir is not None for info in infos)
+    if n_local == len(infos):
         return names, task_manager(workdir, include_defaults=False)
-    return names, task_manager(workdir) if local else task_manager()
+    return names, task_manager(workdir) if n_local else task_manager()
 
 
 def _data_parallel() -> bool:

@@ -360,8 +360,6 @@ def save(model, processor, config: TrainConfig, result: TrainResult) -> None:
 
 def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> str:
     """What the folder holds, how it was made, what it scored, and what it is not."""
-    from vtcbench.shapes import FAMILIES
-
     command = f"vtcbench train --model {config.model} --seed {config.seed} --steps {config.steps}"
     if config.schedule:
         command += f" --method llavolta --schedule {config.schedule}"
@@ -370,11 +368,11 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
             f" --set {k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in config.method.params().items()
         )
     rows = "\n".join(
-        f"| {tested} | " + " | ".join(f"{100 * scores[k]:.1f}" for k in (*FAMILIES, "overall")) + " |"
+        f"| {tested} | " + " | ".join(f"{100 * scores[k]:.1f}" for k in (*shapes.FAMILIES, "overall")) + " |"
         for tested, scores in result.accuracy.items()
     )
     vanilla = result.accuracy["vanilla"]
-    weak = [f"{family} {100 * vanilla[family]:.1f}" for family in FAMILIES if vanilla[family] < 0.8]
+    weak = [f"{family} {100 * vanilla[family]:.1f}" for family in shapes.FAMILIES if vanilla[family] < 0.8]
     chance = ", ".join(f"{family} {100 * p:.1f}" for family, p in shapes.CHANCE.items())
     weak_line = (
         f"- Not reliable on every family: below 80% held-out on {', '.join(weak)} (chance: {chance});\n"
@@ -401,8 +399,8 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
 - Prompted like LLaVA-1.5 with an empty system sentence: `USER: <image>\\n<question> ASSISTANT:`.
 
 ## Held-out accuracy (vtcshapes test split, {TEST_PER_FAMILY} questions per family, greedy, exact match, %)
-| tested with | {" | ".join(FAMILIES)} | overall |
-|---|{"---|" * (len(FAMILIES) + 1)}
+| tested with | {" | ".join(shapes.FAMILIES)} | overall |
+|---|{"---|" * (len(shapes.FAMILIES) + 1)}
 {rows}
 
 ## What it is not
