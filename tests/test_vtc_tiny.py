@@ -46,7 +46,6 @@ def test_vanilla_accuracy_on_the_held_out_split_is_what_training_recorded(vanill
     assert vanilla_scores["text"] >= 0.9  # it reads the one-token letter: it does look at the image
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5's bar is not met yet: see the README's known gap")
 def test_vanilla_meets_the_issue_bar(vanilla_scores):
     """>= 90% overall, >= 80% per family (issue 5, acceptance 1)."""
     assert vanilla_scores["overall"] >= 0.90

@@ -77,8 +77,8 @@ def test_questions_and_answers_are_vocabulary_words_and_true_of_the_scene(held_o
             matching = [colour for _, colour, kind in objects if kind == shape]
             assert matching == [s.answer], (s.question, objects)  # the shape is unique
         elif s.family == "presence":
-            colour, shape = words[-3], words[-2]
-            present = (colour, shape) in {(c, k) for _, c, k in objects}
+            assert words[:3] == ["Is", "there", "a"] and words[4:] == ["in", "the", "image", "?"], s.question
+            present = words[3] in {k for _, _, k in objects}
             assert s.answer == ("yes" if present else "no"), (s.question, objects)
         elif s.family == "count":
             colour = words[2]
@@ -108,8 +108,8 @@ def test_objects_and_the_letter_never_touch_and_labels_cover_their_cells(held_ou
 
 def test_a_training_conversation_asks_everything_about_one_scene():
     rng = np.random.default_rng(0)
-    answers = []
-    for _ in range(200):
+    counts = []
+    for _ in range(400):
         turns = shapes.conversation(rng)
         scene = turns[0].scene
         assert all(t.scene is scene for t in turns)
@@ -118,15 +118,16 @@ def test_a_training_conversation_asks_everything_about_one_scene():
         asked = {t.question for t in turns}
         assert {f"How many {c} shapes are there?" for c in colours if colours.count(c) <= 3} <= asked
         assert {f"What color is the {s}?" for s in kinds if kinds.count(s) == 1} <= asked
-        assert [t.family for t in turns].count("presence") == 4
+        assert {f"Is there a {s} in the image?" for s in shapes.SHAPES} <= asked
+        assert len(asked) == len(turns)  # no question twice: a repeat is answered by copying
         for t in turns:
             if t.family == "count":
                 assert t.answer == str(colours.count(t.question.split()[2]))
+                counts.append(t.answer)
             if t.family == "presence":
-                colour, shape = t.question.rstrip("?").split()[-2:]
-                assert t.answer == ("yes" if (colour, shape) in {(c, s) for _, c, s in scene.objects} else "no")
-                answers.append(t.answer)
-    assert 0.45 < answers.count("yes") / len(answers) < 0.55  # balanced, question by question
+                assert t.answer == ("yes" if t.question.split()[3] in kinds else "no")
+    # the held-out split's counts are uniform: training's must not teach a prior for "1"
+    assert all(0.28 < counts.count(answer) / len(counts) < 0.4 for answer in "123"), Counter(counts)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,7 @@ Four question families ask for different amounts of visual detail, and every que
 object by content, not position (DESIGN.md section 11: position-addressed questions did not train):
 
 - ``color``:    "What color is the triangle?" (the shape is unique in the scene)      -> red
-- ``presence``: "Is there a blue circle?" (balanced; half the negatives share the
-                colour or the shape with an object in the scene, as POPE's adversarial split)  -> yes / no
+- ``presence``: "Is there a circle in the image?" (POPE's template; balanced yes/no)  -> yes / no
 - ``count``:    "How many green shapes are there?" (1 to 3, uniform)                  -> 2
 - ``text``:     "What letter is written in the image?" (5x5 glyph, TextVQA style)    -> K
 
@@ -33,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 #: bump when generation or the written schema changes: the cached dataset's folder carries it
-VERSION = 1
+VERSION = 2
 #: the held-out split (training draws its scenes elsewhere and excludes these)
 TEST_SEED = 20261121
 TEST_PER_FAMILY = 125
@@ -200,16 +199,18 @@ def _ask_color(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None
     return f"What color is the {shape}?", next(c for _, c, s in scene.objects if s == shape)
 
 
-def _ask_presence(scene: Scene, rng: np.random.Generator, yes: bool | None = None) -> tuple[str, str]:
-    present = {(c, s) for _, c, s in scene.objects}
-    if (rng.random() < 0.5) if yes is None else yes:
-        colour, shape = sorted(present)[rng.integers(len(present))]
-        return f"Is there a {colour} {shape}?", "yes"
-    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-    hard = [(c, s) for c, s in absent if any(c == pc or s == ps for pc, ps in present)]
-    pool = hard if hard and rng.random() < 0.5 else absent
-    colour, shape = pool[rng.integers(len(pool))]
-    return f"Is there a {colour} {shape}?", "no"
+def _ask_presence(scene: Scene, rng: np.random.Generator) -> tuple[str, str] | None:
+    """POPE's question for a shape present or absent by a coin flip; None if the scene has no such shape."""
+    present = {shape for _, _, shape in scene.objects}
+    yes = rng.random() < 0.5
+    pool = [shape for shape in SHAPES if (shape in present) == yes]
+    if not pool:
+        return None
+    return _presence_question(pool[rng.integers(len(pool))], yes)
+
+
+def _presence_question(shape: str, yes: bool) -> tuple[str, str]:
+    return f"Is there a {shape} in the image?", "yes" if yes else "no"
 
 
 def _count_scene(rng: np.random.Generator) -> tuple[Scene, tuple[str, str]]:
@@ -230,15 +231,13 @@ def _ask_text(scene: Scene) -> tuple[str, str]:
 
 def sample(rng: np.random.Generator, family: str) -> Sample:
     """One question of `family` about a fresh scene drawn from `rng`."""
-    if family == "color":
+    if family in ("color", "presence"):
+        ask = _ask_color if family == "color" else _ask_presence
         while True:
             scene = _random_scene(rng)
-            asked = _ask_color(scene, rng)
+            asked = ask(scene, rng)
             if asked is not None:
                 return Sample(scene, family, *asked)
-    if family == "presence":
-        scene = _random_scene(rng)
-        return Sample(scene, family, *_ask_presence(scene, rng))
     if family == "count":
         scene, asked = _count_scene(rng)
         return Sample(scene, family, *asked)
@@ -248,12 +247,27 @@ def sample(rng: np.random.Generator, family: str) -> Sample:
     raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
 
-def conversation(rng: np.random.Generator, presence_questions: int = 4) -> list[Sample]:
+def _balanced_colours(rng: np.random.Generator) -> list[str]:
+    """The objects' colours for a training scene: groups of one colour each, of 1-3 objects drawn
+    uniformly, added until the scene has 3-6 objects (stopping by a coin flip from 3 on). Every
+    colour present then appears 1, 2 or 3 times with about equal odds, as the held-out count
+    questions' answers do (colours drawn independently answer "1" three times in five)."""
+    while True:
+        sizes: list[int] = []
+        while not sizes or sum(sizes) < 3 or (sum(sizes) < 6 and rng.random() >= 0.5):
+            sizes.append(int(COUNTS[rng.integers(len(COUNTS))]))
+        if sum(sizes) <= 6 and len(sizes) <= len(COLORS):
+            break
+    names = rng.permutation(list(COLORS))
+    colours = [str(names[group]) for group, size in enumerate(sizes) for _ in range(size)]
+    return [colours[i] for i in rng.permutation(len(colours))]
+
+
+def conversation(rng: np.random.Generator) -> list[Sample]:
     """Every question the scene answers, in random order: a multi-turn training conversation (LLaVA's
-    instruction data asks several questions per image). The count of every colour present (when
-    1-3), the colour of every unique shape, the letter, and `presence_questions` presence
-    questions, each "yes" or "no" by its own coin flip so that no answer follows from another."""
-    scene, _ = _count_scene(rng)
+    instruction data asks several questions per image). The count of every colour present, the
+    colour of every unique shape, the presence of every shape, and the letter."""
+    scene = _random_scene(rng, _balanced_colours(rng))
     colours = [c for _, c, _ in scene.objects]
     turns = [
         Sample(scene, "count", f"How many {c} shapes are there?", str(colours.count(c)))
@@ -266,7 +280,7 @@ def conversation(rng: np.random.Generator, presence_questions: int = 4) -> list[
         for s in SHAPES
         if kinds.count(s) == 1
     ]
-    turns += [Sample(scene, "presence", *_ask_presence(scene, rng)) for _ in range(presence_questions)]
+    turns += [Sample(scene, "presence", *_presence_question(s, s in kinds)) for s in SHAPES]
     turns.append(Sample(scene, "text", *_ask_text(scene)))
     return [turns[i] for i in rng.permutation(len(turns))]
 

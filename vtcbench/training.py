@@ -35,7 +35,7 @@ from vtcbench.shapes import TEST_PER_FAMILY, TEST_SEED
 from vtcbench.tasks.vtcshapes.utils import normalise
 
 TRAINABLE_MODELS: tuple[str, ...] = ("vtc-tiny",)  # models whose vocabulary covers vtcshapes
-DEFAULT_STEPS = 2200
+DEFAULT_STEPS = 2400
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
 
@@ -380,17 +380,27 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
         if weak
         else ""
     )
+    compressed_line = (
+        "- Not a vanilla-trained model: compression was active during training (stages above), so\n"
+        "  methods that compress the way it was trained (pooling, for LLaVolta's schedules) may lose\n"
+        "  less on it than on a model trained without compression.\n"
+        if config.schedule is not None or config.method.name != "vanilla"
+        else ""
+    )
+    model_config = load_config(config.model)
+    vision, text = model_config.vision_config, model_config.text_config
     return f"""# {config.model}: a LLaVA trained by vtcbench on vtcshapes
 
 ## What it is
-- `LlavaForConditionalGeneration` (loads with transformers like llava-hf checkpoints): a 3-layer
-  CLIP-style vision tower (hidden 96, 112 px images, patch 14, so 64 visual tokens), LLaVA's 2-layer
-  GELU projector, and a 6-layer LLaMA decoder (hidden 128, 4 heads, MLP 352), {n_parameters / 1e6:.2f}M
-  parameters in float32. The tokenizer is word-level (96 ids): the vicuna_v1 chat template's words
+- `LlavaForConditionalGeneration` (loads with transformers like llava-hf checkpoints): a
+  {vision.num_hidden_layers}-layer CLIP-style vision tower (hidden {vision.hidden_size}, {vision.image_size} px images, patch {vision.patch_size}, so
+  {(vision.image_size // vision.patch_size) ** 2} visual tokens), LLaVA's 2-layer GELU projector, and a {text.num_hidden_layers}-layer LLaMA decoder
+  (hidden {text.hidden_size}, {text.num_attention_heads} heads, MLP {text.intermediate_size}), {n_parameters / 1e6:.2f}M parameters in float32.
+  The tokenizer is word-level ({text.vocab_size} ids): the vicuna_v1 chat template's words
   and vtcshapes' words; anything else is `<unk>`.
 - Trained from random initialisation, with no pretrained component, by `{command}`:
   {result.steps} steps of {config.batch_size} scenes drawn fresh from vtcshapes' generator (held-out
-  scenes excluded), each with every question it answers as one multi-turn conversation, AdamW with a one-cycle learning rate peaking at {config.lr:g}, language-model loss on
+  scenes excluded), each with its questions as one multi-turn conversation, AdamW with a one-cycle learning rate peaking at {config.lr:g}, language-model loss on
   the one-word answers plus two auxiliary per-patch losses, the small-scale stand-ins for LLaVA's
   pretrained parts: colour and content classifiers on the vision tower (a pretrained CLIP), and the
   image token's match with the word embeddings of its colour and shape (stage-1 feature
@@ -404,7 +414,7 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
 {rows}
 
 ## What it is not
-{weak_line}- Not a general vision-language model: it has seen only vtcshapes scenes (coloured shapes and one
+{weak_line}{compressed_line}- Not a general vision-language model: it has seen only vtcshapes scenes (coloured shapes and one
   letter on an 8x8 grid) and answers with one word.
 - Not a stand-in for LLaVA-1.5's accuracy numbers: compression results on it show the mechanics of
   each method (which tokens it keeps, what pooling mixes) at small scale, not the papers' magnitudes.
