@@ -323,7 +323,7 @@ def train(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing model folder")] = False,
     test_per_family: Annotated[int, typer.Option(help="held-out questions per family for the final accuracy")] = 125,
 ) -> None:
-    """Train vtc-tiny on vtcshapes (the recipe of the shipped weights), optionally compression-aware."""
+    """Train vtc-tiny on vtcshapes, optionally compression-aware (the shipped weights: --method llavolta --schedule llavolta-4stage)."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from vtcbench.api import method_from_options
@@ -351,11 +351,12 @@ def train(
         out = Path("trained") / f"{model}-{schedule or method}-seed{seed}"
     if out.exists() and not overwrite:
         raise VtcbenchError(f"{out} already exists; pass --overwrite to replace it, or choose --out")
-    compressed = schedule is not None or compression.name != "vanilla"
     config = TrainConfig(
         out=out, model=model, method=compression, schedule=schedule, steps=steps, batch_size=batch_size, lr=lr,
-        seed=seed, time_every=time_every if compressed else 0, test_per_family=test_per_family,
+        seed=seed, time_every=time_every, test_per_family=test_per_family,
     )
+    if not config.compressed:
+        config.time_every = 0  # nothing to compare a vanilla step with
     with Progress(
         TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=errors, disable=not sys.stderr.isatty(),

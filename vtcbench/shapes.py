@@ -271,8 +271,7 @@ def conversation(rng: np.random.Generator) -> list[Sample]:
     colours = [c for _, c, _ in scene.objects]
     turns = [
         Sample(scene, "count", f"How many {c} shapes are there?", str(colours.count(c)))
-        for c in dict.fromkeys(colours)
-        if colours.count(c) in COUNTS
+        for c in dict.fromkeys(colours)  # 1-3 each, by `_balanced_colours`
     ]
     kinds = [s for _, _, s in scene.objects]
     turns += [

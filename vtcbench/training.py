@@ -68,6 +68,11 @@ class TrainConfig:
     time_every: int = 0  # >0: also time a vanilla step every N steps (side-by-side time ratio)
     test_per_family: int = TEST_PER_FAMILY  # held-out questions per family for the final accuracy
 
+    @property
+    def compressed(self) -> bool:
+        """Whether any compression is active during training."""
+        return self.schedule is not None or self.method.name != "vanilla"
+
 
 @dataclass
 class Batch:
@@ -384,7 +389,7 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
         "- Not a vanilla-trained model: compression was active during training (stages above), so\n"
         "  methods that compress the way it was trained (pooling, for LLaVolta's schedules) may lose\n"
         "  less on it than on a model trained without compression.\n"
-        if config.schedule is not None or config.method.name != "vanilla"
+        if config.compressed
         else ""
     )
     model_config = load_config(config.model)
