@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from vtcbench.transformers_seam import image_features
+
 
 @dataclass
 class OraclePlan:
@@ -27,12 +29,13 @@ def prompt_embeddings(model, input_ids: torch.Tensor, pixel_values: torch.Tensor
     """The language model's input embeddings with the image features merged (as LLaVA does)."""
     config = model.config
     embeds = model.get_input_embeddings()(input_ids)
-    features = model.model.get_image_features(
+    features = image_features(
+        model.model,
         pixel_values,
         vision_feature_layer=config.vision_feature_layer,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
-    ).pooler_output
-    features = torch.cat(list(features)).to(embeds.dtype)
+    )
+    features = torch.cat(features).to(embeds.dtype)
     image_mask = (input_ids == config.image_token_index).unsqueeze(-1)
     return embeds.masked_scatter(image_mask, features)
 

@@ -9,6 +9,7 @@ from conftest import KEEP_ALL, TINY_DEFAULTS, left_pad, pixels, prompt_ids
 from oracles import OraclePlan, oracle_greedy, oracle_logits, prompt_embeddings
 from vtcbench.engine import compress
 from vtcbench.methods import METHODS, get_method
+from vtcbench.transformers_seam import TransformersConventionError, cache_layer_lengths, returned_cache
 
 METHOD_NAMES = sorted(METHODS)
 
@@ -143,9 +144,9 @@ def test_compressed_kv_cache_holds_only_kept_tokens(tiny):
     model = tiny("sdpa")
     inputs = _inputs(model)
     with torch.no_grad(), compress(model, get_method("fastv", layer=2, drop_ratio=0.75)):
-        cache = model(**inputs, use_cache=True).past_key_values
+        cache = returned_cache(model(**inputs, use_cache=True))
     length = inputs["input_ids"].shape[1]
-    assert [cache.layers[i].keys.shape[-2] for i in range(4)] == [length, length, length - 48, length - 48]
+    assert cache_layer_lengths(cache) == [length, length, length - 48, length - 48]
 
 
 def test_gradients_flow_through_the_engine(tiny):
@@ -235,3 +236,18 @@ def test_eager_equals_sdpa_under_compression(tiny, name):
     sdpa_tokens, sdpa_logits, _ = _generate(tiny("sdpa"), _inputs(tiny("sdpa"), seed=7), method)
     assert eager_tokens.tolist() == sdpa_tokens.tolist()
     torch.testing.assert_close(eager_logits, sdpa_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_a_decode_step_in_a_form_the_seam_does_not_know_fails_loudly(tiny):
+    """Were transformers to rename the cache argument again, the engine must stop, not take each
+    decode step for a new prompt and count zero visual tokens (what 5.24's rename did)."""
+    model = tiny("sdpa")
+    inputs = _inputs(model)
+    length = inputs["input_ids"].shape[1]
+    step = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, length + 1, dtype=torch.long)}
+    with torch.no_grad(), compress(model, get_method("fastv")):
+        cache = returned_cache(model(**inputs, use_cache=True))
+        with pytest.raises(TransformersConventionError, match="the KV cache arrived as 'kv_store'"):
+            model.model(**step, kv_store=cache)
+        with pytest.raises(TransformersConventionError, match=f"1 new tokens under a {length + 1}-column attention mask"):
+            model.model(**step)

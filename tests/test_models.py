@@ -7,6 +7,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/huggingface_
 import pytest
 import torch
 from PIL import Image
+from transformers import LlavaForConditionalGeneration
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.models import (
@@ -215,3 +216,50 @@ def test_saved_folder_round_trip(tiny, tmp_path):
     with torch.no_grad():
         assert torch.equal(model(**batch).logits, loaded(**batch).logits)
     assert model_facts(loaded) == model_facts(model)
+
+
+HUB_PREFIXES = ("language_model.model.", "language_model.lm_head.", "multi_modal_projector.", "vision_tower.vision_model.")
+
+
+def _checkpoint_keys(folder) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as handle:
+        return list(handle.keys())
+
+
+def test_save_checkpoint_writes_the_llava_hf_hub_layout_and_loads_back(tiny, tmp_path):
+    """The layout every supported transformers reads (5.23's save_pretrained drops `vision_model.`)."""
+    from vtcbench.transformers_seam import save_checkpoint
+
+    model, _ = tiny
+    save_checkpoint(model, tmp_path)
+    keys = _checkpoint_keys(tmp_path)
+    assert keys and all(key.startswith(HUB_PREFIXES) for key in keys), keys[:5]
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+
+
+def test_shipped_vtc_tiny_is_in_the_hub_layout():
+    from pathlib import Path
+
+    from vtcbench.models import MODELS
+
+    keys = _checkpoint_keys(Path(MODELS["vtc-tiny"].source))
+    assert len(keys) == 116 and all(key.startswith(HUB_PREFIXES) for key in keys)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused(tiny, tmp_path):
+    """Weights transformers cannot place would be initialised at random: refuse, naming a key."""
+    from safetensors.torch import load_file, save_file
+
+    from vtcbench.transformers_seam import save_checkpoint
+
+    model, processor = tiny
+    save_checkpoint(model, tmp_path)
+    processor.save_pretrained(tmp_path)
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state["multi_modal_projector.linear_9.weight"] = state.pop("multi_modal_projector.linear_1.weight")
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(VtcbenchError, match=r"does not fit the model: 1 missing keys \(e\.g\. .*linear_1\.weight\); 1 unexpected keys"):
+        load_model(str(tmp_path))

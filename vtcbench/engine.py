@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
 
+from vtcbench import transformers_seam as seam
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods.base import Keep, LayerContext, Method, Replace
 from vtcbench.models import image_token_mask, language_model, model_facts
@@ -66,7 +66,8 @@ class _Request:
     """One forward's state, created at prefill and kept for the decode steps that follow."""
 
     image_mask: torch.Tensor  # [batch, seq] in the original prompt
-    sample_keys: list[int]
+    input_ids: torch.Tensor
+    valid: torch.Tensor  # [batch, seq] bool: not padding
     n_image: int  # N0 per sample
     original_length: int = 0  # padded prompt length before any compression
     lm_index: torch.Tensor | None = None  # layer-0 space in original indices, if layer 0 acted
@@ -75,6 +76,14 @@ class _Request:
     layer_space: dict[int, Space] = field(default_factory=dict)
     scores: dict[int, torch.Tensor] = field(default_factory=dict)  # action layer -> [batch, seq]
     decoding: bool = False
+    _sample_keys: list[int] | None = None
+
+    def sample_keys(self) -> list[int]:
+        """A stable key per sample (CRC-32 of its unpadded prompt ids), computed on first use:
+        it copies the prompt to the host, so only methods that read it (random) pay for it."""
+        if self._sample_keys is None:
+            self._sample_keys = [zlib.crc32(ids[ok].cpu().numpy().tobytes()) for ids, ok in zip(self.input_ids, self.valid)]
+        return self._sample_keys
 
 
 class CompressionEngine:
@@ -122,7 +131,10 @@ class CompressionEngine:
         if self.plan:
             hook(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
             first = min([*self.plan, *self.score_layers])
-            for index in range(max(first, 1), self.n_layers):
+            # a layer-0 action (and its scoring) runs in the language model's hook, on the embeddings;
+            # layer 0 is hooked only to score for an action at layer 1 (FastV with K=1)
+            first = first + 1 if 0 in self.plan else first
+            for index in range(first, self.n_layers):
                 hook(self.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
         return self
 
@@ -159,8 +171,7 @@ class CompressionEngine:
     # -- hooks -----------------------------------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
-        cache = kwargs.get("past_key_values")
-        if cache is not None and cache.get_seq_length() > 0:
+        if seam.is_decode_step(kwargs, input_ids):
             if self._request is not None:
                 self._request.decoding = True
             return None
@@ -187,8 +198,7 @@ class CompressionEngine:
         self.method.validate_for(n_image, self.n_layers)
         attention_mask = kwargs.get("attention_mask")
         valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
-        keys = [zlib.crc32(ids[ok].cpu().numpy().tobytes()) for ids, ok in zip(input_ids, valid)]
-        self._request = _Request(image_mask=image_mask, sample_keys=keys, n_image=n_image)
+        self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image)
         return None
 
     def _check_pre_llm_prompt(self, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
@@ -208,7 +218,7 @@ class CompressionEngine:
             return None
         if request.decoding:
             return args, self._language_model_decode(request, kwargs)
-        embeds = kwargs["inputs_embeds"]
+        embeds = seam.language_model_embeddings(kwargs)
         batch, length = embeds.shape[:2]
         attention_mask = kwargs.get("attention_mask")
         valid = request.image_mask.new_ones(batch, length) if attention_mask is None else attention_mask.bool()
@@ -228,7 +238,7 @@ class CompressionEngine:
         )
         if 0 in self.plan:
             if self.plan[0] == 0:
-                cos_sin = self.language_model.rotary_emb(embeds, position_ids)
+                cos_sin = seam.rope(self.language_model, embeds, position_ids)
                 with self.overhead():
                     request.scores[0] = _query_attention(self.layers[0], embeds, cos_sin, space)
             with self.overhead():
@@ -252,10 +262,10 @@ class CompressionEngine:
 
     def _language_model_decode(self, request: _Request, kwargs: dict) -> dict:
         """Explicit positions for the new tokens, and the padding mask of layer 0's cache."""
-        embeds = kwargs["inputs_embeds"]
+        embeds = seam.language_model_embeddings(kwargs)
         batch, new = embeds.shape[:2]
         space0 = request.space0
-        cached0 = kwargs["past_key_values"].get_seq_length()  # layer 0 is in the layer-0 space
+        cached0 = seam.find_cache(kwargs).get_seq_length()  # layer 0 is in the layer-0 space
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             start = request.original_length + cached0 - space0.index0.shape[1]
@@ -277,10 +287,10 @@ class CompressionEngine:
                 if space is request.space0:
                     return None
                 return args, self._decode_kwargs(space, request.space0.index0.shape[1], kwargs)
-            hidden = args[0] if args else kwargs["hidden_states"]
+            hidden = seam.hidden_states(args, kwargs)
             space = request.space
             if index in self.score_layers:
-                embeddings = self._prefill_kwargs(request, space, kwargs)["position_embeddings"]
+                embeddings = seam.rope_tables(self._prefill_kwargs(request, space, kwargs))
                 with self.overhead():
                     scores = _query_attention(module, hidden, embeddings, space)
                 request.scores[self.score_layers[index]] = scores
@@ -288,10 +298,7 @@ class CompressionEngine:
                 with self.overhead():
                     space, hidden = self._act(request, index, space, hidden)
                 request.space = space
-                if args:
-                    args = (hidden, *args[1:])
-                else:
-                    kwargs = dict(kwargs, hidden_states=hidden)
+                args, kwargs = seam.with_hidden_states(args, kwargs, hidden)
             request.layer_space[index] = space
             return args, self._prefill_kwargs(request, space, kwargs)
 
@@ -309,7 +316,7 @@ class CompressionEngine:
             position_ids=space.position_ids,
             n_image_original=request.n_image,
             n_layers=self.n_layers,
-            sample_keys=request.sample_keys,
+            keys_fn=request.sample_keys,
             scores_fn=None if scores is None else (lambda: scores.gather(1, image_index)),
         )
         action = self.method.select(ctx)
@@ -344,10 +351,9 @@ class CompressionEngine:
         if space is request.space0:
             return kwargs
         if space.position_embeddings is None:
-            mask = kwargs.get("attention_mask")
-            space.mask = None if mask is None else _gather_mask(mask, space.index0, rows=True)
-            cos, _ = kwargs["position_embeddings"]
-            space.position_embeddings = self.language_model.rotary_emb(cos, space.position_ids)
+            space.mask = seam.select_mask(kwargs.get("attention_mask"), space.index0, rows=True)
+            cos, _ = seam.rope_tables(kwargs)
+            space.position_embeddings = seam.rope(self.language_model, cos, space.position_ids)
         return dict(
             kwargs,
             attention_mask=space.mask,
@@ -361,14 +367,13 @@ class CompressionEngine:
         mask, position_ids = kwargs.get("attention_mask"), kwargs["position_ids"]
         memo = space.decode_memo
         if not memo or memo[0] is not mask or memo[1] is not position_ids:
+            mask_out = None
             if mask is not None:
                 columns = _decode_columns(space.index0, prompt_length0, mask.shape[-1])
-                mask_out = _gather_mask(mask, columns, rows=False)
-            else:
-                mask_out = None
+                mask_out = seam.select_mask(mask, columns, rows=False)
             pos_out = position_ids - space.shift[:, None]
-            cos, _ = kwargs["position_embeddings"]
-            emb_out = self.language_model.rotary_emb(cos, pos_out)
+            cos, _ = seam.rope_tables(kwargs)
+            emb_out = seam.rope(self.language_model, cos, pos_out)
             memo = space.decode_memo = (mask, position_ids, mask_out, pos_out, emb_out)
         return dict(kwargs, attention_mask=memo[2], position_ids=memo[3], position_embeddings=memo[4])
 
@@ -382,26 +387,15 @@ def compress(model: nn.Module, method: Method) -> CompressionEngine:
 
 
 def _row_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Column indices of True per row, [batch, count]; rows must hold the same count."""
-    return mask.nonzero()[:, 1].reshape(mask.shape[0], -1)
+    """Column indices of True per row, [batch, count]; rows must hold the same count (may be 0)."""
+    columns = mask.nonzero()[:, 1]
+    return columns.reshape(mask.shape[0], columns.numel() // mask.shape[0])
 
 
 def _decode_columns(kept: torch.Tensor, prompt_length: int, total: int) -> torch.Tensor:
     """Columns [kept prompt tokens, every token after the prompt] of a mask of width `total`."""
     new = torch.arange(prompt_length, total, device=kept.device).expand(kept.shape[0], -1)
     return torch.cat([kept, new], dim=1)
-
-
-def _gather_mask(mask: torch.Tensor, index: torch.Tensor, *, rows: bool) -> torch.Tensor:
-    """Select key columns (and query rows at prefill) of a 2-D padding or 4-D attention mask."""
-    batch = index.shape[0]
-    if mask.ndim == 2:
-        return mask.expand(batch, -1).gather(1, index)
-    mask = mask.expand(batch, *mask.shape[1:])
-    heads = mask.shape[1]
-    if rows:
-        mask = mask.gather(2, index[:, None, :, None].expand(batch, heads, -1, mask.shape[3]))
-    return mask.gather(3, index[:, None, None, :].expand(batch, heads, mask.shape[2], -1))
 
 
 @torch.no_grad()
@@ -423,9 +417,9 @@ def _query_attention(
     key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     cos, sin = (table.expand(batch, -1, -1).unsqueeze(1) for table in position_embeddings)  # as apply_rotary_pos_emb
     query_cos, query_sin = (table[rows, :, space.query][:, :, None] for table in (cos, sin))
-    query = query * query_cos + rotate_half(query) * query_sin
-    key = key * cos + rotate_half(key) * sin
-    key = repeat_kv(key, attention.num_key_value_groups)
+    query = query * query_cos + seam.rotate_half(query) * query_sin
+    key = key * cos + seam.rotate_half(key) * sin
+    key = seam.repeat_kv(key, attention.num_key_value_groups)
     logits = (query @ key.transpose(-1, -2)).float() * attention.scaling  # [batch, heads, 1, seq]
     visible = space.valid & (torch.arange(length, device=hidden.device) <= space.query[:, None])
     logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))

@@ -412,16 +412,19 @@ def load_model(
         assert source is not None
         from transformers import AutoConfig, AutoProcessor
 
+        from vtcbench.transformers_seam import check_loaded_keys
+
         try:
             config = AutoConfig.from_pretrained(source)
-            model = _model_class(config).from_pretrained(
-                source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation
+            model, loading_info = _model_class(config).from_pretrained(
+                source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
             )
             processor = AutoProcessor.from_pretrained(source)
         except OSError as exc:  # covers LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP errors
             if spec is None and Path(source).is_dir():
                 raise VtcbenchError(f"cannot load model folder {name!r}: {_first_line(exc)}") from exc
             raise _offline_error(label, source, exc) from exc
+        check_loaded_keys(loading_info, label)
     return model.to(torch_device).eval(), processor
 
 

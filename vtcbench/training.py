@@ -33,6 +33,7 @@ from vtcbench.models import build_local_processor, load_config, model_facts, ran
 from vtcbench.schedules import Stage, describe, label, stages
 from vtcbench.shapes import TEST_PER_FAMILY, TEST_SEED
 from vtcbench.tasks.vtcshapes.utils import normalise
+from vtcbench.transformers_seam import save_checkpoint
 
 TRAINABLE_MODELS: tuple[str, ...] = ("vtc-tiny",)  # models whose vocabulary covers vtcshapes
 DEFAULT_STEPS = 2400
@@ -342,7 +343,7 @@ def save(model, processor, config: TrainConfig, result: TrainResult) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one 7 MB shard: no "Writing model shards" bar in the report
-    model.save_pretrained(partial)
+    save_checkpoint(model, partial)  # the llava-hf layout, which every supported transformers reads
     processor.save_pretrained(partial)
     record = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items() if k != "method"},
@@ -413,7 +414,7 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
   Training took {result.seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads.
 - Prompted like LLaVA-1.5 with an empty system sentence: `USER: <image>\\n<question> ASSISTANT:`.
 
-## Held-out accuracy (vtcshapes test split, {TEST_PER_FAMILY} questions per family, greedy, exact match, %)
+## Held-out accuracy (vtcshapes test split, {config.test_per_family} questions per family, greedy, exact match, %)
 | tested with | {" | ".join(shapes.FAMILIES)} | overall |
 |---|{"---|" * (len(shapes.FAMILIES) + 1)}
 {rows}

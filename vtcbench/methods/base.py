@@ -62,9 +62,14 @@ class LayerContext:
     position_ids: torch.Tensor  # [batch, seq]
     n_image_original: int  # N0: image tokens per sample before any compression
     n_layers: int
-    sample_keys: list[int]  # a stable per-sample key (hash of the prompt's token ids)
+    keys_fn: Callable[[], list[int]]  # a stable per-sample key (hash of the prompt's token ids), on demand
     scores_fn: Callable[[], torch.Tensor] | None = None
     _scores: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def sample_keys(self) -> list[int]:
+        """One key per sample, the same alone or in a batch (seeds random draws)."""
+        return self.keys_fn()
 
     @property
     def n_image(self) -> int:

@@ -12,11 +12,6 @@ from dataclasses import dataclass
 import torch
 
 
-def kv_cache_bytes(cache) -> int:
-    """Bytes held by keys and values over all layers (each layer may hold a different length)."""
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
-
-
 @dataclass(frozen=True)
 class MemoryReport:
     kv_cache_bytes: int

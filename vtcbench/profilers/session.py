@@ -21,9 +21,10 @@ from vtcbench.models import language_model, model_facts
 from vtcbench.profilers.energy import EnergyMeter, EnergyReport
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.profilers.latency import Latency, PhaseTimer, TokenMarker
-from vtcbench.profilers.memory import MemoryReport, PeakMemory, kv_cache_bytes
+from vtcbench.profilers.memory import MemoryReport, PeakMemory
 from vtcbench.profilers.opcount import count_ops
 from vtcbench.provenance import provenance
+from vtcbench.transformers_seam import cache_nbytes, returned_cache
 
 INFERENCE_PHASES = ("vision_encoder", "projector", "method_overhead", "llm_prefill", "ttft", "decode_per_token", "end_to_end")
 
@@ -182,8 +183,8 @@ def profile_inference(
             energy_report = energy.stop(iterations_done * inputs["input_ids"].shape[0])
         finally:
             hooks.remove()
-        cache = model(**prepared, use_cache=True, logits_to_keep=1).past_key_values
-        memory_report = memory.read(kv_cache_bytes(cache))
+        cache = returned_cache(model(**prepared, use_cache=True, logits_to_keep=1))
+        memory_report = memory.read(cache_nbytes(cache))
     latency = {name: Latency.from_samples([it[name] for it in per_iteration]) for name in INFERENCE_PHASES}
     return latency, memory_report, energy_report, iterations_done
 

@@ -1,0 +1,214 @@
+"""The one seam between vtcbench and transformers' calling conventions (docs/transformers-seam.md).
+
+The engine works through forward pre-hooks, so it depends on how transformers calls a LLaVA
+model's modules, and those conventions move inside a major release: the KV cache was handed
+over as `past_key_values` up to 5.23 and as `cache` from 5.24; the CLIP tower lost its
+`vision_model` wrapper (and with it the key layout `save_pretrained` writes) between 5.5 and
+5.23. Everything vtcbench assumes about these conventions lives here and is detected from what
+is actually passed, never from version numbers. A call in a form this module does not know
+stops with `TransformersConventionError`, which names the argument and this file: a count that
+silently falls back to zero is worse than a crash. A future rename is a one-line change here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache
+from transformers.models.llama.modeling_llama import repeat_kv, rotate_half  # noqa: F401 (the engine's scoring)
+
+from vtcbench.errors import VtcbenchError
+
+#: names under which transformers hands the KV cache to a forward (and returns it): 5.0-5.23, 5.24+
+CACHE_ARGUMENTS: tuple[str, ...] = ("past_key_values", "cache")
+
+
+class TransformersConventionError(VtcbenchError):
+    """transformers called a module in a form vtcbench does not know (a renamed argument, a new type)."""
+
+    def __init__(self, what: str):
+        import transformers
+
+        super().__init__(
+            f"transformers {transformers.__version__}: {what}; vtcbench does not know this calling convention "
+            "(update vtcbench/transformers_seam.py, or install a transformers release within vtcbench's tested range)"
+        )
+
+
+# -- the KV cache ------------------------------------------------------------------------------------
+
+
+def find_cache(kwargs: dict) -> Cache | None:
+    """The KV cache a forward was given, under whichever known name; None if it was given none.
+
+    A `Cache` under a name not in `CACHE_ARGUMENTS`, or a known name holding something that is
+    not a `Cache`, is a convention we do not know: fail rather than treat the call as uncached.
+    """
+    for name in CACHE_ARGUMENTS:
+        value = kwargs.get(name)
+        if value is not None:
+            if not isinstance(value, Cache):
+                raise TransformersConventionError(f"the {name!r} argument is a {type(value).__name__}, not a Cache")
+            return value
+    for name, value in kwargs.items():
+        if isinstance(value, Cache):
+            raise TransformersConventionError(f"the KV cache arrived as {name!r} (known: {', '.join(CACHE_ARGUMENTS)})")
+    return None
+
+
+def is_decode_step(kwargs: dict, input_ids: torch.Tensor | None) -> bool:
+    """Whether a multimodal forward continues a prompt already in the cache (a decode step).
+
+    `generate` passes a 2-D attention mask over the whole sequence so far; a mask wider than the
+    new tokens without a cache that holds them is a decode step in a form we do not recognise.
+    """
+    cache = find_cache(kwargs)
+    if cache is not None and cache.get_seq_length() > 0:
+        return True
+    mask = kwargs.get("attention_mask")
+    if input_ids is not None and mask is not None and mask.ndim == 2 and mask.shape[1] > input_ids.shape[1]:
+        known = ", ".join(sorted(k for k, v in kwargs.items() if v is not None))
+        held = "an empty cache" if cache is not None else "no cache"
+        raise TransformersConventionError(
+            f"a forward of {input_ids.shape[1]} new tokens under a {mask.shape[1]}-column attention mask came with "
+            f"{held} (arguments: {known})"
+        )
+    return False
+
+
+def returned_cache(output) -> Cache:
+    """The cache a forward with `use_cache=True` returned (`past_key_values` or `cache`)."""
+    for name in CACHE_ARGUMENTS:
+        value = getattr(output, name, None)
+        if isinstance(value, Cache):
+            return value
+    raise TransformersConventionError(f"{type(output).__name__} carries no cache under {', '.join(CACHE_ARGUMENTS)}")
+
+
+def cache_layer_lengths(cache: Cache) -> list[int]:
+    """Tokens each decoder layer's cache holds (they differ once a method drops tokens)."""
+    return [0 if layer.keys is None else layer.keys.shape[-2] for layer in cache.layers]
+
+
+def cache_nbytes(cache: Cache) -> int:
+    """Bytes held by keys and values over all layers."""
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+
+
+# -- how the language model and its layers are called --------------------------------------------------
+
+
+def language_model_embeddings(kwargs: dict) -> torch.Tensor:
+    """The input embeddings LLaVA hands its language model (image features already merged)."""
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None:
+        raise TransformersConventionError("the language model was called without inputs_embeds")
+    return embeds
+
+
+def hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    """A decoder layer's input hidden states (first positional argument, or the keyword)."""
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, dict(kwargs, hidden_states=hidden)
+
+
+def rope_tables(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (cos, sin) tables the language model computes once and hands every layer."""
+    tables = kwargs.get("position_embeddings")
+    if tables is None:
+        raise TransformersConventionError("a decoder layer was called without position_embeddings")
+    return tables
+
+
+def rope(language_model: nn.Module, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) for `position_ids`, from the language model's own rotary embedding."""
+    return language_model.rotary_emb(like, position_ids)
+
+
+def select_mask(mask: torch.Tensor | None, index: torch.Tensor, *, rows: bool) -> torch.Tensor | None:
+    """Key columns `index` [batch, n] (and the same query rows, at prefill) of an attention mask.
+
+    transformers hands layers a 2-D padding mask (flash attention), a 4-D additive or boolean
+    mask [batch or 1, 1, queries, keys] (eager, sdpa), or None (sdpa without padding).
+    """
+    if mask is None:
+        return None
+    batch = index.shape[0]
+    if mask.ndim == 2:
+        return mask.expand(batch, -1).gather(1, index)
+    if mask.ndim != 4:
+        raise TransformersConventionError(f"an attention mask of shape {tuple(mask.shape)} (expected 2-D or 4-D)")
+    mask = mask.expand(batch, *mask.shape[1:])
+    heads = mask.shape[1]
+    if rows:
+        mask = mask.gather(2, index[:, None, :, None].expand(batch, heads, -1, mask.shape[3]))
+    return mask.gather(3, index[:, None, None, :].expand(batch, heads, mask.shape[2], -1))
+
+
+def image_features(multimodal: nn.Module, pixel_values: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+    """Projected image features per image: `get_image_features` returns a tensor, a tuple of
+    tensors, or (5.x) an output whose `pooler_output` holds them."""
+    output = multimodal.get_image_features(pixel_values, **kwargs)
+    output = getattr(output, "pooler_output", output)
+    if isinstance(output, torch.Tensor):
+        return list(output)
+    if isinstance(output, (list, tuple)) and all(isinstance(item, torch.Tensor) for item in output):
+        return list(output)
+    raise TransformersConventionError(f"get_image_features returned a {type(output).__name__}")
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+
+# The llava-hf hub layout (`llava-hf/llava-1.5-7b-hf`), which every transformers release reads.
+# (module prefix as this release names it, key prefix in the hub layout); first match wins.
+_HUB_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),  # CLIPVisionModel with its wrapper (5.5)
+    ("model.vision_tower.", "vision_tower.vision_model."),  # without it (5.23+)
+)
+
+
+def hub_layout_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the keys of the llava-hf hub layout.
+
+    `save_pretrained` writes whatever layout the running release uses; 5.23 writes the CLIP
+    tower without `vision_model.`, which 5.5 does not read (it reports the keys unexpected and
+    initialises the tower at random). The hub layout loads on every release.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, tensor in model.state_dict().items():
+        prefix = next((p for p in _HUB_LAYOUT if name.startswith(p[0])), None)
+        if prefix is None:
+            raise TransformersConventionError(f"the weight {name!r} has no place in the llava-hf checkpoint layout")
+        state[prefix[1] + name[len(prefix[0]) :]] = tensor.detach().contiguous().clone()
+    return state
+
+
+def save_checkpoint(model: nn.Module, folder: Path) -> None:
+    """`save_pretrained` (config, generation config), with the weights in the hub layout."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    for written in folder.glob("model*.safetensors*"):  # the weights (and a shard index, if any)
+        written.unlink()
+    save_file(hub_layout_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
+def check_loaded_keys(loading_info: dict, source: str) -> None:
+    """Refuse a checkpoint whose keys this release did not map onto the model: its missing
+    weights would be initialised at random and the model would answer nonsense."""
+    problems = {kind: sorted(loading_info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    problems = {kind: keys for kind, keys in problems.items() if keys}
+    if problems:
+        detail = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {keys[0]})" for kind, keys in problems.items())
+        raise TransformersConventionError(f"the checkpoint {source} does not fit the model: {detail}")
