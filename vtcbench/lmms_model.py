@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,7 @@ _VANILLA = get_method("vanilla")
 class _Generated:
     outputs: list[tuple[str, int]]  # (text, tokens generated) per row
     timing: dict
-    first_logits: torch.Tensor  # [batch, vocab], the first answer token's logits
+    first_logits: torch.Tensor | None  # [batch, vocab], the first answer token's logits (--fidelity only)
     image_tokens_per_layer: list[int]
 
 
@@ -52,6 +53,15 @@ def _kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
     """KL(P_vanilla || P_method) of the first answer token, in nats."""
     reference = reference_logits.log_softmax(-1)
     return float((reference.exp() * (reference - logits.log_softmax(-1))).sum())
+
+
+@dataclass
+class _Job:
+    """A pending request with its visuals, read once."""
+
+    index: int
+    request: Instance
+    visuals: list[Image.Image]
 
 
 @dataclass
@@ -83,6 +93,8 @@ class VtcbenchLMM(lmms):
         self.fidelity = fidelity  # also answer with vanilla: agreement and first-token KL, no labels needed
         self._device = model.device
         self._system = system_prompt(model.config)
+        # one engine per method, built once and entered per batch (its hooks live only inside `with`)
+        self._engines = {id(m): compress(model, m) for m in (method, _VANILLA)}
 
     def _prompt(self, context: str, n_images: int, answer: str | None = None) -> str:
         return vicuna_v1_prompt(context, n_images, answer, system=self._system)
@@ -125,9 +137,9 @@ class VtcbenchLMM(lmms):
             else:
                 first_of[key] = index
                 pending.append(index)
-        with _TaskProgress(requests, self.run, enabled=self.show_progress) as advance:
+        with _TaskProgress(requests, self.run, enabled=self.show_progress) as advance, _synced(self.run):
             for batch in self._batches(requests, pending, batch_size=self.batch_size if batchable else 1):
-                for index, output, record in run_batch([requests[i] for i in batch], batch):
+                for index, output, record in run_batch(batch):
                     request = requests[index]
                     record = {
                         "task": request.task_name,
@@ -144,24 +156,22 @@ class VtcbenchLMM(lmms):
             results[index] = results[original]
         return results
 
-    def _batches(self, requests: list[Instance], pending: list[int], batch_size: int) -> list[list[int]]:
-        """Group by task, generation kwargs and visual-token count; longest prompts first."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
+    def _batches(self, requests: list[Instance], pending: list[int], batch_size: int) -> Iterator[list[_Job]]:
+        """Group by task, generation kwargs and what fixes the visual-token count (the number of
+        images; for AnyRes, their sizes), in arrival order; a group goes as soon as it is full, the
+        rest at the end. Each request's visuals are read once (a dataset row decodes its image on
+        every access), and at most one unfinished group per key is held in memory."""
+        groups: dict[tuple, list[_Job]] = defaultdict(list)
         for index in pending:
             request = requests[index]
+            visuals = self._visuals(request)
             kwargs = request.args[1] if request.request_type != "loglikelihood" else None
-            key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), self._image_count(request))
-            groups[key].append(index)
-        batches = []
-        for indices in groups.values():
-            for start in range(0, len(indices), batch_size):
-                batches.append(indices[start : start + batch_size])
-        return batches
-
-    def _image_count(self, request: Instance) -> int | tuple:
-        """What fixes the visual-token count: the number of images (LLaVA-1.5), their sizes (AnyRes)."""
-        visuals = self._visuals(request)
-        return tuple(v.size for v in visuals) if self.model.config.model_type == "llava_next" else len(visuals)
+            sizes = tuple(v.size for v in visuals) if self.model.config.model_type == "llava_next" else len(visuals)
+            key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), sizes)
+            groups[key].append(_Job(index, request, visuals))
+            if len(groups[key]) == batch_size:
+                yield groups.pop(key)
+        yield from groups.values()
 
     def _doc(self, request: Instance) -> dict:
         *_, doc_id, task, split = request.args
@@ -208,17 +218,14 @@ class VtcbenchLMM(lmms):
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate_batch(self, requests: list[Instance], indices: list[int]):
-        gen_kwargs = dict(requests[0].args[1] or {})
+    def _generate_batch(self, jobs: list[_Job]):
+        gen_kwargs = dict(jobs[0].request.args[1] or {})
         until = gen_kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
         max_new_tokens = int(gen_kwargs.pop("max_new_tokens", 128))
         if float(gen_kwargs.pop("temperature", 0) or 0) > 0 or gen_kwargs.pop("do_sample", False):
-            raise ValueError(f"{requests[0].task_name}: vtcbench decodes greedily; the task asks for sampling")
-        items = []
-        for request, index in zip(requests, indices):
-            visuals = self._visuals(request)
-            items.append(self._encode(self._prompt(request.args[0], len(visuals)), visuals, index))
+            raise ValueError(f"{jobs[0].request.task_name}: vtcbench decodes greedily; the task asks for sampling")
+        items = [self._encode(self._prompt(job.request.args[0], len(job.visuals)), job.visuals, job.index) for job in jobs]
         answer = self._timed_generate(self.method, items, max_new_tokens, until)
         reference = self._timed_generate(_VANILLA, items, max_new_tokens, until) if self.fidelity else None
         for row, item in enumerate(items):
@@ -240,7 +247,7 @@ class VtcbenchLMM(lmms):
     def _timed_generate(self, method: Method, items: list[_Encoded], max_new_tokens: int, until: list[str]) -> _Generated:
         timer = PhaseTimer(self._device)
         marker = TokenMarker(timer)
-        with compress(self.model, method) as engine:
+        with self._engines[id(method)] as engine:
             inputs = engine.prepare(self._collate(items))
             timer.start("ttft")
             timer.start("end_to_end")
@@ -252,13 +259,14 @@ class VtcbenchLMM(lmms):
                 stopping_criteria=StoppingCriteriaList([_StopOnStrings(self.tokenizer, until, inputs["input_ids"].shape[1])]),
                 logits_processor=LogitsProcessorList([marker]),
                 pad_token_id=self.tokenizer.pad_token_id,
-                output_logits=True,
-                return_dict_in_generate=True,
+                output_logits=self.fidelity,  # a copy of every step's logits: only --fidelity reads them
+                return_dict_in_generate=self.fidelity,
             )
             timer.stop("end_to_end")
         phases = timer.read()
         timing = {"prefill_ms": phases["ttft"][0], "decode_ms": sum(phases.get("decode_token", [])), "batch_size": len(items)}
-        new = output.sequences[:, inputs["input_ids"].shape[1] :]
+        sequences = output.sequences if self.fidelity else output
+        new = sequences[:, inputs["input_ids"].shape[1] :]
         results = []
         eos = self.tokenizer.eos_token_id
         for row in new:
@@ -270,21 +278,22 @@ class VtcbenchLMM(lmms):
                 if stop and stop in text:
                     text = text[: text.index(stop)]
             results.append((text.strip(), len(tokens)))
-        return _Generated(results, timing, output.logits[0].float(), list(engine.applied_image_tokens_per_layer))
+        first_logits = output.logits[0].float() if self.fidelity else None
+        return _Generated(results, timing, first_logits, list(engine.applied_image_tokens_per_layer))
 
     # -- log-likelihood ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _loglikelihood_batch(self, requests: list[Instance], indices: list[int]):
+    def _loglikelihood_batch(self, jobs: list[_Job]):
         """log P(continuation | prompt) under compression: one forward of prompt + continuation; the
         continuation is text at the end, which no method drops."""
-        for request, index in zip(requests, indices):
+        for job in jobs:
+            request, index, visuals = job.request, job.index, job.visuals
             context, target = request.args[0], request.args[1]
             continuation = target if isinstance(target, str) else target(self._doc(request))
-            visuals = self._visuals(request)
             prompt = self._prompt(context, len(visuals))
             item = self._encode(self._prompt(context, len(visuals), continuation), visuals, index)
             prompt_length = self._encode(prompt, visuals, index).input_ids.shape[0]
-            with compress(self.model, self.method) as engine:
+            with self._engines[id(self.method)] as engine:
                 inputs = engine.prepare(self._collate([item]))
                 logits = self.model(**inputs, use_cache=False).logits[0].float()
             n_continuation = item.input_ids.shape[0] - prompt_length
@@ -296,11 +305,12 @@ class VtcbenchLMM(lmms):
 
     # -- multi-round -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _multi_round_batch(self, requests: list[Instance], indices: list[int]):
-        (request,), (index,) = requests, indices
+    def _multi_round_batch(self, jobs: list[_Job]):
+        (job,) = jobs
+        index, request, visuals = job.index, job.request, job.visuals
         context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
         doc = self.task_dict[task][split][doc_id]
-        visuals, rounds, info, round_index = self._visuals(request), [], None, 0
+        rounds, info, round_index = [], None, 0
         until = (gen_kwargs or {}).get("until") or []
         until = [until] if isinstance(until, str) else list(until)
         max_new_tokens = int((gen_kwargs or {}).get("max_new_tokens", 128))
@@ -317,6 +327,15 @@ class VtcbenchLMM(lmms):
             rounds = [*rounds, text]
             round_index += 1
         yield index, list(rounds), {"rounds": len(rounds)}
+
+
+@contextmanager
+def _synced(run: RunFolder) -> Iterator[None]:
+    """Whatever ends the work (done, an error, Ctrl-C), the samples written so far reach the disk."""
+    try:
+        yield
+    finally:
+        run.sync()
 
 
 class _TaskProgress:
