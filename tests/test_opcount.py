@@ -17,6 +17,7 @@ from vtcbench.errors import VtcbenchError
 from vtcbench.methods import get_method
 from vtcbench.models import CONFIG_DIR, model_facts
 from vtcbench.profilers.flops import analytic_flops
+from vtcbench.profilers.fvcore_count import fvcore_language_model_macs
 from vtcbench.profilers.opcount import COUNTER, OpCount, count_ops
 
 # Configurations that act on the 8-layer model (64 image tokens).
@@ -111,6 +112,17 @@ def test_every_mac_is_attributed_to_a_part(measured, name):
     assert count.other_macs == 0
     assert count.total_macs == count.language_model_macs + count.vision_tower_macs + count.projector_macs
     assert count.counter == COUNTER
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_fvcore_trace_counts_the_language_model_like_the_dispatcher(wide, measured, name, attn):
+    """Two independent counters (torch's dispatcher, fvcore's TorchScript trace), the same MACs."""
+    model = wide(attn)
+    ids = prompt_ids(model, 10, 20, seed=0)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels(0, 112)}
+    method = get_method(name, **CASES[name])
+    assert fvcore_language_model_macs(model, inputs, method) == measured(name, attn)[0].language_model_macs
 
 
 @pytest.mark.parametrize("name", ["vanilla", "fastv", "pdrop", "llavolta"])

@@ -56,6 +56,7 @@ def test_profile_reports_every_phase_memory_energy_and_provenance():
     flops = record["flops"]
     analytic = (flops["tflops_total"] + flops["tflops_lm_head"] + flops["tflops_method_overhead"]) * 1e12
     assert record["opcount"]["language_model_macs"] == pytest.approx(analytic, rel=0.01)
+    assert record["fvcore"] == {"language_model_macs": record["opcount"]["language_model_macs"], "error": None}
 
 
 def test_vanilla_has_no_method_overhead_phase_time():

@@ -209,3 +209,16 @@ def test_tasks_lists_short_names_and_opt_ins():
 def test_bad_input_is_refused_before_a_data_parallel_relaunch(tmp_path):
     args = ["run", "--model", "tiny", "--random-weights", "--tasks", "popee", "--num-processes", "2", "--out", str(tmp_path)]
     _one_line_exit_2(invoke(args), "unknown task 'popee'")
+
+
+def test_a_run_leaves_no_temporary_task_folder(data_dir, tmp_path):
+    import tempfile
+
+    def leftovers() -> set[str]:
+        return {p.name for p in Path(tempfile.gettempdir()).glob("vtcbench-tasks-*")}
+
+    before = leftovers()
+    result = invoke(["run", "--model", "tiny", "--random-weights", "--tasks", "pope", "--data-dir", str(data_dir),
+                     "--out", str(tmp_path), "--limit", "2"])
+    assert result.exit_code == 0, result.output
+    assert leftovers() == before

@@ -64,8 +64,8 @@ def answer(
     picture = Image.open(image).convert("RGB") if image else example_image()
     inputs = processor(images=[picture], text=[vicuna_v1_prompt(question, 1, system=system_prompt(model.config))], return_tensors="pt").to(device)
     with compress(model, method) as engine:
-        output = model.generate(**engine.prepare(inputs), max_new_tokens=max_new_tokens, do_sample=False)
+        prepared = engine.prepare(inputs)
+        output = model.generate(**prepared, max_new_tokens=max_new_tokens, do_sample=False)
         counts = engine.applied_image_tokens_per_layer
-        prompt_length = engine.prepare(inputs)["input_ids"].shape[1]
-    text = processor.tokenizer.decode(output[0, prompt_length:], skip_special_tokens=True).strip()
+    text = processor.tokenizer.decode(output[0, prepared["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return Answer(text=text, image_tokens_per_layer=counts)

@@ -492,8 +492,11 @@ def _print_profile(record) -> None:
     console.print(f"TFLOPs (MACs): image tokens {flops['tflops_image']:.4g}, decoder full sequence "
                   f"{flops['tflops_total']:.4g}, vision {flops['tflops_vision_encoder']:.4g}, "
                   f"method overhead {flops['tflops_method_overhead']:.3g}")
-    console.print(f"measured language model {measured['language_model_macs'] / 1e12:.4g} TFLOPs vs analytic "
-                  f"{analytic_lm:.4g} ({measured['counter']})")
+    torch_lm, fvcore_lm = measured["language_model_macs"], record.fvcore["language_model_macs"]
+    second = (f"fvcore {fvcore_lm / 1e12:.4g} (agreement {fvcore_lm / torch_lm:.4f})" if fvcore_lm is not None
+              else f"fvcore could not trace it ({record.fvcore['error']})")
+    console.print(f"measured language model TFLOPs (MACs): {measured['counter']} {torch_lm / 1e12:.4g}, {second}; "
+                  f"analytic {analytic_lm:.4g}")
     p = record.provenance
     console.print(f"[dim]{p['device']}, driver {p['driver']}, torch {p['torch']}, transformers {p['transformers']}, "
                   f"{p['dtype']}, attention {p['attention']}, git {p['git_revision'][:12]}[/]")

@@ -74,8 +74,12 @@ def run(config: RunConfig) -> RunResult:
     facts = model_facts(load_config(config.model))
     method.validate_for(facts.image_tokens, facts.n_layers)
     infos = resolve_tasks(config.tasks, allow_judge=config.allow_judge, allow_submission=config.allow_submission)
-    names, manager = _task_names(infos, config.data_dir)
+    with tempfile.TemporaryDirectory(prefix="vtcbench-tasks-") as workdir:  # the include YAMLs, gone after the run
+        names, manager = _task_names(infos, config.data_dir, Path(workdir))
+        return _load_and_evaluate(config, method, names, manager)
 
+
+def _load_and_evaluate(config: RunConfig, method: Method, names: list[str], manager) -> RunResult:
     if _data_parallel():
         _join_process_group(config)
     if config.random_weights:
@@ -106,16 +110,15 @@ def run(config: RunConfig) -> RunResult:
     return RunResult(folder=folder.path, summary=summary)
 
 
-def _task_names(infos: list, data_dir: Path | None) -> tuple[list[str], Any]:
+def _task_names(infos: list, data_dir: Path | None, workdir: Path) -> tuple[list[str], Any]:
     """lmms-eval task names and the TaskManager that knows them.
 
-    With --data-dir every task runs on local data (include YAMLs in a work folder); without it,
-    hub tasks keep their names, and shipped tasks (vtcshapes) still run locally on their default
+    With --data-dir every task runs on local data (include YAMLs in `workdir`); without it, hub
+    tasks keep their names, and shipped tasks (vtcshapes) still run locally on their default
     data, so a mixed run needs a manager that knows both the work folder and lmms-eval's tasks.
     """
     from vtcbench.tasks import local_task_config, shipped_data, task_manager
 
-    workdir = Path(tempfile.mkdtemp(prefix="vtcbench-tasks-"))
     names: list[str] = []
     for info in infos:
         if info.shipped_yaml is not None:

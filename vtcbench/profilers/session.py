@@ -20,6 +20,7 @@ from vtcbench.methods.base import Method
 from vtcbench.models import language_model, model_facts
 from vtcbench.profilers.energy import EnergyMeter, EnergyReport
 from vtcbench.profilers.flops import analytic_flops
+from vtcbench.profilers.fvcore_count import fvcore_language_model_macs
 from vtcbench.profilers.latency import Latency, PhaseTimer, TokenMarker
 from vtcbench.profilers.memory import MemoryReport, PeakMemory
 from vtcbench.profilers.opcount import count_ops
@@ -49,6 +50,7 @@ class ProfileRecord:
     energy: EnergyReport
     flops: dict
     opcount: dict  # measured multiply-accumulates of one sample's prefill (cross-check of `flops`)
+    fvcore: dict  # the language model's multiply-accumulates as fvcore's trace counts them (second counter)
     iterations: int
     train_step_ms: Latency | None = None
     train_step_vanilla_ms: Latency | None = None
@@ -220,6 +222,16 @@ def profile_training_step(
     return Latency.from_samples(samples)
 
 
+def _fvcore_count(model: torch.nn.Module, inputs: dict, method: Method) -> dict:
+    """fvcore's count of the language model, or why its trace failed: a cross-check, so a model it
+    cannot trace still gets the profile (and the reason is shown), never a made-up number."""
+    try:
+        return {"language_model_macs": fvcore_language_model_macs(model, inputs, method), "error": None}
+    except (RuntimeError, TypeError, AssertionError) as error:  # torch.jit tracing and fvcore's handlers
+        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        return {"language_model_macs": None, "error": f"{type(error).__name__}: {first_line}"}
+
+
 def profile(
     model: torch.nn.Module,
     model_name: str,
@@ -239,6 +251,7 @@ def profile(
     )
     facts = model_facts(model)
     flops = analytic_flops(method, facts, model=model_name, image_tokens=shape.image_tokens, text_tokens=shape.text_tokens)
+    first = {key: value[:1] for key, value in inputs.items()}  # op counts are per sample, like `flops`
     record = ProfileRecord(
         model=model_name,
         method=method.name,
@@ -249,7 +262,8 @@ def profile(
         memory=memory,
         energy=energy,
         flops=flops.to_dict(),
-        opcount=count_ops(model, {key: value[:1] for key, value in inputs.items()}, method).to_dict(),
+        opcount=count_ops(model, first, method).to_dict(),
+        fvcore=_fvcore_count(model, first, method),
         iterations=done,
     )
     if train:
