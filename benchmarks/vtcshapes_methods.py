@@ -1,7 +1,7 @@
 """The README's method table: each method on vtcshapes with the shipped vtc-tiny, through
 `vtcbench run` (lmms-eval, the held-out split), one run folder per method under --out.
 
-Methods run at their defaults (DESIGN.md section 4), scaled to vtc-tiny's 6 layers where a
+Methods run at their defaults (docs/methods.md), scaled to vtc-tiny's 6 layers where a
 default is a layer list (PyramidDrop: L/4, L/2, 3L/4 = 1, 3, 4). Prints a markdown table of
 accuracy per question family, mean visual tokens per layer and analytic image TFLOPs.
 Rerunning resumes (finished runs are read back). Run: python benchmarks/vtcshapes_methods.py

@@ -1,4 +1,4 @@
-"""The engine's invariants (DESIGN.md section 9) on a tiny random-weight LLaVA."""
+"""The engine's invariants (docs/architecture.md#tests) on a tiny random-weight LLaVA."""
 
 from __future__ import annotations
 

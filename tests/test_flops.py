@@ -1,4 +1,4 @@
-"""`vtcbench flops` reproduces the papers' numbers (DESIGN.md section 5) through its JSON output."""
+"""`vtcbench flops` reproduces the papers' numbers (docs/flops.md#reference-numbers) through its JSON output."""
 
 from __future__ import annotations
 

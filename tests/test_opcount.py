@@ -1,4 +1,4 @@
-"""Measured op counts agree with the analytic FLOPs (DESIGN.md section 5).
+"""Measured op counts agree with the analytic FLOPs (docs/flops.md#measured-counts).
 
 The model is the tiny LLaVA widened so that every analytic term is visible: an 8-layer
 grouped-query decoder (d 256, d_kv 128, m 688, vocabulary 320) and a 3-layer CLIP tower on

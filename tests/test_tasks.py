@@ -28,7 +28,7 @@ from vtcbench.tasks import (
     task_manager,
 )
 
-DESIGN_SHORT_NAMES = {
+SHORT_NAMES = {
     "gqa": "gqa", "textvqa": "textvqa_val", "pope": "pope", "mme": "mme", "docvqa": "docvqa_val",
     "sqa": "scienceqa_img", "mmb": "mmbench_en_dev", "seed": "seedbench", "mmstar": "mmstar", "ai2d": "ai2d",
     "chartqa": "chartqa", "vqav2": "vqav2_val", "vizwiz": "vizwiz_vqa_val", "infovqa": "infovqa_val",
@@ -88,9 +88,9 @@ class _NoIndex:
 
 
 def test_short_names_resolve_without_the_task_index():
-    infos = resolve_tasks(list(DESIGN_SHORT_NAMES) , allow_judge=True, task_manager=_NoIndex())
-    assert {i.short: i.lmms_name for i in infos} == DESIGN_SHORT_NAMES
-    assert [r["short"] for r in list_tasks()] == [*DESIGN_SHORT_NAMES, "vtcshapes"]  # + vtcbench's own
+    infos = resolve_tasks(list(SHORT_NAMES) , allow_judge=True, task_manager=_NoIndex())
+    assert {i.short: i.lmms_name for i in infos} == SHORT_NAMES
+    assert [r["short"] for r in list_tasks()] == [*SHORT_NAMES, "vtcshapes"]  # + vtcbench's own
     assert short_name("vtc_local_textvqa_val") == "textvqa" and short_name("ok_vqa_val2014") == "ok_vqa_val2014"
     assert short_name("vtc_local_vtcshapes") == "vtcshapes"
 

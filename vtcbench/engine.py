@@ -1,4 +1,4 @@
-"""The compression engine (DESIGN.md section 3): applies a method's plan to a LLaVA-family model.
+"""The compression engine (docs/architecture.md#the-engine): applies a method's plan to a LLaVA-family model.
 
 `with compress(model, method) as engine:` attaches forward pre-hooks and removes them on exit;
 no transformers class is patched. Three hook points:

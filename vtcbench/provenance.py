@@ -42,7 +42,7 @@ def device_facts(device: torch.device | str) -> dict:
 
 
 def provenance(model: torch.nn.Module, device: torch.device | str) -> dict:
-    """Every record carries this (DESIGN.md section 7)."""
+    """Every record carries this (docs/architecture.md#profiling)."""
     return {
         **device_facts(device),
         "torch": torch.__version__,

@@ -1,4 +1,4 @@
-"""Run folders (DESIGN.md section 2): `config.json`, `samples.jsonl`, `summary.json`.
+"""Run folders (docs/architecture.md#runs-and-the-results-store): `config.json`, `samples.jsonl`, `summary.json`.
 
 - One folder per (model, method, hyperparameters, tasks, limit, seed): its name carries a hash
   of that identity, so a different configuration never lands in an existing folder.

@@ -1,4 +1,4 @@
-"""A run: model + method + tasks -> per-sample records -> a run folder (DESIGN.md section 2).
+"""A run: model + method + tasks -> per-sample records -> a run folder (docs/architecture.md#runs-and-the-results-store).
 
 lmms-eval's `simple_evaluate` drives the tasks with our model object (`VtcbenchLMM`), so the
 prompts, splits and metrics are the community's; vtcbench adds the compression, the per-sample

@@ -4,7 +4,7 @@ A scene is an 8x8 grid of 14-pixel cells on a 112-pixel black image (one cell = 
 visual token of vtc-tiny): 3 to 6 coloured shapes of 2x2 cells and one white capital letter in a
 single cell, with at least one empty cell between any two.
 Four question families ask for different amounts of visual detail, and every question finds its
-object by content, not position (DESIGN.md section 11: position-addressed questions did not train):
+object by content, not position (docs/vtc-tiny.md#why-it-is-built-this-way: position-addressed questions did not train):
 
 - ``color``:    "What color is the triangle?" (the shape is unique in the scene)      -> red
 - ``presence``: "Is there a circle in the image?" (POPE's template; balanced yes/no)  -> yes / no

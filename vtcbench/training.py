@@ -1,6 +1,6 @@
 """`vtcbench train`: trains vtc-tiny on vtcshapes, optionally with a compression method active.
 
-Why it is built this way (DESIGN.md section 11):
+Why it is built this way (docs/vtc-tiny.md#why-it-is-built-this-way):
 - The data are drawn fresh every step from a seeded generator, so a run is a function of its seed
   (torch's CPU kernels are deterministic at a fixed thread count); held-out scenes never appear.
 - Two auxiliary per-patch losses stand in for LLaVA's pretrained parts (`AuxiliaryHeads`): with
@@ -157,7 +157,7 @@ class Encoder:
 
 
 class AuxiliaryHeads(nn.Module):
-    """Two per-patch objectives that stand in for LLaVA's pretrained parts (DESIGN.md section 11):
+    """Two per-patch objectives that stand in for LLaVA's pretrained parts (docs/vtc-tiny.md#why-it-is-built-this-way):
     colour and content classifiers on the projector's input (CLIP's pretraining: a tower whose
     patches say what they show), and on the projector's output, the image token's dot product with
     the word embeddings of its colour and its shape or letter (LLaVA's stage-1 feature alignment:

@@ -1,4 +1,4 @@
-"""The method protocol (DESIGN.md section 3) and the registry of methods by name.
+"""The method protocol (docs/architecture.md#the-method-protocol) and the registry of methods by name.
 
 A method is a dataclass whose fields are its hyperparameters, validated in `__post_init__`
 (model-independent ranges) and `validate_for` (ranges that depend on the model's depth and

@@ -9,7 +9,8 @@ from vtcbench.methods.base import Method, Where, register
 @register
 @dataclass
 class Vanilla(Method):
-    """The unmodified model. The engine attaches no hooks for it."""
+    """The unmodified model. The engine only counts its visual tokens (one hook on the multimodal
+    model); no decoder layer is hooked."""
 
     name: ClassVar[str] = "vanilla"
     where: ClassVar[Where] = "none"

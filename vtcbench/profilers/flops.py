@@ -1,4 +1,4 @@
-"""Analytic FLOPs (DESIGN.md section 5), instantly, from a method's plan and a model's config.
+"""Analytic FLOPs (docs/flops.md#conventions), instantly, from a method's plan and a model's config.
 
 Units: multiply-accumulates, which the papers call "FLOPs" (PyramidDrop Eq. 2, LLaVolta,
 ViCo): one decoder layer on n tokens costs 4nd^2 + 2n^2d + 3ndm (q, k, v, o projections;

@@ -1,4 +1,4 @@
-"""Measured op counts (DESIGN.md section 5): the multiply-accumulates a real prefill forward
+"""Measured op counts (docs/flops.md#measured-counts): the multiply-accumulates a real prefill forward
 executes, attributed to the language model, the vision tower and the projector, in the same unit
 as the analytic figures of `flops.py` (MACs, which the papers call FLOPs).
 
@@ -11,18 +11,13 @@ no attention at all, while eager's bmm does), `torch.cdist`'s kernels and `mv` (
 distances and position means). The GPU sdpa kernels get the same formula, which takes
 grouped-query keys with fewer heads (HF passes `enable_gqa` on CUDA).
 
-Why not fvcore: DESIGN.md says "fvcore where it traces". fvcore 0.1.5's `FlopCountAnalysis`
-does trace HF LLaVA, with the engine's hooks too, but what it counts is the traced graph, not
-what runs, and on the 8-layer test model the difference is real:
-- tracing eliminates dead code: with `vision_feature_layer=-2` the CLIP tower's last layer
-  feeds nothing LLaVA reads, so fvcore drops it, although HF executes it every forward
-  (FlopCounterMode sees its matmuls; `flops.vision_encoder_macs` counts it too);
-- it has no handler for `aten::scaled_dot_product_attention`, so under sdpa (our default)
-  the attention matmuls (2n^2d per layer, 6% of the language model here) are silently zero;
-- it counts layer/batch/group norms as flops (5 per element), which are not MACs.
-Each could be patched around, but "it traced" would still not mean "it measured what ran", and
-a silent fallback between two counters that disagree would make the numbers depend on which one
-happened to work. So one counter, and its name is recorded in every result (`OpCount.counter`).
+Why this counter first and fvcore second (`fvcore_count.py`): fvcore's `FlopCountAnalysis`
+counts a TorchScript trace, not what runs. Tracing eliminates dead code (with
+`vision_feature_layer=-2` the CLIP tower's last layer feeds nothing LLaVA reads, so fvcore drops
+it, although HF executes it every forward), and fvcore counts layer norms (5 per element), which
+are not multiply-accumulates. On the language model neither applies, and there the two counters
+agree exactly (tests), so `vtcbench profile` reports both for it; the vision tower and projector
+come from this counter alone. Its name is recorded in every result (`OpCount.counter`).
 """
 
 from __future__ import annotations

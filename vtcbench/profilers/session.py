@@ -1,5 +1,5 @@
 """Profile one method on synthetic inputs of a chosen shape: latency per phase, memory, energy,
-FLOPs, and optionally a training step (DESIGN.md section 7).
+FLOPs, and optionally a training step (docs/architecture.md#profiling).
 
 Phases are timed from the outside: forward hooks on the vision tower, the projector and the
 language model, the engine's `overhead` seam for the method's own work, and a logits processor
@@ -179,9 +179,11 @@ def profile_inference(
                 if timed:
                     per_iteration.append(_iteration_summary(phases))
 
+            for _ in range(warmup):  # before the meters start: energy is per timed sample
+                step(False)
             memory.reset()
             energy.start()
-            iterations_done = _repeat(step, warmup=warmup, iterations=iterations, min_seconds=min_seconds)
+            iterations_done = _repeat(step, warmup=0, iterations=iterations, min_seconds=min_seconds)
             energy_report = energy.stop(iterations_done * inputs["input_ids"].shape[0])
         finally:
             hooks.remove()

@@ -1,6 +1,6 @@
 """Benchmark registry over lmms-eval 0.7.3 tasks, and offline (local) datasets for them.
 
-Short names (DESIGN.md section 8) map to lmms-eval task names; any other name lmms-eval's
+Short names (docs/architecture.md#benchmarks-and-tasks) map to lmms-eval task names; any other name lmms-eval's
 TaskManager knows passes through. Tasks whose score needs an LLM judge or a submission to an
 evaluation server are refused unless the user opts in (`--allow-judge`, `--allow-submission`).
 
