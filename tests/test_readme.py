@@ -37,3 +37,7 @@ def test_readme_main_job_runs_as_written_and_prints_the_readme_table(tmp_path, m
     shown = re.search(r"\$ vtcbench run --method fastv\n(.*?)\n\n", text, re.S).group(1)
     metric = r"\b(overall|color|presence|count|text)=([0-9.]+)"  # compared pairwise: the table may wrap anywhere
     assert set(re.findall(metric, shown)) == set(re.findall(metric, result.output)) != set()
+    row = r"│ vtcshapes\s*│\s*(\d+)\s*│[^│]*│\s*([0-9.]+)\s*│"  # samples, visual tokens (mean over layers)
+    samples, visual_tokens = re.search(row, result.output).groups()
+    assert (samples, visual_tokens) == re.search(row, shown).groups()
+    assert float(visual_tokens) > 0  # counted, not zeros
