@@ -17,7 +17,7 @@ from vtcbench.errors import VtcbenchError
 from vtcbench.methods import get_method
 from vtcbench.models import CONFIG_DIR, model_facts
 from vtcbench.profilers.flops import analytic_flops
-from vtcbench.profilers.fvcore_count import fvcore_language_model_macs
+from vtcbench.profilers.fvcore_count import TraceFailed, fvcore_language_model_macs
 from vtcbench.profilers.opcount import COUNTER, OpCount, count_ops
 
 # Configurations that act on the 8-layer model (64 image tokens).
@@ -122,7 +122,11 @@ def test_fvcore_trace_counts_the_language_model_like_the_dispatcher(wide, measur
     ids = prompt_ids(model, 10, 20, seed=0)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels(0, 112)}
     method = get_method(name, **CASES[name])
-    assert fvcore_language_model_macs(model, inputs, method) == measured(name, attn)[0].language_model_macs
+    try:
+        macs = fvcore_language_model_macs(model, inputs, method)
+    except TraceFailed as error:  # transformers < 5.24 (docs/flops.md#measured-counts)
+        pytest.skip(str(error))
+    assert macs == measured(name, attn)[0].language_model_macs
 
 
 @pytest.mark.parametrize("name", ["vanilla", "fastv", "pdrop", "llavolta"])

@@ -56,7 +56,11 @@ def test_profile_reports_every_phase_memory_energy_and_provenance():
     flops = record["flops"]
     analytic = (flops["tflops_total"] + flops["tflops_lm_head"] + flops["tflops_method_overhead"]) * 1e12
     assert record["opcount"]["language_model_macs"] == pytest.approx(analytic, rel=0.01)
-    assert record["fvcore"] == {"language_model_macs": record["opcount"]["language_model_macs"], "error": None}
+    fvcore = record["fvcore"]  # the second counter agrees exactly, or says why it could not trace
+    if fvcore["error"] is None:
+        assert fvcore["language_model_macs"] == record["opcount"]["language_model_macs"]
+    else:
+        assert fvcore["language_model_macs"] is None and fvcore["error"].startswith("fvcore could not trace")
 
 
 def test_vanilla_has_no_method_overhead_phase_time():

@@ -494,7 +494,7 @@ def _print_profile(record) -> None:
                   f"method overhead {flops['tflops_method_overhead']:.3g}")
     torch_lm, fvcore_lm = measured["language_model_macs"], record.fvcore["language_model_macs"]
     second = (f"fvcore {fvcore_lm / 1e12:.4g} (agreement {fvcore_lm / torch_lm:.4f})" if fvcore_lm is not None
-              else f"fvcore could not trace it ({record.fvcore['error']})")
+              else record.fvcore["error"])
     console.print(f"measured language model TFLOPs (MACs): {measured['counter']} {torch_lm / 1e12:.4g}, {second}; "
                   f"analytic {analytic_lm:.4g}")
     p = record.provenance

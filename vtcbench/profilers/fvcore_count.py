@@ -11,6 +11,11 @@ multiply-accumulates (docs/flops.md).
 fvcore counts one multiply-accumulate as one flop, the unit of the analytic figures. It has no
 handler for `scaled_dot_product_attention`, `cdist`, or a matrix-vector `matmul` (its own matmul
 handler asserts two matrices); those get handlers here with the formulas `opcount.py` uses.
+
+Where it traces: a TorchScript trace runs transformers' own code with traced sizes, and up to
+5.23 transformers' mask code takes a traced sequence length for its legacy `cache_position`
+argument and fails (IndexError in `sdpa_mask`); from 5.24 the trace goes through. A failed trace
+raises `TraceFailed`, which `vtcbench profile` reports in place of the second count.
 """
 
 from __future__ import annotations
@@ -22,10 +27,15 @@ import torch
 from torch import nn
 
 from vtcbench.engine import compress
+from vtcbench.errors import VtcbenchError
 from vtcbench.methods.base import Method
 from vtcbench.models import language_model
 
 COUNTER = "fvcore"
+
+
+class TraceFailed(VtcbenchError):
+    """fvcore's TorchScript trace of the model failed (the first counter is unaffected)."""
 
 
 class _KeywordModel(nn.Module):
@@ -59,7 +69,16 @@ def fvcore_language_model_macs(model: nn.Module, inputs: dict, method: Method | 
         analysis.unsupported_ops_warnings(False)
         analysis.uncalled_modules_warnings(False)
         analysis.tracer_warnings("none")
-        by_module = analysis.by_module()
+        try:
+            by_module = analysis.by_module()  # traces the forward
+        except Exception as error:  # the trace runs transformers' code: whatever it raises means "does not trace"
+            import transformers
+
+            detail = (str(error).strip().splitlines() or [""])[0]
+            raise TraceFailed(
+                f"fvcore could not trace {type(model).__name__} under transformers {transformers.__version__} "
+                f"({type(error).__name__}: {detail})"
+            ) from error
     module_names = {module: name for name, module in wrapper.named_modules()}
     return by_module[module_names[language_model(model)]] + by_module[module_names[model.get_output_embeddings()]]
 

@@ -20,7 +20,7 @@ from vtcbench.methods.base import Method
 from vtcbench.models import language_model, model_facts
 from vtcbench.profilers.energy import EnergyMeter, EnergyReport
 from vtcbench.profilers.flops import analytic_flops
-from vtcbench.profilers.fvcore_count import fvcore_language_model_macs
+from vtcbench.profilers.fvcore_count import TraceFailed, fvcore_language_model_macs
 from vtcbench.profilers.latency import Latency, PhaseTimer, TokenMarker
 from vtcbench.profilers.memory import MemoryReport, PeakMemory
 from vtcbench.profilers.opcount import count_ops
@@ -229,9 +229,8 @@ def _fvcore_count(model: torch.nn.Module, inputs: dict, method: Method) -> dict:
     cannot trace still gets the profile (and the reason is shown), never a made-up number."""
     try:
         return {"language_model_macs": fvcore_language_model_macs(model, inputs, method), "error": None}
-    except (RuntimeError, TypeError, AssertionError) as error:  # torch.jit tracing and fvcore's handlers
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        return {"language_model_macs": None, "error": f"{type(error).__name__}: {first_line}"}
+    except TraceFailed as error:
+        return {"language_model_macs": None, "error": str(error)}
 
 
 def profile(
