@@ -88,7 +88,7 @@ def test_appends_are_written_at_once_and_synced_by_group_commit(tmp_path, monkey
     for doc_id in range(50):
         folder.append(record(doc_id))
     assert len(folder.samples_path.read_bytes().splitlines()) == 50
-    assert 1 <= len(synced) <= 2
+    assert len(synced) in (1, 2)  # the first append, and one more if a second passed
     folder.sync()
     assert len(synced) <= 3 and not folder._unsynced
     count = len(synced)

@@ -31,8 +31,6 @@ from vtcbench.errors import VtcbenchError
 from vtcbench.methods.base import Method
 from vtcbench.models import language_model
 
-COUNTER = "fvcore"
-
 
 class TraceFailed(VtcbenchError):
     """fvcore's TorchScript trace of the model failed (the first counter is unaffected)."""
