@@ -77,7 +77,9 @@ def test_resume_reuses_finished_samples_without_recomputing(tiny_with_processor,
     assert len(resumed.run.samples_path.read_text().splitlines()) == len(COLOURS)
 
 
-def test_loglikelihood_is_the_continuations_log_probability(tiny_with_processor, tmp_path):
+def test_loglikelihood_is_the_continuations_loss(tiny_with_processor, tmp_path):
+    """lmms-eval's convention (its llava_hf; its multiple-choice scoring takes the argmin):
+    the mean negative log-likelihood of the continuation's tokens."""
     lmm = _lmm(tiny_with_processor, tmp_path, method="vanilla")
     score, greedy = lmm.loglikelihood(_requests("loglikelihood"))[0].text
     model, processor = tiny_with_processor
@@ -86,7 +88,7 @@ def test_loglikelihood_is_the_continuations_log_probability(tiny_with_processor,
     with torch.no_grad():
         logits = model(**full).logits[0].float()
     target = full["input_ids"][0, -1]
-    assert score == pytest.approx(float(logits[-2].log_softmax(-1)[target]), abs=1e-4)
+    assert score == pytest.approx(-float(logits[-2].log_softmax(-1)[target]), abs=1e-4)
     assert greedy == bool(logits[-2].argmax() == target)
 
 

@@ -79,6 +79,21 @@ def test_run_writes_lmms_eval_metrics_for_every_task(uninterrupted):
     assert len(records) == 20 and all(r["image_tokens_per_layer"] == [64, 64, 32, 32] for r in records)
 
 
+def test_run_records_each_documents_metric_values(uninterrupted):
+    """Per document, what the task's process_results returned: the per-sample scores a report
+    bootstraps. Where the metric is a mean over documents, their mean is lmms-eval's figure."""
+    summary = json.loads((uninterrupted / "summary.json").read_text())["tasks"]
+    records = samples(uninterrupted)
+    assert all("metrics" in r for r in records)  # one request per document in these tasks
+    for task in ("vtc_local_gqa", "vtc_local_textvqa_val", "vtc_local_docvqa_val"):
+        name = METRICS[task].split(",")[0]
+        values = [r["metrics"][name] for r in records if r["task"] == task]
+        assert len(values) == 4 and all(isinstance(v, (int, float)) for v in values)
+        assert sum(values) / 4 == pytest.approx(summary[task]["metrics"][METRICS[task]])
+    pope = [r["metrics"]["pope_accuracy"] for r in records if r["task"] == "vtc_local_pope"]
+    assert all(isinstance(v, dict) and "score" in v for v in pope)  # POPE's per-doc record
+
+
 def test_rerunning_resumes_without_recomputing(uninterrupted, data_dir):
     before = (uninterrupted / "samples.jsonl").read_bytes()
     result = invoke(run_args(data_dir, uninterrupted.parent))

@@ -90,7 +90,7 @@ class _NoIndex:
 def test_short_names_resolve_without_the_task_index():
     infos = resolve_tasks(list(SHORT_NAMES) , allow_judge=True, task_manager=_NoIndex())
     assert {i.short: i.lmms_name for i in infos} == SHORT_NAMES
-    assert [r["short"] for r in list_tasks()] == [*SHORT_NAMES, "vtcshapes"]  # + vtcbench's own
+    assert [r["short"] for r in list_tasks()] == [*SHORT_NAMES, "vtcshapes", "vtcshapes_mc"]  # + vtcbench's own
     assert short_name("vtc_local_textvqa_val") == "textvqa" and short_name("ok_vqa_val2014") == "ok_vqa_val2014"
     assert short_name("vtc_local_vtcshapes") == "vtcshapes"
 

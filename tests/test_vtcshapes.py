@@ -241,10 +241,10 @@ def test_the_task_through_lmms_eval_scores_a_perfect_and_a_yes_sayer(cache, tmp_
 
 
 def test_mixed_run_without_data_dir_knows_both_tasks(cache, tmp_path):
-    from vtcbench.runner import _task_names
+    from vtcbench.runner import task_names
     from vtcbench.tasks import resolve_tasks
 
-    names, manager = _task_names(resolve_tasks(["vtcshapes", "gqa"]), None, tmp_path)
+    names, manager = task_names(resolve_tasks(["vtcshapes", "gqa"]), None, tmp_path)
     assert names == ["vtc_local_vtcshapes", "gqa"]
     assert set(names) <= set(manager.task_index)
 

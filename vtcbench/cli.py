@@ -307,6 +307,86 @@ def run(
         _print_summary(result)
 
 
+@app.command("redundancy-sweep")
+@user_errors
+def redundancy_sweep(
+    model: ModelOption = "vtc-tiny",
+    task: Annotated[str, typer.Option(help="one task: short name or lmms-eval task name")] = "vtcshapes",
+    layers: Annotated[str | None, typer.Option(help="layers K to branch at, e.g. 2,8,16,24 (default: those of 32 scaled)")] = None,
+    ratios: Annotated[str | None, typer.Option(help="retained shares in (0, 1], e.g. 0.1,0.5,1 (default: 0.1..1.0)")] = None,
+    criterion: Annotated[str, typer.Option(help="attention | pool | random: how the kept tokens are chosen")] = "attention",
+    limit: Annotated[int | None, typer.Option(help="at most this many samples")] = None,
+    batch_size: Annotated[int, typer.Option(help="prompts per trunk forward")] = 1,
+    attention_share: Annotated[bool, typer.Option("--attention-share", help="also the attention the answer pays to each token group, per layer")] = False,
+    out: Annotated[Path, typer.Option(help="folder for run folders")] = Path("results"),
+    data_dir: Annotated[Path | None, typer.Option(help="local datasets: DIR/<task>.parquet or DIR/<task>/")] = None,
+    seed: Annotated[int, typer.Option(help="the random criterion's seed")] = 0,
+    random_weights: Annotated[bool, typer.Option(help="random weights from the shipped config (plumbing checks)")] = False,
+    dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16 (default: float16 on GPU, float32 on CPU)")] = "auto",
+    attn: Annotated[str, typer.Option(help="eager | sdpa | flash_attention_2")] = "sdpa",
+    device: Annotated[str, typer.Option(help="default: cuda when available")] = "auto",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="discard an existing run folder of this configuration")] = False,
+) -> None:
+    """Task metric over a layer x retained-share grid (PyramidDrop Fig. 1, LLaVolta Fig. 1), sharing
+    each sample's layers below K across its cells; every cell equals its `vtcbench run`."""
+    from vtcbench.models import load_config, model_facts
+    from vtcbench.sweep import SweepConfig, plan_cells, sweep
+    from vtcbench.tasks import resolve_tasks
+
+    _quiet_lmms_eval_logging()
+    for option, value in (("--limit", limit), ("--batch-size", batch_size)):
+        _check_count(option, value, 1)
+    if "," in task:
+        raise VtcbenchError(f"--task {task!r}: a sweep takes one task")
+    if data_dir is not None and not data_dir.is_dir():
+        raise VtcbenchError(f"--data-dir {str(data_dir)!r} is not a folder")
+    device, dtype = _device_and_dtype(device, dtype)
+    config = SweepConfig(
+        model=model, task=task, layers=_parse_list("--layers", layers, int), ratios=_parse_list("--ratios", ratios, float),
+        criterion=criterion, limit=limit, seed=seed, batch_size=batch_size, attention_share=attention_share, out=out,
+        data_dir=data_dir, random_weights=random_weights, dtype=dtype, attn_implementation=attn, device=device,
+        overwrite=overwrite, show_progress=sys.stderr.isatty(),
+    )
+    plan_cells(config, model_facts(load_config(model)))  # every value checked before weights load
+    resolve_tasks([task])
+    result = sweep(config)
+    _print_sweep(result)
+
+
+def _parse_list(option: str, text: str | None, kind: type) -> list | None:
+    if text is None:
+        return None
+    try:
+        return [kind(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise VtcbenchError(f"{option} {text!r} is not a comma-separated list of {kind.__name__} values") from None
+
+
+def _print_sweep(result) -> None:
+    curves = result.curves
+    vanilla = next(row for row in curves if row["layer"] == "")
+    layers = sorted({row["layer"] for row in curves if row["layer"] != ""})
+    ratios = sorted({row["ratio"] for row in curves if row["layer"] != ""})
+    table = Table(title=f"{result.folder}: {vanilla['metric_name']} (vanilla {vanilla['metric']:.4g})")
+    table.add_column("layer K")
+    for ratio in ratios:
+        table.add_column(f"r={ratio:.3g}", justify="right")
+    for layer in layers:
+        by_ratio = {row["ratio"]: row for row in curves if row["layer"] == layer}
+        table.add_row(str(layer), *(f"{by_ratio[r]['metric']:.3g}" if r in by_ratio else "-" for r in ratios))
+    console.print(table)
+    cost = result.cost
+    if cost["separate_runs_s"]:
+        console.print(
+            f"cost of the {len(curves)} cells: {cost['sweep_s']:.1f} s, against about {cost['separate_runs_s']:.1f} s for "
+            f"one run per cell (measured ratio {cost['sweep_s'] / cost['separate_runs_s']:.2f}; the separate runs "
+            f"estimated from the trunk's time to each branch layer); FLOPs floor {cost['flops_ratio_to_separate_runs']:.2f} "
+            "(decoder prefill, without the vision encoder the sweep also runs once)"
+        )
+    outputs = ["curves.csv", "curves.png", "cells.jsonl"] + (["attention_share.csv", "attention_share.png"] if result.attention_share else [])
+    console.print(f"{result.seconds:.1f} s in all; outputs in {result.folder}: {', '.join(outputs)}")
+
+
 @app.command()
 @user_errors
 def train(

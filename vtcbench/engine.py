@@ -22,6 +22,7 @@ PyramidDrop's compacted positions, the compacted length, as an uncached rerun wo
 
 from __future__ import annotations
 
+import time
 import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -29,6 +30,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import Cache
 
 from vtcbench import transformers_seam as seam
 from vtcbench.errors import VtcbenchError
@@ -361,6 +363,31 @@ class CompressionEngine:
             position_embeddings=space.position_embeddings,
         )
 
+    # -- branching -------------------------------------------------------------------------------
+    def prefill_from(self, layer: int, inputs: dict, trunk: Trunk, cache: Cache | None) -> torch.Tensor:
+        """The prefill of `inputs` under this method, resumed at `layer` from a vanilla trunk.
+
+        Layers below the method's first action see the same inputs as vanilla's, so their
+        outputs (and KV caches) are the trunk's: run only `layer` onwards, on the trunk's input
+        to it, through this engine's hooks, exactly as a whole forward under the method would.
+        `cache` holds the trunk's prompt entries of layers < `layer` and receives the rest. The
+        engine is left as after a prefill, so `generate` can continue from `cache`. Returns the
+        last layer's output hidden states.
+        """
+        first = min([*self.plan, *self.score_layers], default=self.n_layers)
+        if not 0 < layer <= first:
+            raise VtcbenchError(f"{self.method.name} acts from layer {first}; a branch can resume at 1..{first}, not {layer}")
+        self._on_multimodal(self.multimodal, (), {k: inputs.get(k) for k in ("input_ids", "attention_mask", "pixel_values")})
+        self._on_language_model(self.language_model, (), trunk.language_model_kwargs)
+        args, kwargs = trunk.layer_inputs[layer]
+        if cache is not None:
+            kwargs = seam.with_cache(kwargs, cache)
+        hidden = seam.hidden_states(args, kwargs)
+        for index in range(layer, self.n_layers):
+            args, kwargs = seam.with_hidden_states(args, kwargs, hidden)
+            hidden = seam.layer_output(self.layers[index](*args, **kwargs))
+        return hidden
+
     # -- decode ------------------------------------------------------------------------------------
     def _decode_kwargs(self, space: Space, prompt_length0: int, kwargs: dict) -> dict:
         """Mask columns of this layer's cached tokens plus the new ones; positions shifted."""
@@ -376,6 +403,68 @@ class CompressionEngine:
             emb_out = seam.rope(self.language_model, cos, pos_out)
             memo = space.decode_memo = (mask, position_ids, mask_out, pos_out, emb_out)
         return dict(kwargs, attention_mask=memo[2], position_ids=memo[3], position_embeddings=memo[4])
+
+
+class Trunk:
+    """Records, during one vanilla prefill, what branches resumed at `layers` need.
+
+    `with Trunk(model, {8, 16}) as trunk: model.generate(...)` keeps the language model's
+    kwargs, each listed layer's input (args and kwargs) and, at that point, the KV cache entries
+    of the layers below it, all by reference; only the first forward (the prefill) is recorded.
+    """
+
+    def __init__(self, model: nn.Module, layers: set[int]):
+        self.model = model
+        self.language_model = language_model(model)
+        self.layers = sorted(layers)
+        self.language_model_kwargs: dict | None = None
+        self.layer_inputs: dict[int, tuple[tuple, dict]] = {}
+        self.cache_prefix: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        #: perf_counter() when the prefill reached each layer (after a CUDA sync): what a separate
+        #: run of a branch at that layer spends before it
+        self.reached: dict[int, float] = {}
+        self._handles: list = []
+
+    def __enter__(self) -> Trunk:
+        self._handles.append(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
+        for index in self.layers:
+            layer = self.language_model.layers[index]
+            self._handles.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _on_language_model(self, module, args, kwargs):
+        if self.language_model_kwargs is None:
+            self.language_model_kwargs = dict(kwargs)
+
+    def _layer_hook(self, index: int):
+        def hook(module, args, kwargs):
+            if index in self.layer_inputs:
+                return
+            self.layer_inputs[index] = (args, dict(kwargs))
+            self.reached[index] = clock()
+            cache = seam.find_cache(kwargs)
+            if cache is not None:
+                self.cache_prefix[index] = seam.cache_prefix(cache, index)
+
+        return hook
+
+    def branch_cache(self, layer: int) -> Cache | None:
+        """A cache for a branch at `layer`: the trunk's prompt entries of the layers below it."""
+        if layer not in self.cache_prefix:
+            return None
+        return seam.branch_cache(self.model.config, self.cache_prefix[layer])
+
+
+def clock() -> float:
+    """perf_counter() once the GPU's queued work is done (wall time of what was launched so far)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 def compress(model: nn.Module, method: Method) -> CompressionEngine:
@@ -398,29 +487,47 @@ def _decode_columns(kept: torch.Tensor, prompt_length: int, total: int) -> torch
     return torch.cat([kept, new], dim=1)
 
 
-@torch.no_grad()
 def _query_attention(
     layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], space: Space
 ) -> torch.Tensor:
-    """softmax(q_last . K / sqrt(d)) averaged over heads, [batch, seq], from the layer's input.
+    """The space's query row (the last prompt token) over its keys: padding keys and keys after
+    the query (a teacher-forced answer) masked."""
+    visible = space.valid & (torch.arange(hidden.shape[1], device=hidden.device) <= space.query[:, None])
+    return query_attention(layer, hidden, position_embeddings, space.query, visible)
 
-    The row eager attention would return for the space's query (the last prompt token), recomputed
-    so any attention backend works: `input_layernorm`, `q_proj` (query only), `k_proj`, RoPE,
-    `repeat_kv`; padding keys and keys after the query (a teacher-forced answer) masked.
+
+@torch.no_grad()
+def query_attention(
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    query: torch.Tensor,
+    visible: torch.Tensor,
+    past_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q . K * scaling) of one query per sample, averaged over heads, [batch, keys].
+
+    The row eager attention would return, recomputed from the decoder layer's input `hidden`
+    [batch, new, d] so any attention backend works: `input_layernorm`, `q_proj` (the `query`
+    column [batch] only), `k_proj`, RoPE (`position_embeddings`: the tables the layer is handed
+    for the new tokens), `repeat_kv`, `scaling`. The keys are `past_keys` (a layer's KV cache,
+    already rotated, [batch, kv_heads, cached, head_dim]) then the new tokens' own; `visible`
+    [batch, cached + new] masks the rest.
     """
     attention = layer.self_attn
     batch, length, _ = hidden.shape
     rows = torch.arange(batch, device=hidden.device)
     normed = layer.input_layernorm(hidden)
     head_dim = attention.head_dim
-    query = attention.q_proj(normed[rows, space.query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
+    q = attention.q_proj(normed[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
     key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
     cos, sin = (table.expand(batch, -1, -1).unsqueeze(1) for table in position_embeddings)  # as apply_rotary_pos_emb
-    query_cos, query_sin = (table[rows, :, space.query][:, :, None] for table in (cos, sin))
-    query = query * query_cos + seam.rotate_half(query) * query_sin
+    query_cos, query_sin = (table[rows, :, query][:, :, None] for table in (cos, sin))
+    q = q * query_cos + seam.rotate_half(q) * query_sin
     key = key * cos + seam.rotate_half(key) * sin
+    if past_keys is not None:
+        key = torch.cat([past_keys.to(key.dtype), key], dim=-2)
     key = seam.repeat_kv(key, attention.num_key_value_groups)
-    logits = (query @ key.transpose(-1, -2)).float() * attention.scaling  # [batch, heads, 1, seq]
-    visible = space.valid & (torch.arange(length, device=hidden.device) <= space.query[:, None])
+    logits = (q @ key.transpose(-1, -2)).float() * attention.scaling  # [batch, heads, 1, keys]
     logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]

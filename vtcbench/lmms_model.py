@@ -34,7 +34,7 @@ from vtcbench.models import image_token_mask, system_prompt, vicuna_v1_prompt
 from vtcbench.profilers.latency import PhaseTimer, TokenMarker
 from vtcbench.results import RunFolder
 
-_VANILLA = get_method("vanilla")
+VANILLA = get_method("vanilla")
 
 
 @dataclass
@@ -56,7 +56,7 @@ def _kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
 
 
 @dataclass
-class _Job:
+class Job:
     """A pending request with its visuals, read once."""
 
     index: int
@@ -77,6 +77,7 @@ class VtcbenchLMM(lmms):
     """Answers lmms-eval requests with `model` under `method`, recording into `run`."""
 
     is_simple = True
+    progress_units = 1  # progress-bar units per request (a sweep counts its cells)
 
     def __init__(
         self, model, processor, method: Method, run: RunFolder, *, batch_size: int = 1, show_progress: bool = True,
@@ -94,7 +95,7 @@ class VtcbenchLMM(lmms):
         self._device = model.device
         self._system = system_prompt(model.config)
         # one engine per method, built once and entered per batch (its hooks live only inside `with`)
-        self._engines = {id(m): compress(model, m) for m in (method, _VANILLA)}
+        self._engines = {id(m): compress(model, m) for m in (method, VANILLA)}
 
     def _prompt(self, context: str, n_images: int, answer: str | None = None) -> str:
         return vicuna_v1_prompt(context, n_images, answer, system=self._system)
@@ -111,7 +112,7 @@ class VtcbenchLMM(lmms):
         return self._answer(requests, self._generate_batch, lambda record: record["prediction"])
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        """(log P, is_greedy) per request, wrapped: lmms-eval 0.7.3's `evaluate` turns any other
+        """(loss, is_greedy) per request (see `continuation_score`), wrapped: lmms-eval 0.7.3's `evaluate` turns any other
         non-string response into a string, which breaks multiple-choice scoring."""
         answers = self._answer(requests, self._loglikelihood_batch, lambda record: record["prediction"])
         return [GenerationResult(text=(float(score), bool(greedy))) for score, greedy in answers]
@@ -137,7 +138,7 @@ class VtcbenchLMM(lmms):
             else:
                 first_of[key] = index
                 pending.append(index)
-        with _TaskProgress(requests, self.run, enabled=self.show_progress) as advance, _synced(self.run):
+        with _TaskProgress(requests, self.run, enabled=self.show_progress, units=self.progress_units) as advance, _synced(self.run):
             for batch in self._batches(requests, pending, batch_size=self.batch_size if batchable else 1):
                 for index, output, record in run_batch(batch):
                     request = requests[index]
@@ -156,19 +157,19 @@ class VtcbenchLMM(lmms):
             results[index] = results[original]
         return results
 
-    def _batches(self, requests: list[Instance], pending: list[int], batch_size: int) -> Iterator[list[_Job]]:
+    def _batches(self, requests: list[Instance], pending: list[int], batch_size: int) -> Iterator[list[Job]]:
         """Group by task, generation kwargs and what fixes the visual-token count (the number of
         images; for AnyRes, their sizes), in arrival order; a group goes as soon as it is full, the
         rest at the end. Each request's visuals are read once (a dataset row decodes its image on
         every access), and at most one unfinished group per key is held in memory."""
-        groups: dict[tuple, list[_Job]] = defaultdict(list)
+        groups: dict[tuple, list[Job]] = defaultdict(list)
         for index in pending:
             request = requests[index]
             visuals = self._visuals(request)
             kwargs = request.args[1] if request.request_type != "loglikelihood" else None
             sizes = tuple(v.size for v in visuals) if self.model.config.model_type == "llava_next" else len(visuals)
             key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), sizes)
-            groups[key].append(_Job(index, request, visuals))
+            groups[key].append(Job(index, request, visuals))
             if len(groups[key]) == batch_size:
                 yield groups.pop(key)
         yield from groups.values()
@@ -218,16 +219,11 @@ class VtcbenchLMM(lmms):
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _generate_batch(self, jobs: list[_Job]):
-        gen_kwargs = dict(jobs[0].request.args[1] or {})
-        until = gen_kwargs.pop("until", None) or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new_tokens = int(gen_kwargs.pop("max_new_tokens", 128))
-        if float(gen_kwargs.pop("temperature", 0) or 0) > 0 or gen_kwargs.pop("do_sample", False):
-            raise ValueError(f"{jobs[0].request.task_name}: vtcbench decodes greedily; the task asks for sampling")
-        items = [self._encode(self._prompt(job.request.args[0], len(job.visuals)), job.visuals, job.index) for job in jobs]
+    def _generate_batch(self, jobs: list[Job]):
+        max_new_tokens, until = generation_settings(jobs[0].request)
+        items = self._encode_jobs(jobs)
         answer = self._timed_generate(self.method, items, max_new_tokens, until)
-        reference = self._timed_generate(_VANILLA, items, max_new_tokens, until) if self.fidelity else None
+        reference = self._timed_generate(VANILLA, items, max_new_tokens, until) if self.fidelity else None
         for row, item in enumerate(items):
             text, new_tokens = answer.outputs[row]
             record = {
@@ -244,6 +240,9 @@ class VtcbenchLMM(lmms):
                 record["first_token_kl"] = _kl(reference.first_logits[row], answer.first_logits[row])
             yield item.request_index, text, record
 
+    def _encode_jobs(self, jobs: list[Job]) -> list[_Encoded]:
+        return [self._encode(self._prompt(job.request.args[0], len(job.visuals)), job.visuals, job.index) for job in jobs]
+
     def _timed_generate(self, method: Method, items: list[_Encoded], max_new_tokens: int, until: list[str]) -> _Generated:
         timer = PhaseTimer(self._device)
         marker = TokenMarker(timer)
@@ -256,7 +255,7 @@ class VtcbenchLMM(lmms):
                 max_new_tokens=max_new_tokens,
                 do_sample=False,
                 num_beams=1,
-                stopping_criteria=StoppingCriteriaList([_StopOnStrings(self.tokenizer, until, inputs["input_ids"].shape[1])]),
+                stopping_criteria=StoppingCriteriaList([StopOnStrings(self.tokenizer, until, inputs["input_ids"].shape[1])]),
                 logits_processor=LogitsProcessorList([marker]),
                 pad_token_id=self.tokenizer.pad_token_id,
                 output_logits=self.fidelity,  # a copy of every step's logits: only --fidelity reads them
@@ -266,7 +265,12 @@ class VtcbenchLMM(lmms):
         phases = timer.read()
         timing = {"prefill_ms": phases["ttft"][0], "decode_ms": sum(phases.get("decode_token", [])), "batch_size": len(items)}
         sequences = output.sequences if self.fidelity else output
-        new = sequences[:, inputs["input_ids"].shape[1] :]
+        results = self._answers(sequences[:, inputs["input_ids"].shape[1] :], until)
+        first_logits = output.logits[0].float() if self.fidelity else None
+        return _Generated(results, timing, first_logits, list(engine.applied_image_tokens_per_layer))
+
+    def _answers(self, new: torch.Tensor, until: list[str]) -> list[tuple[str, int]]:
+        """(text, tokens generated) per row of generated ids: cut after EOS, then at a stop string."""
         results = []
         eos = self.tokenizer.eos_token_id
         for row in new:
@@ -278,34 +282,33 @@ class VtcbenchLMM(lmms):
                 if stop and stop in text:
                     text = text[: text.index(stop)]
             results.append((text.strip(), len(tokens)))
-        first_logits = output.logits[0].float() if self.fidelity else None
-        return _Generated(results, timing, first_logits, list(engine.applied_image_tokens_per_layer))
+        return results
 
     # -- log-likelihood ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _loglikelihood_batch(self, jobs: list[_Job]):
-        """log P(continuation | prompt) under compression: one forward of prompt + continuation; the
+    def _loglikelihood_batch(self, jobs: list[Job]):
+        """The continuation's loss given the prompt, under compression: one forward of prompt + continuation; the
         continuation is text at the end, which no method drops."""
         for job in jobs:
-            request, index, visuals = job.request, job.index, job.visuals
-            context, target = request.args[0], request.args[1]
-            continuation = target if isinstance(target, str) else target(self._doc(request))
-            prompt = self._prompt(context, len(visuals))
-            item = self._encode(self._prompt(context, len(visuals), continuation), visuals, index)
-            prompt_length = self._encode(prompt, visuals, index).input_ids.shape[0]
+            item, n_continuation = self._loglikelihood_item(job)
             with self._engines[id(self.method)] as engine:
                 inputs = engine.prepare(self._collate([item]))
-                logits = self.model(**inputs, use_cache=False).logits[0].float()
-            n_continuation = item.input_ids.shape[0] - prompt_length
-            targets = inputs["input_ids"][0, -n_continuation:]
-            log_probs = logits[-n_continuation - 1 : -1].log_softmax(-1)
-            score = float(log_probs.gather(1, targets[:, None]).sum())
-            greedy = bool((log_probs.argmax(-1) == targets).all())
-            yield index, [score, greedy], {"image_tokens_per_layer": list(engine.applied_image_tokens_per_layer)}
+                logits = self.model(**inputs, use_cache=False).logits
+            score = continuation_score(logits, inputs["input_ids"], n_continuation)
+            yield job.index, score, {"image_tokens_per_layer": list(engine.applied_image_tokens_per_layer)}
+
+    def _loglikelihood_item(self, job: Job) -> tuple[_Encoded, int]:
+        """The encoded prompt + continuation of a log-likelihood request, and the continuation's length."""
+        request, visuals = job.request, job.visuals
+        context, target = request.args[0], request.args[1]
+        continuation = target if isinstance(target, str) else target(self._doc(request))
+        prompt_length = self._encode(self._prompt(context, len(visuals)), visuals, job.index).input_ids.shape[0]
+        item = self._encode(self._prompt(context, len(visuals), continuation), visuals, job.index)
+        return item, item.input_ids.shape[0] - prompt_length
 
     # -- multi-round -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def _multi_round_batch(self, jobs: list[_Job]):
+    def _multi_round_batch(self, jobs: list[Job]):
         (job,) = jobs
         index, request, visuals = job.index, job.request, job.visuals
         context, gen_kwargs, doc_to_visual, doc_to_text, doc_id, task, split = request.args
@@ -329,6 +332,30 @@ class VtcbenchLMM(lmms):
         yield index, list(rounds), {"rounds": len(rounds)}
 
 
+def generation_settings(request: Instance) -> tuple[int, list[str]]:
+    """(max_new_tokens, stop strings) of a generation request; sampling is refused."""
+    gen_kwargs = dict(request.args[1] or {})
+    until = gen_kwargs.pop("until", None) or []
+    until = [until] if isinstance(until, str) else list(until)
+    max_new_tokens = int(gen_kwargs.pop("max_new_tokens", 128))
+    if float(gen_kwargs.pop("temperature", 0) or 0) > 0 or gen_kwargs.pop("do_sample", False):
+        raise ValueError(f"{request.task_name}: vtcbench decodes greedily; the task asks for sampling")
+    return max_new_tokens, until
+
+
+def continuation_score(logits: torch.Tensor, input_ids: torch.Tensor, n_continuation: int) -> list:
+    """[loss, whether greedy decoding gives the continuation] from a batch-1 forward's logits.
+
+    The loss is the continuation's mean negative log-likelihood per token, what lmms-eval's own
+    `llava_hf` returns: lmms-eval 0.7.3 reads a log-likelihood response as a loss (its
+    multiple-choice scoring takes the argmin over the choices), so log P would pick the least
+    likely choice."""
+    targets = input_ids[0, -n_continuation:]
+    log_probs = logits[0, -n_continuation - 1 : -1].float().log_softmax(-1)
+    loss = -float(log_probs.gather(1, targets[:, None]).mean())
+    return [loss, bool((log_probs.argmax(-1) == targets).all())]
+
+
 @contextmanager
 def _synced(run: RunFolder) -> Iterator[None]:
     """Whatever ends the work (done, an error, Ctrl-C), the samples written so far reach the disk."""
@@ -341,7 +368,7 @@ def _synced(run: RunFolder) -> Iterator[None]:
 class _TaskProgress:
     """One rich progress bar per task, with ETA; finished (resumed) samples start filled."""
 
-    def __init__(self, requests: list[Instance], run: RunFolder, enabled: bool):
+    def __init__(self, requests: list[Instance], run: RunFolder, enabled: bool, units: int = 1):
         totals: dict[str, int] = defaultdict(int)
         finished: dict[str, int] = defaultdict(int)
         for request in requests:
@@ -352,17 +379,21 @@ class _TaskProgress:
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
             TextColumn("eta"), TimeRemainingColumn(), disable=not enabled,
         )
-        self.bars = {name: self.progress.add_task(name, total=total, completed=finished[name]) for name, total in totals.items()}
+        self.bars = {
+            name: self.progress.add_task(name, total=total * units, completed=finished[name] * units)
+            for name, total in totals.items()
+        }
+        self.units = units
 
     def __enter__(self) -> Callable[[str], None]:
         self.progress.start()
-        return lambda task: self.progress.advance(self.bars[task])
+        return lambda task: self.progress.advance(self.bars[task], self.units)
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
 
 
-class _StopOnStrings(StoppingCriteria):
+class StopOnStrings(StoppingCriteria):
     """Per row: stop once the decoded new text contains one of the task's `until` strings."""
 
     def __init__(self, tokenizer, until: list[str], prompt_length: int):

@@ -154,6 +154,26 @@ class RunFolder:
         os.fsync(descriptor)
         self._last_sync, self._unsynced = time.monotonic(), False
 
+    def add_sample_metrics(self, metrics: dict[tuple[str, int], dict]) -> None:
+        """Write each document's metric values (what the task's `process_results` returned, by
+        metric name) into the record of its first request (request_index 0) as `metrics`.
+
+        The values exist only once lmms-eval has scored every response, after the last append;
+        samples.jsonl is then rewritten once, atomically (a new file renamed over the old), so a
+        reader sees it whole, without or with the metrics.
+        """
+        self.sync()
+        for record in self.finished.values():
+            key = (record["task"], int(record["doc_id"]))
+            if int(record.get("request_index", 0)) == 0 and key in metrics:
+                record["metrics"] = metrics[key]
+        handle, temporary = tempfile.mkstemp(prefix=".samples.jsonl.", dir=self.path)
+        with os.fdopen(handle, "w") as stream:
+            stream.writelines(json.dumps(record, default=_plain) + "\n" for record in self.finished.values())
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, self.samples_path)
+
     def write_summary(self, summary: dict) -> Path:
         self.sync()
         target = self.path / "summary.json"
@@ -164,6 +184,13 @@ class RunFolder:
         """After a failure: remove a folder this run created if it holds no finished sample."""
         if self.created and not self.samples_path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _plain(value: Any) -> Any:
+    """JSON for what metric code returns beyond JSON's types (NumPy scalars and arrays)."""
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return str(value)
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -75,42 +75,43 @@ def run(config: RunConfig) -> RunResult:
     method.validate_for(facts.image_tokens, facts.n_layers)
     infos = resolve_tasks(config.tasks, allow_judge=config.allow_judge, allow_submission=config.allow_submission)
     with tempfile.TemporaryDirectory(prefix="vtcbench-tasks-") as workdir:  # the include YAMLs, gone after the run
-        names, manager = _task_names(infos, config.data_dir, Path(workdir))
+        names, manager = task_names(infos, config.data_dir, Path(workdir))
         return _load_and_evaluate(config, method, names, manager)
 
 
 def _load_and_evaluate(config: RunConfig, method: Method, names: list[str], manager) -> RunResult:
     if _data_parallel():
         _join_process_group(config)
-    if config.random_weights:
-        model, processor = load_model(
-            config.model, random_weights=True, dtype=config.dtype,
-            attn_implementation=config.attn_implementation, device=config.device, seed=config.seed,
-        )
-    else:
-        model, processor = load_model(
-            config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=config.device
-        )
+    model, processor = load_for(config)
     folder = RunFolder.open(
         config.out, config.identity(method, names), provenance(model, config.device),
         extra={"run_config": {**asdict(config), "out": str(config.out), "data_dir": str(config.data_dir)}},
         overwrite=config.overwrite,
     )
     try:
-        task_objects = _load_tasks(names, manager)
+        task_objects = load_tasks(names, manager)
         results = _evaluate(model, processor, method, folder, task_objects, manager, config)
     except BaseException:
         folder.discard_if_empty()
         raise
     if results is None:  # a non-zero data-parallel rank: rank 0 writes the summary
         return RunResult(folder=folder.path, summary={})
-    folder.reload()
     summary = summarize(results, folder, method, model, names)
     folder.write_summary(summary)
     return RunResult(folder=folder.path, summary=summary)
 
 
-def _task_names(infos: list, data_dir: Path | None, workdir: Path) -> tuple[list[str], Any]:
+def load_for(config) -> tuple[Any, Any]:
+    """The model and processor a run (or sweep) configuration names."""
+    if config.random_weights:
+        return load_model(
+            config.model, random_weights=True, dtype=config.dtype,
+            attn_implementation=config.attn_implementation, device=config.device, seed=config.seed,
+        )
+    return load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=config.device)
+
+
+def task_names(infos: list, data_dir: Path | None, workdir: Path) -> tuple[list[str], Any]:
     """lmms-eval task names and the TaskManager that knows them.
 
     With --data-dir every task runs on local data (include YAMLs in `workdir`); without it, hub
@@ -149,7 +150,7 @@ def _join_process_group(config: RunConfig) -> None:
         dist.init_process_group(backend="nccl" if config.device.startswith("cuda") else "gloo")
 
 
-def _load_tasks(names: list[str], manager) -> list:
+def load_tasks(names: list[str], manager) -> list:
     """Build lmms-eval's tasks (loading their datasets) before evaluating, so that a dataset that
     cannot be had (offline, no --data-dir) stops the run with one line. lmms-eval retries each
     load 5 times and then raises tenacity's RetryError."""
@@ -167,34 +168,57 @@ def _load_tasks(names: list[str], manager) -> list:
         ) from error
 
 
-def _evaluate(model, processor, method, folder, task_objects: list, manager, config: RunConfig) -> dict:
-    import argparse
-
-    from lmms_eval.evaluator import simple_evaluate
-
+def _evaluate(model, processor, method, folder, task_objects: list, manager, config: RunConfig) -> dict | None:
     from vtcbench.lmms_model import VtcbenchLMM
 
     lm = VtcbenchLMM(
         model, processor, method, folder, batch_size=config.batch_size, show_progress=config.show_progress,
         fidelity=config.fidelity,
     )
-    results = simple_evaluate(
+    results = evaluate(
+        lm, task_objects, manager, folder, limit=config.limit, seed=config.seed, batch_size=config.batch_size,
+        log_samples=True,
+    )
+    if results is not None:
+        folder.reload()
+        folder.add_sample_metrics(sample_metrics(results))
+    return results
+
+
+def sample_metrics(results: dict) -> dict[tuple[str, int], dict]:
+    """{(task, doc_id): {metric: value}} from lmms-eval's logged samples: per document, what the
+    task's `process_results` returned for each of its metrics (after the task's filters)."""
+    metrics: dict[tuple[str, int], dict] = {}
+    for task, samples in (results.get("samples") or {}).items():
+        names = [key.split(",")[0] for key in results["results"].get(task, {}) if key != "alias" and "_stderr" not in key]
+        for sample in samples:
+            metrics[(task, int(sample["doc_id"]))] = {name: sample[name] for name in names if name in sample}
+    return metrics
+
+
+def evaluate(lm, task_objects: list, manager, folder: RunFolder, *, limit: int | None, seed: int, batch_size: int,
+             log_samples: bool = False) -> dict | None:
+    """lmms-eval's `simple_evaluate` with our model object; None on non-zero data-parallel ranks."""
+    import argparse
+
+    from lmms_eval.evaluator import simple_evaluate
+
+    return simple_evaluate(
         model=lm,
         tasks=task_objects,
         task_manager=manager,
         distributed_executor_backend="torchrun" if _data_parallel() else "accelerate",
-        limit=config.limit,
+        limit=limit,
         # submission files (e.g. textvqa's) go into the run folder, not the working directory
         cli_args=argparse.Namespace(output_path=str(folder.path), process_with_media=True),
-        batch_size=config.batch_size,
-        log_samples=False,
-        random_seed=config.seed,
-        numpy_random_seed=config.seed,
-        torch_random_seed=config.seed,
-        fewshot_random_seed=config.seed,
+        batch_size=batch_size,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
         verbosity="ERROR",
     )
-    return results  # None on non-zero ranks of a data-parallel run
 
 
 def summarize(results: dict, folder: RunFolder, method: Method, model, names: list[str]) -> dict[str, Any]:
@@ -204,7 +228,7 @@ def summarize(results: dict, folder: RunFolder, method: Method, model, names: li
     for name in names:
         records = [r for r in folder.finished.values() if r["task"] == name]
         metrics = {k: v for k, v in results["results"].get(name, {}).items() if k != "alias"}
-        entry: dict[str, Any] = {"metrics": metrics, "samples": len(records)}
+        entry: dict[str, Any] = {"metrics": metrics, "samples": len({r["doc_id"] for r in records})}
         generated = [r for r in records if "prefill_ms" in r]
         counted = [r for r in records if r.get("image_tokens_per_layer")]
         if counted:

@@ -12,6 +12,7 @@ silently falls back to zero is worse than a crash. A future rename is a one-line
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -87,6 +88,40 @@ def returned_cache(output) -> Cache:
     raise TransformersConventionError(f"{type(output).__name__} carries no cache under {', '.join(CACHE_ARGUMENTS)}")
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name under which this model's `forward` (and `generate`) takes a KV cache."""
+    parameters = inspect.signature(model.forward).parameters
+    for name in reversed(CACHE_ARGUMENTS):  # the newest name first
+        if name in parameters:
+            return name
+    raise TransformersConventionError(f"{type(model).__name__}.forward takes no cache under {', '.join(CACHE_ARGUMENTS)}")
+
+
+def with_cache(kwargs: dict, cache: Cache) -> dict:
+    """A layer's kwargs with `cache` in place of the cache it was handed (under the same name)."""
+    for name in CACHE_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return dict(kwargs, **{name: cache})
+    raise TransformersConventionError(f"a decoder layer was handed no cache under {', '.join(CACHE_ARGUMENTS)}")
+
+
+def cache_prefix(cache: Cache, n_layers: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of the first `n_layers` layers, by reference (a cache's update replaces its
+    tensors rather than writing into them, so these stay the prefill's)."""
+    return [(layer.keys, layer.values) for layer in cache.layers[:n_layers]]
+
+
+def branch_cache(config, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
+    """A new cache for `config`'s model whose first layers hold `prefix`. `DynamicCache.update`
+    concatenates, so the prefix is copied once here, as it would be at the first decode step."""
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=config)
+    for index, (keys, values) in enumerate(prefix):
+        cache.update(keys, values, index)
+    return cache
+
+
 def cache_layer_lengths(cache: Cache) -> list[int]:
     """Tokens each decoder layer's cache holds (they differ once a method drops tokens)."""
     return [0 if layer.keys is None else layer.keys.shape[-2] for layer in cache.layers]
@@ -95,6 +130,27 @@ def cache_layer_lengths(cache: Cache) -> list[int]:
 def cache_nbytes(cache: Cache) -> int:
     """Bytes held by keys and values over all layers."""
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
+
+
+def cache_layer_keys(cache: Cache, layer_index: int) -> torch.Tensor | None:
+    """The keys decoder layer `layer_index` has cached, [batch, kv_heads, tokens, head_dim], or
+    None while it holds none (a cache may create its layers lazily, at their first update).
+
+    transformers caches keys after RoPE. Read in the layer's forward pre-hook, they are the
+    tokens before the ones the layer is about to append. A cache whose keys tensor holds fewer
+    tokens than it reports (quantized layers keep most of them elsewhere) is not read.
+    """
+    if layer_index >= len(cache.layers):
+        return None
+    layer = cache.layers[layer_index]
+    keys, length = getattr(layer, "keys", None), layer.get_seq_length()
+    if keys is None or length == 0:
+        return None
+    if keys.ndim != 4 or keys.shape[-2] < length:
+        raise TransformersConventionError(
+            f"{type(layer).__name__} reports {length} cached tokens but holds keys of shape {tuple(keys.shape)}"
+        )
+    return keys[..., :length, :]  # a static cache's preallocated tail is not a token
 
 
 # -- how the language model and its layers are called --------------------------------------------------
@@ -117,6 +173,19 @@ def with_hidden_states(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple
     if args:
         return (hidden, *args[1:]), kwargs
     return args, dict(kwargs, hidden_states=hidden)
+
+
+def layer_output(output) -> torch.Tensor:
+    """A decoder layer's output hidden states (a tensor in 5.x; a tuple's first item before)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def output_logits(model: nn.Module, language_model: nn.Module, hidden: torch.Tensor, last_only: bool) -> torch.Tensor:
+    """What the model's forward makes of the last decoder layer's output: the final norm, then
+    the LM head on every position (a plain forward) or on the last one (`generate`'s
+    `logits_to_keep=1`), so a forward resumed at some layer ends exactly as a whole one does."""
+    hidden = language_model.norm(hidden)
+    return model.lm_head(hidden[:, -1:] if last_only else hidden)
 
 
 def rope_tables(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:

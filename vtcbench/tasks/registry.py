@@ -20,8 +20,10 @@ What the flags of the short names rest on (read from the task YAMLs and utils of
 
 Pass-through names get their flags from their YAML (see `_flags_from_yaml`).
 
-Shipped tasks (`TaskInfo.shipped_yaml`, today vtcshapes): the YAML lives in this package, not in
-lmms-eval, and always runs on local data through `local_task_config`; `shipped_data` says where.
+Shipped tasks (`TaskInfo.shipped_yaml`, today vtcshapes and vtcshapes_mc): the YAML lives in this
+package, not in lmms-eval, and always runs on local data through `local_task_config`; `shipped_data`
+says where. A task that reads another task's data names it in `TaskInfo.data` (vtcshapes_mc reads
+vtcshapes'), which is then also looked for.
 
 Offline data (`local_task_config`): an include YAML in a work folder `include:`s the shipped YAML
 by absolute path and replaces `dataset_path` / `dataset_name` / `dataset_kwargs`, which is how
@@ -62,6 +64,7 @@ class TaskInfo:
     needs_judge: bool = False
     needs_submission: bool = False
     shipped_yaml: str | None = None  # a YAML shipped with vtcbench, relative to vtcbench/tasks
+    data: str | None = None  # the name its offline data goes by, when not its own (after its own names)
 
 
 SHIPPED_DIR = Path(__file__).resolve().parent
@@ -95,6 +98,11 @@ TASKS: dict[str, TaskInfo] = {
             "scenes; exact match per family and overall",
             shipped_yaml="vtcshapes/vtcshapes.yaml",
         ),
+        TaskInfo(
+            "vtcshapes_mc", "vtcshapes_mc",
+            "vtcshapes as multiple choice (offline): the family's answers ranked by log-likelihood; accuracy",
+            shipped_yaml="vtcshapes/vtcshapes_mc.yaml", data="vtcshapes",
+        ),
     )
 }
 _BY_LMMS = {info.lmms_name: info for info in TASKS.values()}
@@ -127,6 +135,7 @@ REQUIRED_COLUMNS = {
     "mme": ("question", "answer", "category", "question_id", "image"),
     "docvqa_val": ("question", "answers", "image"),
     "vtcshapes": ("question_id", "image", "question", "answer", "family"),
+    "vtcshapes_mc": ("question_id", "image", "question", "answer", "family"),
 }
 
 _JUDGE_WORDS = re.compile(r"gpt|judge|llm_as", re.IGNORECASE)
@@ -367,8 +376,8 @@ class LocalData:
 def local_task_config(info: TaskInfo, data_path: Path, workdir: Path) -> str:
     """Write an include YAML in `workdir` that runs `info`'s task on local data; return its task name.
 
-    `data_path` (the `--data-dir`) holds, for a task with short name S and lmms-eval name L (the
-    first found wins): `S.parquet` / `L.parquet`, or a folder `S/` / `L/` that is a
+    `data_path` (the `--data-dir`) holds, for a task with short name S and lmms-eval name L (then
+    `info.data`; the first found wins): `S.parquet` / `L.parquet`, or a folder `S/` / `L/` that is a
     `save_to_disk` folder (Dataset or DatasetDict) or holds parquet files (a hub snapshot such as
     `docvqa/DocVQA/validation-00000-of-00006.parquet` works: files named `<split>-*.parquet`,
     under the config's folder when there is one, are preferred). The rows must have the schema of
@@ -387,7 +396,7 @@ def local_task_config(info: TaskInfo, data_path: Path, workdir: Path) -> str:
     if not split:
         raise VtcbenchError(f"task {info.lmms_name!r} names no test or validation split; it cannot run on local data")
     config_name = config.get("dataset_name")
-    keys = list(dict.fromkeys([info.short, info.lmms_name]))
+    keys = _data_keys(info)
 
     data = find_local_data(keys, data_path, split, config_name)
     if data is None:
@@ -499,14 +508,19 @@ def _expected(keys: list[str], data_path: Path) -> str:
 def shipped_data(info: TaskInfo, data_dir: Path | None) -> Path:
     """The data folder of a shipped task: `data_dir` when it holds the task's data, else the
     folder of the generated default (written on first use)."""
-    keys = list(dict.fromkeys([info.short, info.lmms_name]))
+    keys = _data_keys(info)
     if data_dir is not None and any((Path(data_dir) / f"{k}.parquet").is_file() or (Path(data_dir) / k).is_dir() for k in keys):
         return Path(data_dir)
-    if info.short == "vtcshapes":
+    if "vtcshapes" in keys:
         from vtcbench import shapes
 
         return shapes.default_dataset().parent
     raise VtcbenchError(f"no data for shipped task {info.short!r}: expected {_expected(keys, Path(data_dir or '.'))}")
+
+
+def _data_keys(info: TaskInfo) -> list[str]:
+    """The names a task's offline data is looked for under, in order: its own, then `info.data`."""
+    return list(dict.fromkeys([info.short, info.lmms_name, *([info.data] if info.data else [])]))
 
 
 def _shipped_yaml(info: TaskInfo) -> Path:

@@ -16,6 +16,8 @@ from typing import Any
 
 from PIL import Image
 
+from vtcbench.shapes import COLORS, COUNTS, LETTERS
+
 
 def vtcshapes_doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
     return [doc["image"].convert("RGB")]
@@ -63,3 +65,34 @@ def vtcshapes_aggregate_count(results: list[dict[str, Any]]) -> float:
 
 def vtcshapes_aggregate_text(results: list[dict[str, Any]]) -> float:
     return accuracy(results, "text")
+
+
+# -- vtcshapes_mc (vtcshapes_mc.yaml): the same docs and prompt, scored by log-likelihood -------------
+
+#: each family's answer set, spelt as the dataset spells its answers (shapes.py: lower-case colour
+#: names, "yes"/"no", the counts as digits, capital letters)
+MC_CHOICES: dict[str, list[str]] = {
+    "color": list(COLORS),
+    "presence": ["yes", "no"],
+    "count": [str(n) for n in COUNTS],
+    "text": list(LETTERS),
+}
+
+
+def vtcshapes_mc_doc_to_choice(doc: dict[str, Any]) -> list[str]:
+    """The doc's family's answer set: lmms-eval asks the model for the log-likelihood of each as the
+    continuation of the prompt. The task sets `target_delimiter: ""` because vtcbench's prompt
+    already ends `ASSISTANT:` and adds one space before a continuation (models.vicuna_v1_prompt)."""
+    return list(MC_CHOICES[doc["family"]])
+
+
+def vtcshapes_mc_doc_to_target(doc: dict[str, Any]) -> int:
+    """The index of the doc's answer in its choices (lmms-eval reads an int target as an index);
+    an answer outside its family's set is bad data, so it fails here rather than scoring 0."""
+    choices = vtcshapes_mc_doc_to_choice(doc)
+    if doc["answer"] not in choices:
+        raise ValueError(
+            f"vtcshapes_mc: answer {doc['answer']!r} of {doc['question_id']} is not a {doc['family']} choice {choices}"
+        )
+    return choices.index(doc["answer"])
+

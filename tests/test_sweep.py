@@ -1,0 +1,142 @@
+"""The redundancy sweep: each cell equals the `vtcbench run` of its method, resumes without
+recomputing, and refuses bad input before loading anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from vtcbench.cli import app
+from vtcbench.models import load_config, model_facts
+from vtcbench.runner import RunConfig, run
+from vtcbench.sweep import Cell, SweepConfig, default_layers, plan_cells, pool_ratios, sweep
+
+LIMIT = 3
+
+
+def _sweep(tmp_path: Path, **options) -> tuple[Path, list[dict]]:
+    config = SweepConfig(limit=LIMIT, out=tmp_path / "sweep", show_progress=False, **options)
+    result = sweep(config)
+    cells = [json.loads(line) for line in (result.folder / "cells.jsonl").read_text().splitlines()]
+    return result.folder, cells
+
+
+def _separate_run(tmp_path: Path, cell: Cell, criterion: str, task: str, batch_size: int) -> dict[int, object]:
+    method = cell.method(criterion, seed=0)
+    result = run(RunConfig(model="vtc-tiny", method=method.name, params=method.params(), tasks=[task], limit=LIMIT,
+                           batch_size=batch_size, out=tmp_path / "runs", show_progress=False))
+    by_doc: dict[int, list] = {}
+    for line in (result.folder / "samples.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        by_doc.setdefault(record["doc_id"], []).append((record["request_index"], record["prediction"]))
+    return {doc: [p for _, p in sorted(answers)] for doc, answers in by_doc.items()}
+
+
+def _assert_cells_equal_runs(tmp_path: Path, cells: list[dict], criterion: str, task: str, batch_size: int = 1) -> int:
+    compared = 0
+    for cell_id in dict.fromkeys(c["cell"] for c in cells):
+        first = next(c for c in cells if c["cell"] == cell_id)
+        cell = Cell(first["layer"], first["ratio"])
+        expected = _separate_run(tmp_path, cell, criterion, task, batch_size)
+        got = {c["doc_id"]: c["prediction"] for c in cells if c["cell"] == cell_id}
+        got = {doc: p if isinstance(p, list) and p and isinstance(p[0], list) else [p] for doc, p in got.items()}
+        assert got == expected, f"cell {cell_id} ({criterion})"
+        compared += 1
+    return compared
+
+
+@pytest.mark.parametrize(
+    "criterion, layers, ratios, batch_size",
+    [
+        ("attention", [1, 5], [0.1, 0.5, 1.0], 1),
+        ("pool", [0, 3], [0.125, 0.5], 1),
+        ("random", [0, 5], [0.3, 0.9], 1),
+        ("attention", [2], [0.3], 3),
+    ],
+)
+def test_cells_equal_separate_runs(tmp_path, criterion, layers, ratios, batch_size):
+    """First and last legal layer per criterion (pool and random start at 0, attention at 1), and
+    a batched sweep against runs of the same batch size."""
+    _, cells = _sweep(tmp_path, criterion=criterion, layers=layers, ratios=ratios, batch_size=batch_size)
+    n_cells = 1 + len(layers) * len([r for r in ratios if r < 1])
+    assert _assert_cells_equal_runs(tmp_path, cells, criterion, "vtcshapes", batch_size) == n_cells
+    assert len(cells) == n_cells * LIMIT
+
+
+@pytest.mark.full_grid
+@pytest.mark.parametrize("task", ["vtcshapes", "vtcshapes_mc"])
+def test_full_grid_equals_forty_runs(tmp_path, task):
+    """10 ratios at 4 layers (ratio 1.0 is vanilla at each: 37 distinct runs), a generation task
+    and a multiple-choice (log-likelihood) one."""
+    _, cells = _sweep(tmp_path, task=task, layers=[1, 2, 3, 4], ratios=[round(0.1 * i, 1) for i in range(1, 11)])
+    assert _assert_cells_equal_runs(tmp_path, cells, "attention", task) == 37
+
+
+def test_resumed_sweep_computes_only_the_missing_samples(tmp_path, monkeypatch):
+    from vtcbench import sweep_lmm
+
+    folder, cells = _sweep(tmp_path, layers=[2], ratios=[0.5])
+    samples = folder / "samples.jsonl"
+    lines = samples.read_text().splitlines()
+    samples.write_text("\n".join(lines[:-1]) + "\n")  # as if killed before the last sample was written
+    computed = []
+    original = sweep_lmm.SweepLMM._sweep_generate
+
+    def counting(self, jobs):
+        computed.extend(job.request.doc_id for job in jobs)
+        yield from original(self, jobs)
+
+    monkeypatch.setattr(sweep_lmm.SweepLMM, "_sweep_generate", counting)
+    _, resumed = _sweep(tmp_path, layers=[2], ratios=[0.5])
+    assert computed == [json.loads(lines[-1])["doc_id"]]
+    assert resumed == cells
+    assert len(samples.read_text().splitlines()) == len(lines)
+
+
+def test_outputs(tmp_path):
+    folder, cells = _sweep(tmp_path, layers=[1, 3], ratios=[0.5, 1.0])
+    curves = (folder / "curves.csv").read_text().splitlines()
+    assert curves[0] == "layer,ratio,criterion,metric_name,metric,stderr,visual_tokens,tflops"
+    assert len(curves) == 1 + 3
+    assert (folder / "curves.png").stat().st_size > 10_000
+    assert {c["score"] for c in cells} <= {0.0, 1.0}
+    summary = json.loads((folder / "summary.json").read_text())
+    vanilla, *branches = summary["curves"]
+    assert vanilla["visual_tokens"] == 64 and vanilla["layer"] == ""
+    # pdrop keeps int(64 * 0.5) = 32 tokens from layer K on, in a 6-layer model
+    assert [b["visual_tokens"] for b in branches] == [(64 + 32 * 5) / 6, (64 * 3 + 32 * 3) / 6]
+    assert all(b["tflops"] < vanilla["tflops"] for b in branches)
+
+
+def test_grid_defaults_and_flops():
+    assert default_layers(32) == [2, 8, 16, 24]
+    assert default_layers(6) == [1, 2, 3, 4]
+    assert pool_ratios(64)[-3:] == [0.25, 0.5, 1.0]
+    facts = model_facts(load_config("vtc-tiny"))
+    cells = plan_cells(SweepConfig(), facts)
+    assert len(cells) == 1 + 4 * 9 and cells[0].id == "vanilla"
+    assert plan_cells(SweepConfig(criterion="pool"), facts)[1].method("pool", 0).stride == 64
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratios", "0,0.5"], "--ratios: 0 is outside the retained share's range; valid: (0, 1]"),
+        (["--ratios", "1.5"], "--ratios: 1.5 is outside"),
+        (["--layers", "6"], "valid: 1..5"),
+        (["--layers", "0"], "valid: 1..5"),
+        (["--criterion", "pool", "--ratios", "0.3"], "valid: 0.01562, 0.03125, 0.0625, 0.125, 0.25, 0.5, 1"),
+        (["--criterion", "entropy"], "unknown criterion 'entropy'; valid choices: attention, pool, random"),
+        (["--task", "nosuch"], "unknown task 'nosuch'"),
+        (["--ratios", "half"], "--ratios 'half' is not a comma-separated list of float values"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_loads(tmp_path, args, message):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(app, ["redundancy-sweep", *args, "--out", str(out)])
+    assert result.exit_code == 2
+    assert message in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
