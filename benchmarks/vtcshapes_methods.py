@@ -23,13 +23,14 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--keep-indices", type=int, default=0, help="record kept tokens of the first N questions")
     args = parser.parse_args()
 
     rows = []
     for method in args.methods.split(","):
         config = RunConfig(
             model="vtc-tiny", method=method, tasks=["vtcshapes"], out=args.out, batch_size=args.batch_size,
-            show_progress=False,
+            keep_indices=args.keep_indices, show_progress=False,
         )
         summary = run(config).summary
         (entry,) = summary["tasks"].values()

@@ -94,3 +94,13 @@ def tiny_next():
         torch.manual_seed(0)
         model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
     return model, build_local_processor(config)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """VTCBENCH_CACHE and lmms-eval's datasets cache in a temporary folder, not the home folder."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VTCBENCH_CACHE", str(root / "vtcbench"))
+        patch.setenv("LMMS_EVAL_DATASETS_CACHE", str(root / "hf-datasets"))
+        yield root

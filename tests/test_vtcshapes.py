@@ -26,16 +26,6 @@ METRICS = ("overall", *shapes.FAMILIES)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """VTCBENCH_CACHE and lmms-eval's datasets cache in a temporary folder, not the home folder."""
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VTCBENCH_CACHE", str(root / "vtcbench"))
-        patch.setenv("LMMS_EVAL_DATASETS_CACHE", str(root / "hf-datasets"))
-        yield root
-
-
-@pytest.fixture(scope="module")
 def held_out() -> list[shapes.Sample]:
     return shapes.split(shapes.TEST_SEED, shapes.TEST_PER_FAMILY)
 

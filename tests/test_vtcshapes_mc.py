@@ -17,16 +17,6 @@ from vtcbench.tasks.vtcshapes import utils
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """VTCBENCH_CACHE and lmms-eval's datasets cache in a temporary folder, not the home folder."""
-    root = tmp_path_factory.mktemp("cache")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VTCBENCH_CACHE", str(root / "vtcbench"))
-        patch.setenv("LMMS_EVAL_DATASETS_CACHE", str(root / "hf-datasets"))
-        yield root
-
-
-@pytest.fixture(scope="module")
 def task(cache, tmp_path_factory):
     """The task as lmms-eval builds it from the shipped YAML on the default vtcshapes parquet."""
     from lmms_eval.tasks import get_task_dict

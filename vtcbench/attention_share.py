@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from vtcbench import transformers_seam as seam
 from vtcbench.engine import query_attention
 from vtcbench.errors import VtcbenchError
 from vtcbench.models import decoder_layers, image_token_mask
+from vtcbench.results import atomic_file
 
 #: the key groups, in the order of the last axis of `AttentionShareRecorder.shares`
 GROUPS: tuple[str, ...] = ("image", "system", "instruction", "output")
@@ -222,34 +222,14 @@ def write_outputs(rows: list[dict], folder: str | os.PathLike) -> tuple[Path, Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = folder / CSV_NAME, folder / PNG_NAME
-    with _atomic(csv_path, "w", newline="") as handle:
+    with atomic_file(csv_path, newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows({field: row[field] for field in CSV_FIELDS} for row in rows)
     figure = _figure(rows)
-    with _atomic(png_path, "wb") as handle:
+    with atomic_file(png_path, "wb") as handle:
         figure.savefig(handle, format="png")
     return csv_path, png_path
-
-
-class _atomic:
-    """`with _atomic(path, mode) as handle:` writes a temporary file beside `path` and renames it
-    over `path` on success; on an error the temporary file is removed and `path` left as it was."""
-
-    def __init__(self, path: Path, mode: str, **kwargs):
-        self.path, self.mode, self.kwargs = path, mode, kwargs
-
-    def __enter__(self):
-        descriptor, self.temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-        self.handle = os.fdopen(descriptor, self.mode, **self.kwargs)
-        return self.handle
-
-    def __exit__(self, exc_type, *exc) -> None:
-        self.handle.close()
-        if exc_type is None:
-            os.replace(self.temporary, self.path)
-        else:
-            os.unlink(self.temporary)
 
 
 _COLOURS = {"image": "#d62728", "system": "#1f77b4", "instruction": "#2ca02c", "output": "#9467bd"}

@@ -275,6 +275,7 @@ def run(
     allow_submission: Annotated[bool, typer.Option("--allow-submission", help="allow tasks scored by a server")] = False,
     fidelity: Annotated[bool, typer.Option("--fidelity", help="also run vanilla: answer agreement, first-token KL")] = False,
     num_processes: Annotated[int, typer.Option(help="data-parallel processes (one per GPU), merged into one run folder")] = 1,
+    keep_indices: Annotated[int, typer.Option(help="record the kept image tokens of the first N documents per task (retention pictures)")] = 0,
 ) -> None:
     """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
     from vtcbench.api import check_method_for_model, method_from_options
@@ -286,6 +287,7 @@ def run(
     _quiet_lmms_eval_logging()
     for option, value in (("--limit", limit), ("--batch-size", batch_size), ("--num-processes", num_processes)):
         _check_count(option, value, 1)
+    _check_count("--keep-indices", keep_indices, 0)
     compression = method_from_options(method, set_ or [])
     check_method_for_model(compression, model)
     task_names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -300,7 +302,7 @@ def run(
         model=model, method=method, params=parse_set_options(set_ or []), tasks=task_names,
         limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
         dtype=dtype, attn_implementation=attn, device=device, overwrite=overwrite, allow_judge=allow_judge,
-        allow_submission=allow_submission, fidelity=fidelity, show_progress=sys.stderr.isatty(),
+        allow_submission=allow_submission, fidelity=fidelity, keep_indices=keep_indices, show_progress=sys.stderr.isatty(),
     )
     result = run_evaluation(config)
     if result.summary:  # rank 0 (or the only process)
@@ -523,6 +525,53 @@ def _print_summary(result) -> None:
         rate = f"{entry['samples_per_s']:.2f}" if entry.get("samples_per_s") else "-"
         table.add_row(short_name(name), str(entry["samples"]), metrics, f"{sum(tokens) / len(tokens):.1f}" if tokens else "-", flops, prefill, rate)
     console.print(table)
+
+
+@app.command()
+@user_errors
+def report(
+    fmt: Annotated[str, typer.Option("--format", help="markdown | latex | csv | json | html")] = "markdown",
+    results: Annotated[Path, typer.Option(help="folder of run folders (the --out of run / redundancy-sweep)")] = Path("results"),
+    layout: Annotated[str, typer.Option(help="auto | efficiency | inference | compressors | ablation | sweep")] = "auto",
+    runs: Annotated[str | None, typer.Option(help="glob on run-folder names, e.g. 'vtc-tiny__*'")] = None,
+    methods: Annotated[str | None, typer.Option(help="comma-separated methods to show")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (short or lmms-eval names)")] = None,
+    sort: Annotated[str | None, typer.Option(help="order rows by this column (best first)")] = None,
+    delta_vs: Annotated[str | None, typer.Option(help="inference layout: difference rows against this method (default fastv)")] = None,
+    reference: Annotated[str | None, typer.Option(help="method the differences are taken from (default vanilla)")] = None,
+    allow_mixed: Annotated[bool, typer.Option("--allow-mixed", help="allow rows of different models")] = False,
+    metrics: Annotated[str | None, typer.Option(help="metrics shown per task, e.g. color,count,overall (default: each task's first)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the bootstrap intervals")] = 0,
+    plots: Annotated[bool, typer.Option("--plots", help="also write PNG figures (accuracy vs. cost, retention pictures); "
+                                        "embedded in --format html")] = False,
+    plots_dir: Annotated[Path | None, typer.Option(help="folder of the PNGs (implies --plots; default <results>/report-plots)")] = None,
+) -> None:
+    """Comparison tables of run folders as in the papers, with 95% intervals and paired differences."""
+    from vtcbench.errors import choices_error
+    from vtcbench.report import FORMATS, ReportOptions, build_report, render
+
+    if fmt not in FORMATS:
+        raise choices_error("format", fmt, FORMATS)
+    plots = plots or plots_dir is not None
+    options = ReportOptions(
+        results=results, layout=layout, runs=runs, methods=_comma_list(methods), tasks=_comma_list(tasks), sort=sort,
+        delta_vs=delta_vs, reference=reference, allow_mixed=allow_mixed, metrics=_comma_list(metrics), seed=seed, plots=plots,
+    )
+    built = build_report(options)
+    if plots:
+        from vtcbench.report.plots import write_figures
+
+        for path in write_figures(built.figures, plots_dir if plots_dir is not None else results / "report-plots"):
+            errors.print(f"wrote {path}", highlight=False, soft_wrap=True)
+        for note in built.figure_notes:
+            errors.print(f"plots: {note}", highlight=False, soft_wrap=True)
+        if not built.figures:
+            errors.print("plots: nothing to plot (no run with a task metric or recorded kept tokens)", highlight=False)
+    sys.stdout.write(render(built, fmt))
+
+
+def _comma_list(text: str | None) -> tuple[str, ...]:
+    return tuple(item.strip() for item in (text or "").split(",") if item.strip())
 
 
 @app.command()

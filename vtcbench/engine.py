@@ -103,6 +103,16 @@ class CompressionEngine:
         self.score_layers = {score: action for action, score in self.plan.items() if score is not None}
         #: visual tokens per sample that entered each decoder layer at the last prefill
         self.applied_image_tokens_per_layer: list[int] = []
+        #: set `record_kept = True` to have each prefill record, per layer where the kept image
+        #: tokens change (0: all of them), which ones each sample keeps, as ranks among its
+        #: original image tokens (raster order); a pooling method's pooled tokens appear as their
+        #: anchors. It copies indices to the host, so it is off by default.
+        self.record_kept = False
+        self.kept_image_tokens: dict[int, list[list[int]]] = {}
+        #: with `record_kept`, per layer where a method merged tokens (pooling, k-means), per
+        #: sample, the original ranks each new token merged (what a picture of "kept" must show)
+        self.merged_image_tokens: dict[int, list[list[list[int]]]] = {}
+        self.original_image_tokens = 0  # per sample, what the ranks count (a layer-0 action replaces layer 0's entry)
         self._handles: list = []
         self._request: _Request | None = None
         #: wraps the method's own work (scoring, selection, rebuilding the sequence); a profiler
@@ -195,6 +205,10 @@ class CompressionEngine:
         if self.method.where == "pre_llm":
             self._check_pre_llm_prompt(image_mask, kwargs.get("pixel_values"))
         self.applied_image_tokens_per_layer = [n_image] * self.n_layers
+        if self.record_kept:
+            self.kept_image_tokens = {0: [list(range(n_image))] * image_mask.shape[0]}
+            self.merged_image_tokens = {}
+            self.original_image_tokens = n_image
         if not self.plan:
             return None
         self.method.validate_for(n_image, self.n_layers)
@@ -346,7 +360,23 @@ class CompressionEngine:
         )
         count = new_space.image_count
         self.applied_image_tokens_per_layer[layer:] = [count] * (self.n_layers - layer)
+        if self.record_kept:
+            self.kept_image_tokens[layer] = self._image_ranks(request, new_space)
+            if isinstance(action, Replace) and action.groups is not None:
+                ranks = self._image_ranks(request, space)
+                self.merged_image_tokens[layer] = [
+                    [[r for r, g in zip(row_ranks, row_groups) if g == k] for k in range(action.anchors.shape[1])]
+                    for row_ranks, row_groups in zip(ranks, action.groups.tolist())
+                ]
         return new_space, hidden
+
+    @staticmethod
+    def _image_ranks(request: _Request, space: Space) -> list[list[int]]:
+        """Per sample, the ranks among its original image tokens of the image tokens in `space`."""
+        original = space.index0 if request.lm_index is None else request.lm_index.gather(1, space.index0)
+        rank = request.image_mask.long().cumsum(dim=1) - 1
+        ranks = rank.gather(1, original)
+        return [row[image].tolist() for row, image in zip(ranks, space.is_image)]
 
     def _prefill_kwargs(self, request: _Request, space: Space, kwargs: dict) -> dict:
         """The layer kwargs of `space`, derived once from the model's layer-0 kwargs."""

@@ -16,10 +16,12 @@ lmms-eval owns the benchmarks (prompts, splits, metrics); this class answers its
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
@@ -81,7 +83,7 @@ class VtcbenchLMM(lmms):
 
     def __init__(
         self, model, processor, method: Method, run: RunFolder, *, batch_size: int = 1, show_progress: bool = True,
-        fidelity: bool = False,
+        fidelity: bool = False, keep_indices: int = 0,
     ):
         super().__init__()
         self.model = model
@@ -92,6 +94,7 @@ class VtcbenchLMM(lmms):
         self.batch_size = batch_size
         self.show_progress = show_progress
         self.fidelity = fidelity  # also answer with vanilla: agreement and first-token KL, no labels needed
+        self.keep_indices = keep_indices  # record the kept image tokens of the first N documents per task
         self._device = model.device
         self._system = system_prompt(model.config)
         # one engine per method, built once and entered per batch (its hooks live only inside `with`)
@@ -222,7 +225,11 @@ class VtcbenchLMM(lmms):
     def _generate_batch(self, jobs: list[Job]):
         max_new_tokens, until = generation_settings(jobs[0].request)
         items = self._encode_jobs(jobs)
+        recorded = [self._records_kept(job) for job in jobs]
+        engine = self._engines[id(self.method)]
+        engine.record_kept = any(recorded)
         answer = self._timed_generate(self.method, items, max_new_tokens, until)
+        engine.record_kept = False
         reference = self._timed_generate(VANILLA, items, max_new_tokens, until) if self.fidelity else None
         for row, item in enumerate(items):
             text, new_tokens = answer.outputs[row]
@@ -238,7 +245,34 @@ class VtcbenchLMM(lmms):
                 record["vanilla_prediction"] = vanilla_text
                 record["agrees_with_vanilla"] = _normalise(text) == _normalise(vanilla_text)
                 record["first_token_kl"] = _kl(reference.first_logits[row], answer.first_logits[row])
+            if recorded[row]:
+                record.update(self._kept_record(
+                    jobs[row], engine.original_image_tokens,
+                    {layer: kept[row] for layer, kept in engine.kept_image_tokens.items()},
+                    {layer: merged[row] for layer, merged in engine.merged_image_tokens.items()},
+                ))
             yield item.request_index, text, record
+
+    def _records_kept(self, job: Job) -> bool:
+        """Whether this request's kept image tokens are recorded: one image, a fixed grid
+        (LLaVA-1.5; AnyRes crops have none), among the first `keep_indices` documents."""
+        return (
+            int(job.request.doc_id) < self.keep_indices and len(job.visuals) == 1
+            and self.model.config.model_type == "llava"
+        )
+
+    def _kept_record(self, job: Job, n_image: int, kept: dict[int, list[int]], merged: dict[int, list[list[int]]]) -> dict:
+        """The kept image tokens per layer where they change (and, where tokens were merged, the
+        original tokens in each new one), the token grid, and the image (saved in the run folder)
+        for a retention picture."""
+        side = math.isqrt(n_image)  # LLaVA-1.5's square grid of patches (after a pre-LLM pooling: the pooled one)
+        relative = Path("retention") / f"{job.request.task_name}__{int(job.request.doc_id)}.png"
+        self.run.save_image(relative, job.visuals[0])
+        record = {"kept_image_tokens": {str(layer): indices for layer, indices in sorted(kept.items())},
+                  "image_grid": [side, side], "retention_image": str(relative)}
+        if merged:
+            record["merged_image_tokens"] = {str(layer): groups for layer, groups in sorted(merged.items())}
+        return record
 
     def _encode_jobs(self, jobs: list[Job]) -> list[_Encoded]:
         return [self._encode(self._prompt(job.request.args[0], len(job.visuals)), job.visuals, job.index) for job in jobs]

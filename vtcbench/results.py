@@ -24,9 +24,11 @@ import re
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from vtcbench.errors import VtcbenchError
 
@@ -167,12 +169,15 @@ class RunFolder:
             key = (record["task"], int(record["doc_id"]))
             if int(record.get("request_index", 0)) == 0 and key in metrics:
                 record["metrics"] = metrics[key]
-        handle, temporary = tempfile.mkstemp(prefix=".samples.jsonl.", dir=self.path)
-        with os.fdopen(handle, "w") as stream:
+        with atomic_file(self.samples_path) as stream:
             stream.writelines(json.dumps(record, default=_plain) + "\n" for record in self.finished.values())
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, self.samples_path)
+
+    def save_image(self, relative: Path, image) -> None:
+        """A PIL image at `relative` in the folder, as PNG (never half a file)."""
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(target, "wb") as stream:
+            image.save(stream, format="PNG")
 
     def write_summary(self, summary: dict) -> Path:
         self.sync()
@@ -186,6 +191,23 @@ class RunFolder:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
+@contextmanager
+def atomic_file(path: Path, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """`with atomic_file(path) as handle:` writes a temporary file beside `path`, fsyncs it and
+    renames it over `path` on success (readers see the old file or the new one, never half); on
+    an error the temporary file is removed and `path` is left as it was."""
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, mode, **kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def _plain(value: Any) -> Any:
     """JSON for what metric code returns beyond JSON's types (NumPy scalars and arrays)."""
     if hasattr(value, "tolist"):
@@ -194,10 +216,5 @@ def _plain(value: Any) -> Any:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    """Write to a temporary file beside `path`, then rename over it (readers never see half)."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
+    with atomic_file(path) as stream:
         json.dump(data, stream, indent=2, default=str)
-        stream.flush()
-        os.fsync(stream.fileno())
-    os.replace(temporary, path)

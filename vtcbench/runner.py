@@ -16,7 +16,7 @@ from typing import Any
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods import Method, get_method
-from vtcbench.models import load_config, load_model, model_facts, random_model
+from vtcbench.models import load_config, load_model, model_facts
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.provenance import provenance
 from vtcbench.results import RunFolder
@@ -41,6 +41,7 @@ class RunConfig:
     allow_judge: bool = False
     allow_submission: bool = False
     fidelity: bool = False
+    keep_indices: int = 0  # record the kept image tokens of the first N documents per task
     show_progress: bool = True
 
     def identity(self, method: Method, lmms_tasks: list[str]) -> dict[str, Any]:
@@ -173,7 +174,7 @@ def _evaluate(model, processor, method, folder, task_objects: list, manager, con
 
     lm = VtcbenchLMM(
         model, processor, method, folder, batch_size=config.batch_size, show_progress=config.show_progress,
-        fidelity=config.fidelity,
+        fidelity=config.fidelity, keep_indices=config.keep_indices,
     )
     results = evaluate(
         lm, task_objects, manager, folder, limit=config.limit, seed=config.seed, batch_size=config.batch_size,

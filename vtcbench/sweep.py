@@ -34,6 +34,7 @@ from typing import Any
 from vtcbench.errors import VtcbenchError, choices_error
 from vtcbench.methods import Method, get_method
 from vtcbench.models import ModelFacts, load_config, model_facts
+from vtcbench.results import atomic_file
 
 CRITERIA = ("attention", "pool", "random")
 #: PyramidDrop's layers (Fig. 1: 2, 8, 16, 24 of LLaVA-1.5's 32), scaled to the model's depth
@@ -348,12 +349,12 @@ def _write_outputs(folder: Path, cells, config, by_cell, name: str, metric: str,
                 "prediction": answers[0] if len(answers) == 1 else answers,
                 "score": _sample_score(sample.get(metric_name)),
             }))
-    _atomic_write(folder / "cells.jsonl", "\n".join(lines) + "\n")
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(curves[0]))
-    writer.writeheader()
-    writer.writerows(curves)
-    _atomic_write(folder / "curves.csv", buffer.getvalue())
+    with atomic_file(folder / "cells.jsonl") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with atomic_file(folder / "curves.csv", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(curves[0]))
+        writer.writeheader()
+        writer.writerows(curves)
     from vtcbench.tasks import short_name
 
     kept = {"attention": "top attention", "pool": "average pooling", "random": "random"}[config.criterion]
@@ -387,7 +388,8 @@ def plot_curves(curves: list[dict], path: Path, *, title: str) -> None:
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
-    _atomic_save(figure, path)
+    with atomic_file(path, "wb") as handle:
+        figure.savefig(handle, format="png")
     plt.close(figure)
 
 
@@ -402,15 +404,3 @@ def _attention_share(records: list[dict], folder: Path) -> list[dict]:
     rows = summarise(shares, counts)
     write_outputs(rows, folder)
     return rows
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    temporary.replace(path)
-
-
-def _atomic_save(figure, path: Path) -> None:
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(temporary)
-    temporary.replace(path)

@@ -45,11 +45,14 @@ class Replace:
     `hidden` [batch, k, d] are the new tokens, `position_ids` [batch, k] their RoPE positions and
     `anchors` [batch, k] (ascending indices into the current image tokens) a representative
     original token of each, which fixes its place in the sequence and its attention-mask column.
+    `groups` [batch, n] says which new token (0..k-1) each current image token was merged into
+    (for pictures of what was kept; the computation does not read it).
     """
 
     hidden: torch.Tensor
     position_ids: torch.Tensor
     anchors: torch.Tensor
+    groups: torch.Tensor | None = None
 
 
 @dataclass

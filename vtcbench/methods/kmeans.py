@@ -60,8 +60,8 @@ class KMeans(Method):
         points = ctx.image_hidden()
         positions = ctx.image_positions()
         results = [self._cluster(points[b].float(), positions[b]) for b in range(points.shape[0])]
-        hidden, pos, anchors = (torch.stack(parts) for parts in zip(*results))
-        return Replace(hidden=hidden.to(points.dtype), position_ids=pos, anchors=anchors)
+        hidden, pos, anchors, groups = (torch.stack(parts) for parts in zip(*results))
+        return Replace(hidden=hidden.to(points.dtype), position_ids=pos, anchors=anchors, groups=groups)
 
     def _cluster(self, points: torch.Tensor, positions: torch.Tensor):
         n, k = points.shape[0], self.clusters
@@ -81,4 +81,5 @@ class KMeans(Method):
         first = torch.where(members, index, n).min(dim=1).values
         mean_pos = (one_hot.T @ positions.to(points.dtype)) / counts
         order = first.argsort()
-        return centroids[order], mean_pos[order].floor().long(), first[order]
+        rank = order.argsort()  # a cluster's place among the centroids, in anchor order
+        return centroids[order], mean_pos[order].floor().long(), first[order], rank[assign]

@@ -65,4 +65,5 @@ class LLaVolta(Method):
         positions = ctx.image_positions().reshape(batch, groups, self.stride)
         pooled_positions = positions.sum(dim=-1).div(self.stride, rounding_mode="floor")
         anchors = torch.arange(0, n, self.stride, device=hidden.device).expand(batch, -1)
-        return Replace(hidden=hidden, position_ids=pooled_positions, anchors=anchors)
+        groups = torch.arange(n, device=hidden.device).div(self.stride, rounding_mode="floor").expand(batch, -1)
+        return Replace(hidden=hidden, position_ids=pooled_positions, anchors=anchors, groups=groups)

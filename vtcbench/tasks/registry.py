@@ -390,7 +390,7 @@ def local_task_config(info: TaskInfo, data_path: Path, workdir: Path) -> str:
     data_path = Path(data_path).expanduser().resolve()
     workdir = Path(workdir).expanduser().resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    shipped = _shipped_yaml(info)
+    shipped = task_yaml(info)
     config = _simple_config(shipped)
     split = config.get("test_split") or config.get("validation_split")
     if not split:
@@ -523,7 +523,8 @@ def _data_keys(info: TaskInfo) -> list[str]:
     return list(dict.fromkeys([info.short, info.lmms_name, *([info.data] if info.data else [])]))
 
 
-def _shipped_yaml(info: TaskInfo) -> Path:
+def task_yaml(info: TaskInfo) -> Path:
+    """The YAML that defines the task: vtcbench's own for shipped tasks, else lmms-eval's."""
     if info.shipped_yaml is not None:
         return SHIPPED_DIR / info.shipped_yaml
     relative = _YAML.get(info.lmms_name)
