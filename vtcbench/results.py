@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -189,6 +190,25 @@ class RunFolder:
         """After a failure: remove a folder this run created if it holds no finished sample."""
         if self.created and not self.samples_path.exists():
             shutil.rmtree(self.path, ignore_errors=True)
+
+
+def primary_metric(metrics: dict[str, Any]) -> str | None:
+    """A task's first numeric metric in lmms-eval's results (which keep the YAML's order), e.g.
+    `overall,none`; None if it reported none."""
+    return next((k for k, v in metrics.items() if "_stderr" not in k and isinstance(v, (int, float))
+                 and not isinstance(v, bool)), None)
+
+
+def sample_score(value: Any) -> float | None:
+    """A document's value of a metric (from `metrics` in samples.jsonl) as a number: itself, or
+    the `score` of a record (vtcshapes', POPE's, MME's); None when it has none."""
+    if isinstance(value, dict):
+        value = value.get("score")
+    if isinstance(value, bool):
+        return float(value)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return None
 
 
 @contextmanager

@@ -34,7 +34,7 @@ from typing import Any
 from vtcbench.errors import VtcbenchError, choices_error
 from vtcbench.methods import Method, get_method
 from vtcbench.models import ModelFacts, load_config, model_facts
-from vtcbench.results import atomic_file
+from vtcbench.results import atomic_file, primary_metric, sample_score
 
 CRITERIA = ("attention", "pool", "random")
 #: PyramidDrop's layers (Fig. 1: 2, 8, 16, 24 of LLaVA-1.5's 32), scaled to the model's depth
@@ -201,7 +201,9 @@ def sweep(config: SweepConfig) -> SweepResult:
         seconds = time.perf_counter() - started
         folder.reload()
         name = names[0]
-        metric = _primary_metric(by_cell["vanilla"]["results"][name])
+        metric = primary_metric(by_cell["vanilla"]["results"][name])
+        if metric is None:
+            raise VtcbenchError(f"{name} reported no numeric metric: {sorted(by_cell['vanilla']['results'][name])}")
         records = [r for r in folder.finished.values() if r["task"] == name]
         curves = [_curve_row(cell, config, facts, by_cell[cell.id]["results"][name], metric, records) for cell in cells]
         shares = _attention_share(records, folder.path) if config.attention_share else []
@@ -247,14 +249,6 @@ def _identity(config: SweepConfig, cells: list[Cell], names: list[str]) -> dict[
         "attn_implementation": config.attn_implementation,
         "data_dir": str(config.data_dir.resolve()) if config.data_dir else None,
     }
-
-
-def _primary_metric(results: dict) -> str:
-    """The task's first metric (lmms-eval keeps the YAML's order), e.g. `overall,none`."""
-    for key, value in results.items():
-        if key != "alias" and "_stderr" not in key and isinstance(value, (int, float)):
-            return key
-    raise VtcbenchError(f"the task reported no numeric metric: {sorted(results)}")
 
 
 def _stderr(results: dict, metric: str) -> float | None:
@@ -320,17 +314,6 @@ def shared_flops_ratio(counts: dict[Cell, list[int]], text_tokens: int, facts: M
 # -- outputs ---------------------------------------------------------------------------------------------
 
 
-def _sample_score(values: Any) -> float | None:
-    """A per-sample metric value: a number, or the `score` of a record (vtcshapes, MME-style)."""
-    if isinstance(values, bool):
-        return float(values)
-    if isinstance(values, (int, float)):
-        return float(values)
-    if isinstance(values, dict) and isinstance(values.get("score"), (int, float)):
-        return float(values["score"])
-    return None
-
-
 def _write_outputs(folder: Path, cells, config, by_cell, name: str, metric: str, records: list[dict], curves) -> None:
     metric_name = metric.split(",")[0]
     predictions: dict[int, list[tuple[int, dict]]] = {}
@@ -347,7 +330,7 @@ def _write_outputs(folder: Path, cells, config, by_cell, name: str, metric: str,
                 "ratio": cell.ratio,
                 "doc_id": doc_id,
                 "prediction": answers[0] if len(answers) == 1 else answers,
-                "score": _sample_score(sample.get(metric_name)),
+                "score": sample_score(sample.get(metric_name)),
             }))
     with atomic_file(folder / "cells.jsonl") as handle:
         handle.write("\n".join(lines) + "\n")

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from vtcbench.report.aggregation import AGGREGATION_RESAMPLES, bootstrap_aggregates, task_aggregation
+from vtcbench.results import sample_score
 
 RESAMPLES = 10_000
 LEVEL = 0.95
@@ -69,17 +70,6 @@ class Difference:
     @property
     def excludes_zero(self) -> bool:
         return self.interval is not None and self.interval.excludes_zero
-
-
-def sample_score(value: Any) -> float | None:
-    """A document's value of a metric as a number: itself, or the `score` of a record."""
-    if isinstance(value, dict):
-        value = value.get("score")
-    if isinstance(value, bool):
-        return float(value)
-    if isinstance(value, (int, float)) and math.isfinite(value):
-        return float(value)
-    return None
 
 
 def per_sample_scores(samples: list[dict[str, Any]], task: str, metric: str) -> dict[int, float] | None:

@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from vtcbench.errors import VtcbenchError, choices_error
+from vtcbench.report.aggregation import AGGREGATION_RESAMPLES
 from vtcbench.report.folders import Run, load_runs
 from vtcbench.report.model import HIGHER_IS_BETTER, Cell, Column, Report, Row, Score, Table
-from vtcbench.report.aggregation import AGGREGATION_RESAMPLES
 from vtcbench.report.stats import AGGREGATE, BOOTSTRAP, NONE, RESAMPLES, STDERR, Estimate, estimate, paired_difference
+from vtcbench.results import primary_metric
 
 LAYOUTS = ("auto", "efficiency", "inference", "compressors", "ablation", "sweep")
 MME_FULL_SCORE = 2000  # LLaVolta and PyramidDrop average MME's score divided by 2000
@@ -166,7 +167,7 @@ class Context:
         for short in wanted or order:
             source = next(r for r in [self.reference_of(self.rows[0]), *self.rows] if r and self.task_name(r, short))
             reported = source.summary["tasks"][self.task_name(source, short)]["metrics"]
-            primary = _primary_metric(reported)
+            primary = primary_metric(reported)
             if primary is None:
                 continue
             named = [key for name in self.options.metrics for key in reported if key.partition(",")[0] == name]
@@ -585,12 +586,6 @@ def _several_tasks_note(context: Context) -> list[str]:
     if len({task.short for task in context.tasks}) > 1:
         return ["Cost columns: per-task values averaged over the tasks, weighted by their samples."]
     return []
-
-
-def _primary_metric(metrics: dict[str, Any]) -> str | None:
-    """The task's first numeric metric (lmms-eval keeps the YAML's order), e.g. `overall,none`."""
-    return next((k for k, v in metrics.items() if "_stderr" not in k and isinstance(v, (int, float))
-                 and not isinstance(v, bool)), None)
 
 
 def _score(own: Estimate, scale: float, delta: Score | None, *, clip: bool) -> Score:
