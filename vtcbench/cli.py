@@ -393,6 +393,7 @@ def _print_sweep(result) -> None:
 @user_errors
 def train(
     model: Annotated[str, typer.Option("--model", help="the model to train (its shipped config, random init)")] = "vtc-tiny",
+    init: Annotated[str | None, typer.Option("--init", help="fine-tune these weights (a model name or folder) instead of random ones")] = None,
     method: Annotated[str, typer.Option("--method", "-m", help="compression active during training")] = "vanilla",
     set_: SetOption = None,
     schedule: Annotated[str | None, typer.Option(help="stage-wise schedule, e.g. llavolta-4stage (needs --method llavolta)")] = None,
@@ -435,7 +436,7 @@ def train(
         raise VtcbenchError(f"{out} already exists; pass --overwrite to replace it, or choose --out")
     config = TrainConfig(
         out=out, model=model, method=compression, schedule=schedule, steps=steps, batch_size=batch_size, lr=lr,
-        seed=seed, time_every=time_every, test_per_family=test_per_family,
+        seed=seed, time_every=time_every, test_per_family=test_per_family, init=init,
     )
     if not config.compressed:
         config.time_every = 0  # nothing to compare a vanilla step with

@@ -29,7 +29,15 @@ from vtcbench import shapes
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods import Method, get_method
-from vtcbench.models import build_local_processor, load_config, model_facts, random_model, system_prompt, vicuna_v1_prompt
+from vtcbench.models import (
+    build_local_processor,
+    load_config,
+    load_model,
+    model_facts,
+    random_model,
+    system_prompt,
+    vicuna_v1_prompt,
+)
 from vtcbench.schedules import Stage, describe, label, stages
 from vtcbench.shapes import TEST_PER_FAMILY, TEST_SEED
 from vtcbench.tasks.vtcshapes.utils import normalise
@@ -68,6 +76,7 @@ class TrainConfig:
     log_every: int = 100
     time_every: int = 0  # >0: also time a vanilla step every N steps (side-by-side time ratio)
     test_per_family: int = TEST_PER_FAMILY  # held-out questions per family for the final accuracy
+    init: str | None = None  # start from these weights (a model name or folder) instead of random ones
 
     @property
     def compressed(self) -> bool:
@@ -215,16 +224,21 @@ class TrainResult:
 
 
 def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train from seeded random weights; save model, processor, log and model card to `config.out`."""
+    """Train from seeded random weights (or `config.init`'s); save model, processor, log and model
+    card to `config.out`."""
     model_config = load_config(config.model)
     facts = model_facts(model_config)
     stage_list = stages(config.schedule, config.method, config.steps, facts.n_layers)
     for stage in stage_list:
         stage.method.validate_for(facts.image_tokens, facts.n_layers)
     torch.manual_seed(config.seed)
-    model = random_model(model_config, seed=config.seed, attn_implementation="sdpa").train()
     system = system_prompt(model_config)
-    processor = build_local_processor(model_config, vocabulary(system))
+    if config.init is None:
+        model = random_model(model_config, seed=config.seed, attn_implementation="sdpa").train()
+        processor = build_local_processor(model_config, vocabulary(system))
+    else:  # fine-tuning, as VoCo-LLaMA and STF start from a trained LLaVA
+        model, processor = load_model(config.init, attn_implementation="sdpa")
+        model.train()
     heads = AuxiliaryHeads(model_config.vision_config.hidden_size, model.get_input_embeddings(), processor.tokenizer)
     encoder = Encoder(processor.tokenizer, facts.image_tokens, system)
     draw = training_conversations(config.seed, {s.scene.key() for s in held_out_split()})
@@ -367,6 +381,8 @@ def save(model, processor, config: TrainConfig, result: TrainResult) -> None:
 def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> str:
     """What the folder holds, how it was made, what it scored, and what it is not."""
     command = f"vtcbench train --model {config.model} --seed {config.seed} --steps {config.steps}"
+    if config.init:
+        command += f" --init {config.init} --lr {config.lr:g}"
     if config.schedule:
         command += f" --method llavolta --schedule {config.schedule}"
     elif config.method.name != "vanilla":
@@ -404,7 +420,7 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
   (hidden {text.hidden_size}, {text.num_attention_heads} heads, MLP {text.intermediate_size}), {n_parameters / 1e6:.2f}M parameters in float32.
   The tokenizer is word-level ({text.vocab_size} ids): the vicuna_v1 chat template's words
   and vtcshapes' words; anything else is `<unk>`.
-- Trained from random initialisation, with no pretrained component, by `{command}`:
+- Trained from {f"the weights of {config.init}" if config.init else "random initialisation, with no pretrained component,"} by `{command}`:
   {result.steps} steps of {config.batch_size} scenes drawn fresh from vtcshapes' generator (held-out
   scenes excluded), each with its questions as one multi-turn conversation, AdamW with a one-cycle learning rate peaking at {config.lr:g}, language-model loss on
   the one-word answers plus two auxiliary per-patch losses, the small-scale stand-ins for LLaVA's
