@@ -81,6 +81,11 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
 @pytest.fixture(scope="session")
 def tiny_next():
     """A toy LLaVA-NeXT (AnyRes crops + newline tokens) from the tiny config, with its processor."""
+    return build_tiny_next("sdpa")
+
+
+def build_tiny_next(attn: str):
+    """The `tiny_next` model (the same random weights for every backend) and its processor."""
     import json
 
     from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
@@ -92,7 +97,7 @@ def tiny_next():
     config = LlavaNextConfig.from_dict(data)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation="sdpa").eval()
+        model = LlavaNextForConditionalGeneration._from_config(config, attn_implementation=attn).eval()
     return model, build_local_processor(config)
 
 

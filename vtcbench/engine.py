@@ -12,7 +12,10 @@ no transformers class is patched. Three hook points:
   layer the attention mask, position ids and RoPE tables of the sequence it actually sees.
 
 Bookkeeping is in "spaces": a space is the token sequence as some layers see it, stored as
-indices into the layer-0 sequence (`index0`), plus positions, padding and image flags. The model
+indices into the layer-0 sequence (`index0`), plus positions, padding and image flags. Samples
+may hold different numbers of image tokens (LLaVA-NeXT's AnyRes) and keep different numbers;
+after an action each row is left-padded with filler slots to the longest, and the fillers'
+mask columns are masked (prefill and decode), so each sample computes what it would alone. The model
 builds one mask and one RoPE table for layer 0; every later space gathers its rows/columns from
 them at prefill, and at decode gathers the columns of its cached tokens plus the new ones. Per
 layer the KV cache therefore holds only that layer's tokens. New tokens continue from the
@@ -50,17 +53,19 @@ class Space:
     is_image: torch.Tensor  # bool
     shift: torch.Tensor  # [batch]: layer-0 position of the last prompt token minus ours
     query: torch.Tensor  # [batch]: column of the scoring query (the last prompt token)
+    image_counts: list[int]  # image tokens per sample
+    lengths: list[int]  # slots per sample that are not filler
+    #: bool: slots added (at the front) to pad a shorter sample to the batch's longest; their mask
+    #: columns are masked and they are never valid. None: no sample is padded by the engine
+    filler: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # the attention mask in this space (prefill)
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     decode_memo: tuple = field(default=(), repr=False)  # (mask_in, position_ids_in, mask_out, pos_out, emb_out)
 
     @property
     def image_index(self) -> torch.Tensor:
-        return _row_nonzero(self.is_image)
-
-    @property
-    def image_count(self) -> int:
-        return int(self.is_image[0].sum())
+        """[batch, most image tokens]: each sample's image columns, then (if it has fewer) others."""
+        return _row_nonzero(self.is_image, max(self.image_counts))
 
 
 @dataclass
@@ -70,9 +75,11 @@ class _Request:
     image_mask: torch.Tensor  # [batch, seq] in the original prompt
     input_ids: torch.Tensor
     valid: torch.Tensor  # [batch, seq] bool: not padding
-    n_image: int  # N0 per sample
+    n_image: list[int]  # N0 of each sample
     original_length: int = 0  # padded prompt length before any compression
     lm_index: torch.Tensor | None = None  # layer-0 space in original indices, if layer 0 acted
+    lm_filler: torch.Tensor | None = None  # its filler slots (columns masked at decode), if any
+    decode_width: int = 0  # during a decode step: the layer-0 space's mask width (cache + new tokens)
     space0: Space | None = None
     space: Space | None = None  # current space while the prefill runs through the layers
     layer_space: dict[int, Space] = field(default_factory=dict)
@@ -101,8 +108,8 @@ class CompressionEngine:
         self.facts = model_facts(model)
         self.plan = method.plan(self.n_layers)
         self.score_layers = {score: action for action, score in self.plan.items() if score is not None}
-        #: visual tokens per sample that entered each decoder layer at the last prefill
-        self.applied_image_tokens_per_layer: list[int] = []
+        #: per sample, the visual tokens that entered each decoder layer at the last prefill
+        self.applied_image_tokens_per_sample: list[list[int]] = []
         #: set `record_kept = True` to have each prefill record, per layer where the kept image
         #: tokens change (0: all of them), which ones each sample keeps, as ranks among its
         #: original image tokens (raster order); a pooling method's pooled tokens appear as their
@@ -112,7 +119,7 @@ class CompressionEngine:
         #: with `record_kept`, per layer where a method merged tokens (pooling, k-means), per
         #: sample, the original ranks each new token merged (what a picture of "kept" must show)
         self.merged_image_tokens: dict[int, list[list[list[int]]]] = {}
-        self.original_image_tokens = 0  # per sample, what the ranks count (a layer-0 action replaces layer 0's entry)
+        self.original_image_tokens: list[int] = []  # per sample, what the ranks count (a layer-0 action replaces layer 0's entry)
         self._handles: list = []
         self._request: _Request | None = None
         #: wraps the method's own work (scoring, selection, rebuilding the sequence); a profiler
@@ -122,6 +129,12 @@ class CompressionEngine:
         #: number of (left-padded) prompt columns. Scores then come from the last prompt token, as
         #: PyramidDrop's training code ranks by the last instruction token, and ignore the answer.
         self.prompt_length: int | None = None
+
+    @property
+    def applied_image_tokens_per_layer(self) -> list[int]:
+        """The first sample's `applied_image_tokens_per_sample` (every sample's when their image
+        tokens are equal in number, as in a LLaVA-1.5 batch)."""
+        return self.applied_image_tokens_per_sample[0] if self.applied_image_tokens_per_sample else []
 
     # -- context manager -------------------------------------------------------------------------
     def __enter__(self) -> CompressionEngine:
@@ -193,25 +206,22 @@ class CompressionEngine:
                 raise VtcbenchError("the engine locates image tokens from input_ids; pass input_ids, not inputs_embeds")
             return None
         image_mask = image_token_mask(input_ids, self.facts.image_token_index)
-        counts = image_mask.sum(dim=1)
-        if not bool(counts.any()):
-            self.applied_image_tokens_per_layer = [0] * self.n_layers
+        n_image = image_mask.sum(dim=1).tolist()
+        self.applied_image_tokens_per_sample = [[n] * self.n_layers for n in n_image]
+        if not any(n_image):
             return None
-        if not bool((counts == counts[0]).all()):
-            raise VtcbenchError(
-                f"the engine needs the same number of image tokens in every prompt of a batch; got {counts.tolist()}"
-            )
-        n_image = int(counts[0])
+        if not all(n_image):
+            raise VtcbenchError(f"the engine needs image tokens in every prompt of a batch, or in none; got {n_image}")
         if self.method.where == "pre_llm":
             self._check_pre_llm_prompt(image_mask, kwargs.get("pixel_values"))
-        self.applied_image_tokens_per_layer = [n_image] * self.n_layers
         if self.record_kept:
-            self.kept_image_tokens = {0: [list(range(n_image))] * image_mask.shape[0]}
+            self.kept_image_tokens = {0: [list(range(n)) for n in n_image]}
             self.merged_image_tokens = {}
             self.original_image_tokens = n_image
         if not self.plan:
             return None
-        self.method.validate_for(n_image, self.n_layers)
+        for n in sorted(set(n_image)):
+            self.method.validate_for(n, self.n_layers)
         attention_mask = kwargs.get("attention_mask")
         valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
         self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image)
@@ -251,6 +261,8 @@ class CompressionEngine:
             is_image=request.image_mask,
             shift=position_ids.new_zeros(batch),
             query=torch.full((batch,), query, device=embeds.device),
+            image_counts=request.n_image,
+            lengths=[length] * batch,
         )
         if 0 in self.plan:
             if self.plan[0] == 0:
@@ -259,17 +271,20 @@ class CompressionEngine:
                     request.scores[0] = _query_attention(self.layers[0], embeds, cos_sin, space)
             with self.overhead():
                 space, embeds = self._act(request, 0, space, embeds)
-            request.lm_index = space.index0
+            request.lm_index, request.lm_filler = space.index0, space.filler
             kwargs = dict(kwargs, inputs_embeds=embeds, position_ids=space.position_ids)
-            if attention_mask is not None:
-                kwargs["attention_mask"] = space.valid.to(attention_mask.dtype)
+            if attention_mask is not None or space.filler is not None:  # the model masks fillers as padding
+                kwargs["attention_mask"] = space.valid.to(torch.long if attention_mask is None else attention_mask.dtype)
+            width = space.index0.shape[1]
             space = Space(
-                index0=torch.arange(space.index0.shape[1], device=embeds.device).expand(batch, -1),
+                index0=torch.arange(width, device=embeds.device).expand(batch, -1),
                 position_ids=space.position_ids,
                 valid=space.valid,
                 is_image=space.is_image,
                 shift=space.shift,
                 query=space.query,
+                image_counts=space.image_counts,
+                lengths=[width] * batch,
             )
         else:
             kwargs = dict(kwargs, position_ids=position_ids)
@@ -282,15 +297,22 @@ class CompressionEngine:
         batch, new = embeds.shape[:2]
         space0 = request.space0
         cached0 = seam.find_cache(kwargs).get_seq_length()  # layer 0 is in the layer-0 space
+        request.decode_width = cached0 + new
         position_ids = kwargs.get("position_ids")
         if position_ids is None:
             start = request.original_length + cached0 - space0.index0.shape[1]
             position_ids = torch.arange(start, start + new, device=embeds.device).expand(batch, -1)
         kwargs = dict(kwargs, position_ids=position_ids - space0.shift[:, None])
         attention_mask = kwargs.get("attention_mask")
+        if request.lm_filler is not None and attention_mask is None:  # fillers need a padding mask
+            width = request.original_length + request.decode_width - space0.index0.shape[1]
+            attention_mask = request.lm_filler.new_ones(batch, width, dtype=torch.long)
         if request.lm_index is not None and attention_mask is not None and attention_mask.ndim == 2:
             columns = _decode_columns(request.lm_index, request.original_length, attention_mask.shape[1])
-            kwargs["attention_mask"] = attention_mask.gather(1, columns)
+            attention_mask = attention_mask.gather(1, columns)
+            if request.lm_filler is not None:
+                attention_mask = seam.hide_keys(attention_mask, _pad_right(request.lm_filler, attention_mask.shape[1]))
+            kwargs["attention_mask"] = attention_mask
         return kwargs
 
     def _layer_hook(self, index: int):
@@ -302,7 +324,7 @@ class CompressionEngine:
                 space = request.layer_space.get(index, request.space0)
                 if space is request.space0:
                     return None
-                return args, self._decode_kwargs(space, request.space0.index0.shape[1], kwargs)
+                return args, self._decode_kwargs(request, space, kwargs)
             hidden = seam.hidden_states(args, kwargs)
             space = request.space
             if index in self.score_layers:
@@ -322,7 +344,12 @@ class CompressionEngine:
 
     # -- prefill -----------------------------------------------------------------------------------
     def _act(self, request: _Request, layer: int, space: Space, hidden: torch.Tensor) -> tuple[Space, torch.Tensor]:
-        """Run the method at `layer` and build the space (and hidden states) that follow."""
+        """Run the method at `layer` and build the space (and hidden states) that follow.
+
+        Each row keeps its text (and prompt padding) and its chosen image tokens in order; rows
+        left shorter than the longest are left-padded with filler slots, which copy the row's
+        first kept slot (so the mask rows they gather are ordinary ones) and are masked as keys.
+        """
         image_index = space.image_index
         scores = request.scores.pop(layer, None)
         ctx = LayerContext(
@@ -330,43 +357,66 @@ class CompressionEngine:
             hidden_states=hidden,
             image_index=image_index,
             position_ids=space.position_ids,
-            n_image_original=request.n_image,
+            n_image_per_sample=space.image_counts,
+            n_image_original_per_sample=request.n_image,
             n_layers=self.n_layers,
             keys_fn=request.sample_keys,
             scores_fn=None if scores is None else (lambda: scores.gather(1, image_index)),
         )
         action = self.method.select(ctx)
         chosen = action.indices if isinstance(action, Keep) else action.anchors
+        batch, length = space.is_image.shape
+        counts = [chosen.shape[1]] * batch if action.counts is None else list(action.counts)
         kept_image = image_index.gather(1, chosen)
-        text_index = _row_nonzero(~space.is_image)
-        order = torch.cat([text_index, kept_image], dim=1).sort(dim=1).values
+        real = None
+        if action.counts is not None:  # a row's entries past its count point past the sequence's end
+            real = torch.arange(chosen.shape[1], device=chosen.device) < torch.tensor(counts, device=chosen.device)[:, None]
+            kept_image = kept_image.masked_fill(~real, length)
+        keep = ~space.is_image if space.filler is None else ~space.is_image & ~space.filler
+        keep = torch.cat([keep, keep.new_zeros(batch, 1)], dim=1).scatter(1, kept_image, True)[:, :length]
+        lengths = [n - old + new for n, old, new in zip(space.lengths, space.image_counts, counts)]
+        width = max(lengths)
+        columns = torch.arange(length, device=keep.device)
+        order = torch.where(keep, columns, -1).sort(dim=1).values[:, length - width :]
+        filler = None
+        if min(lengths) < width:
+            filler = order < 0
+            first = order.gather(1, torch.tensor([width - n for n in lengths], device=order.device)[:, None])
+            order = torch.where(filler, first, order)
         is_image = space.is_image.gather(1, order)
         valid = space.valid.gather(1, order)
+        if filler is not None:
+            is_image, valid = is_image & ~filler, valid & ~filler
         hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
         position_ids = space.position_ids.gather(1, order)
         if isinstance(action, Replace):
-            hidden = hidden.masked_scatter(is_image.unsqueeze(-1), action.hidden.to(hidden.dtype))
-            position_ids = position_ids.masked_scatter(is_image, action.position_ids.to(position_ids.dtype))
+            new_hidden, new_positions = (action.hidden, action.position_ids) if real is None else (action.hidden[real], action.position_ids[real])
+            hidden = hidden.masked_scatter(is_image.unsqueeze(-1), new_hidden.to(hidden.dtype))
+            position_ids = position_ids.masked_scatter(is_image, new_positions.to(position_ids.dtype))
         if self.method.position_policy == "compact":
             position_ids = ((valid.cumsum(dim=1) - 1) * valid).to(position_ids.dtype)
         reference = request.space0 or space  # layer 0's space (or this one, when layer 0 acts)
+        is_query = order == space.query[:, None]
         new_space = Space(
             index0=space.index0.gather(1, order),
             position_ids=position_ids,
             valid=valid,
             is_image=is_image,
             shift=reference.position_ids[:, -1] - position_ids[:, -1],
-            query=(order == space.query[:, None]).int().argmax(dim=1),
+            query=(is_query if filler is None else is_query & ~filler).int().argmax(dim=1),
+            image_counts=counts,
+            lengths=lengths,
+            filler=filler,
         )
-        count = new_space.image_count
-        self.applied_image_tokens_per_layer[layer:] = [count] * (self.n_layers - layer)
+        for applied, count in zip(self.applied_image_tokens_per_sample, counts):
+            applied[layer:] = [count] * (self.n_layers - layer)
         if self.record_kept:
             self.kept_image_tokens[layer] = self._image_ranks(request, new_space)
             if isinstance(action, Replace) and action.groups is not None:
                 ranks = self._image_ranks(request, space)
                 self.merged_image_tokens[layer] = [
-                    [[r for r, g in zip(row_ranks, row_groups) if g == k] for k in range(action.anchors.shape[1])]
-                    for row_ranks, row_groups in zip(ranks, action.groups.tolist())
+                    [[r for r, g in zip(row_ranks, row_groups) if g == k] for k in range(count)]
+                    for row_ranks, row_groups, count in zip(ranks, action.groups.tolist(), counts)
                 ]
         return new_space, hidden
 
@@ -384,6 +434,11 @@ class CompressionEngine:
             return kwargs
         if space.position_embeddings is None:
             space.mask = seam.select_mask(kwargs.get("attention_mask"), space.index0, rows=True)
+            if space.filler is not None:
+                if space.mask is None:  # nothing was padded, so the model passed none: build one
+                    causal = space.index0[:, None, :] <= space.index0[:, :, None]
+                    space.mask = seam.explicit_mask(self.model.config._attn_implementation, causal)
+                space.mask = seam.hide_keys(space.mask, space.filler)
             cos, _ = seam.rope_tables(kwargs)
             space.position_embeddings = seam.rope(self.language_model, cos, space.position_ids)
         return dict(
@@ -419,15 +474,24 @@ class CompressionEngine:
         return hidden
 
     # -- decode ------------------------------------------------------------------------------------
-    def _decode_kwargs(self, space: Space, prompt_length0: int, kwargs: dict) -> dict:
+    def _decode_kwargs(self, request: _Request, space: Space, kwargs: dict) -> dict:
         """Mask columns of this layer's cached tokens plus the new ones; positions shifted."""
         mask, position_ids = kwargs.get("attention_mask"), kwargs["position_ids"]
         memo = space.decode_memo
         if not memo or memo[0] is not mask or memo[1] is not position_ids:
             mask_out = None
-            if mask is not None:
-                columns = _decode_columns(space.index0, prompt_length0, mask.shape[-1])
+            if mask is not None or space.filler is not None:
+                prompt_length0 = request.space0.index0.shape[1]
+                width = request.decode_width if mask is None else mask.shape[-1]
+                columns = _decode_columns(space.index0, prompt_length0, width)
                 mask_out = seam.select_mask(mask, columns, rows=False)
+            if space.filler is not None:
+                if mask_out is None:  # nothing was padded, so the model passed none: build one
+                    new = position_ids.shape[1]
+                    after = torch.arange(columns.shape[1], device=columns.device) - space.index0.shape[1]
+                    causal = after <= torch.arange(width - prompt_length0 - new, width - prompt_length0, device=columns.device)[:, None]
+                    mask_out = seam.explicit_mask(self.model.config._attn_implementation, causal.expand(columns.shape[0], -1, -1))
+                mask_out = seam.hide_keys(mask_out, _pad_right(space.filler, columns.shape[1]))
             pos_out = position_ids - space.shift[:, None]
             cos, _ = seam.rope_tables(kwargs)
             emb_out = seam.rope(self.language_model, cos, pos_out)
@@ -505,10 +569,15 @@ def compress(model: nn.Module, method: Method) -> CompressionEngine:
 # -- tensor helpers ------------------------------------------------------------------------------------
 
 
-def _row_nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """Column indices of True per row, [batch, count]; rows must hold the same count (may be 0)."""
-    columns = mask.nonzero()[:, 1]
-    return columns.reshape(mask.shape[0], columns.numel() // mask.shape[0])
+def _row_nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """Per row, the columns where `mask` is True, ascending, then (a row with fewer than `count`)
+    columns where it is False: [batch, count]. A stable sort, so no host sync."""
+    return (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]
+
+
+def _pad_right(flags: torch.Tensor, width: int) -> torch.Tensor:
+    """Bool flags [batch, n] extended with False to `width` columns (the tokens after the prompt)."""
+    return torch.nn.functional.pad(flags, (0, width - flags.shape[1]), value=False)
 
 
 def _decode_columns(kept: torch.Tensor, prompt_length: int, total: int) -> torch.Tensor:

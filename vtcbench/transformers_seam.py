@@ -281,3 +281,28 @@ def check_loaded_keys(loading_info: dict, source: str) -> None:
     if problems:
         detail = "; ".join(f"{len(keys)} {kind.replace('_', ' ')} (e.g. {keys[0]})" for kind, keys in problems.items())
         raise TransformersConventionError(f"the checkpoint {source} does not fit the model: {detail}")
+
+
+# -- masks for samples the engine pads inside a batch ------------------------------------------------------
+
+
+def hide_keys(mask: torch.Tensor, hide: torch.Tensor) -> torch.Tensor:
+    """`mask` with the key columns `hide` [batch, keys] masked: 0 in a 2-D padding mask (flash
+    attention), False in a 4-D boolean one (sdpa), the dtype's minimum in a 4-D additive one (eager)."""
+    if mask.ndim == 2:
+        return mask.masked_fill(hide, 0)
+    if mask.ndim != 4:
+        raise TransformersConventionError(f"an attention mask of shape {tuple(mask.shape)} (expected 2-D or 4-D)")
+    hide = hide[:, None, None, :]
+    if mask.dtype == torch.bool:
+        return mask & ~hide
+    return mask.masked_fill(hide, torch.finfo(mask.dtype).min)
+
+
+def explicit_mask(attention: str, allowed: torch.Tensor) -> torch.Tensor:
+    """The mask a layer takes for `allowed` [batch, queries, keys] where transformers passed none
+    (sdpa's causal shortcut when nothing is padded): a 4-D boolean mask, or for flash attention
+    (which applies causality itself) the 2-D padding mask of the keys the last query sees."""
+    if attention == "flash_attention_2":
+        return allowed[:, -1].long()
+    return allowed[:, None]

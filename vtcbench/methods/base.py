@@ -7,7 +7,8 @@ visual-token count). It declares where it acts and implements only that:
 - in-LLM methods give `plan(n_layers) -> {action_layer: score_layer | None}` and
   `select(ctx) -> Keep | Replace`; the engine calls `select` at the start of each action layer
   with the layer's input and, when a score layer is named, the last prompt token's attention
-  over the image tokens computed from that layer's input.
+  over the image tokens computed from that layer's input. Samples of one batch may hold
+  different numbers of image tokens; `LayerContext` gives each sample's counts.
 - pre-LLM methods give `pre_llm(image_features)` and `pre_llm_tokens(n_image)`.
 
 Every method gives `image_tokens_per_layer(n_image, n_layers)`, the analytic plan that FLOPs
@@ -33,9 +34,14 @@ PositionPolicy = Literal["keep", "compact", "pooled"]
 
 @dataclass(frozen=True)
 class Keep:
-    """Keep these image tokens: indices into the current image tokens, shape [batch, k], ascending."""
+    """Keep these image tokens: indices into the current image tokens, shape [batch, k], ascending.
+
+    `counts` (per sample) says how many leading entries of each row are real when samples keep
+    different numbers (the rest is filler the engine ignores); None: every entry of every row.
+    """
 
     indices: torch.Tensor
+    counts: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -46,24 +52,33 @@ class Replace:
     `anchors` [batch, k] (ascending indices into the current image tokens) a representative
     original token of each, which fixes its place in the sequence and its attention-mask column.
     `groups` [batch, n] says which new token (0..k-1) each current image token was merged into
-    (for pictures of what was kept; the computation does not read it).
+    (for pictures of what was kept; the computation does not read it). `counts` as in `Keep`:
+    per sample, the real leading entries of `hidden`, `position_ids` and `anchors`.
     """
 
     hidden: torch.Tensor
     position_ids: torch.Tensor
     anchors: torch.Tensor
     groups: torch.Tensor | None = None
+    counts: tuple[int, ...] | None = None
 
 
 @dataclass
 class LayerContext:
-    """What a method sees at the start of an action layer (all tensors in the current sequence)."""
+    """What a method sees at the start of an action layer (all tensors in the current sequence).
+
+    Samples of a batch may hold different numbers of image tokens (LLaVA-NeXT's AnyRes gives each
+    image its own count): `image_index` is padded to the largest, and sample b's own tokens are
+    the first `n_image_per_sample[b]` of its row (`image_valid` marks them). A method keeps, per
+    sample, what it would keep for that sample alone.
+    """
 
     layer: int
     hidden_states: torch.Tensor  # [batch, seq, d], the layer's input
-    image_index: torch.Tensor  # [batch, n] sequence indices of the current image tokens
+    image_index: torch.Tensor  # [batch, n] sequence indices of the current image tokens (rows padded)
     position_ids: torch.Tensor  # [batch, seq]
-    n_image_original: int  # N0: image tokens per sample before any compression
+    n_image_per_sample: list[int]  # current image tokens of each sample
+    n_image_original_per_sample: list[int]  # N0 of each sample: its image tokens before any compression
     n_layers: int
     keys_fn: Callable[[], list[int]]  # a stable per-sample key (hash of the prompt's token ids), on demand
     scores_fn: Callable[[], torch.Tensor] | None = None
@@ -76,7 +91,23 @@ class LayerContext:
 
     @property
     def n_image(self) -> int:
+        """Image tokens per row of `image_index`: the largest sample's count."""
         return self.image_index.shape[1]
+
+    @property
+    def uniform(self) -> bool:
+        """Whether every sample holds `n_image` image tokens (no row is padded)."""
+        return all(n == self.n_image for n in self.n_image_per_sample)
+
+    @property
+    def image_valid(self) -> torch.Tensor:
+        """[batch, n] bool: which entries of `image_index` are the sample's own image tokens."""
+        counts = torch.tensor(self.n_image_per_sample, device=self.image_index.device)
+        return torch.arange(self.n_image, device=counts.device) < counts[:, None]
+
+    def keep_counts(self, count: Callable[[int, int], int]) -> list[int]:
+        """Per sample, `count(n_current, n_original)`: what the method keeps of that sample alone."""
+        return [count(n, n0) for n, n0 in zip(self.n_image_per_sample, self.n_image_original_per_sample)]
 
     @property
     def scores(self) -> torch.Tensor:
@@ -162,9 +193,16 @@ class ScoredDrop(Method):
         return ctx.scores
 
     def select(self, ctx: LayerContext) -> Keep:
-        k = self.action_count(ctx.layer, ctx.n_image, ctx.n_image_original, ctx.n_layers)
-        top = self.score(ctx).topk(k, dim=-1, sorted=False).indices
-        return Keep(top.sort(dim=-1).values)
+        ks = ctx.keep_counts(lambda n, n0: self.action_count(ctx.layer, n, n0, ctx.n_layers))
+        scores = self.score(ctx)
+        if ctx.uniform and len(set(ks)) == 1:
+            top = scores.topk(ks[0], dim=-1, sorted=False).indices
+            return Keep(top.sort(dim=-1).values)
+        # per sample: its own top k_b among its own tokens (padding scores -inf), ascending, then filler
+        top = scores.masked_fill(~ctx.image_valid, float("-inf")).topk(max(ks), dim=-1).indices
+        real = torch.arange(top.shape[1], device=top.device) < torch.tensor(ks, device=top.device)[:, None]
+        indices = torch.where(real, top, ctx.n_image).sort(dim=-1).values
+        return Keep(torch.where(real, indices, 0), counts=tuple(ks))
 
 
 # -- validation helpers --------------------------------------------------------------------------

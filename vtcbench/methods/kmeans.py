@@ -57,10 +57,15 @@ class KMeans(Method):
         return self.clusters
 
     def select(self, ctx: LayerContext) -> Replace:
+        """Cluster each sample's own image tokens (the first `n_image_per_sample[b]` of its row):
+        every sample yields `clusters` centroids, so rows stay equal."""
         points = ctx.image_hidden()
         positions = ctx.image_positions()
-        results = [self._cluster(points[b].float(), positions[b]) for b in range(points.shape[0])]
-        hidden, pos, anchors, groups = (torch.stack(parts) for parts in zip(*results))
+        results = [self._cluster(points[b, :n].float(), positions[b, :n]) for b, n in enumerate(ctx.n_image_per_sample)]
+        hidden, pos, anchors = (torch.stack(parts) for parts in list(zip(*results))[:3])
+        groups = torch.zeros(points.shape[:2], dtype=torch.long, device=points.device)  # a shorter row's padding: never read
+        for b, result in enumerate(results):
+            groups[b, : result[3].shape[0]] = result[3]
         return Replace(hidden=hidden.to(points.dtype), position_ids=pos, anchors=anchors, groups=groups)
 
     def _cluster(self, points: torch.Tensor, positions: torch.Tensor):

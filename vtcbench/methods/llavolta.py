@@ -59,6 +59,8 @@ class LLaVolta(Method):
         return n_current // self.stride
 
     def select(self, ctx: LayerContext) -> Replace:
+        """Pool each row in windows of `stride`; a sample's span divides by `stride`, so its own
+        windows never reach the padding of a shorter sample's row (those are ignored)."""
         batch, n, dim = ctx.hidden_states.shape[0], ctx.n_image, ctx.hidden_states.shape[-1]
         groups = n // self.stride
         hidden = ctx.image_hidden().reshape(batch, groups, self.stride, dim).mean(dim=2)
@@ -66,4 +68,5 @@ class LLaVolta(Method):
         pooled_positions = positions.sum(dim=-1).div(self.stride, rounding_mode="floor")
         anchors = torch.arange(0, n, self.stride, device=hidden.device).expand(batch, -1)
         groups = torch.arange(n, device=hidden.device).div(self.stride, rounding_mode="floor").expand(batch, -1)
-        return Replace(hidden=hidden, position_ids=pooled_positions, anchors=anchors, groups=groups)
+        counts = None if ctx.uniform else tuple(ctx.keep_counts(lambda n_b, _: n_b // self.stride))
+        return Replace(hidden=hidden, position_ids=pooled_positions, anchors=anchors, groups=groups, counts=counts)

@@ -2,7 +2,8 @@
 
 At the start of layer K keep round(N * (1 - R)) image tokens chosen uniformly at random,
 positions kept. The draw is seeded by `seed` and by a hash of each sample's prompt tokens, so a
-sample gets the same draw alone or in a batch and on every rerun.
+sample gets the same draw alone or in a batch (of any mix of image-token counts) and on every
+rerun.
 """
 
 from dataclasses import dataclass
@@ -36,8 +37,8 @@ class RandomDrop(ScoredDrop):
         return round(n_image_original * (1 - self.drop_ratio))
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
-        rows = []
-        for key in ctx.sample_keys:
+        rows = torch.zeros(len(ctx.sample_keys), ctx.n_image)  # a sample with fewer tokens: the rest is never read
+        for row, (key, n) in enumerate(zip(ctx.sample_keys, ctx.n_image_per_sample)):
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + key)
-            rows.append(torch.rand(ctx.n_image, generator=generator))
-        return torch.stack(rows).to(ctx.hidden_states.device)
+            rows[row, :n] = torch.rand(n, generator=generator)
+        return rows.to(ctx.hidden_states.device)
