@@ -74,3 +74,59 @@ def test_mixed_batch_equals_each_prompt_alone(next_model, case):
         assert counts[row] == alone_counts[0] == method.image_tokens_per_layer(n_image[row], N_LAYERS)
     if name != "kmeans":  # (k-means keeps `clusters` of every sample)
         assert len({tuple(c) for c in counts}) > 1  # the samples really keep different numbers
+
+
+def test_run_batches_llava_next_images_of_different_sizes_together(tiny_next, tmp_path):
+    """`vtcbench run`'s grouping: NeXT requests with images of 4 sizes go in one batch, and each
+    answer and per-layer count is the one the request gets alone."""
+    from lmms_eval.api.instance import Instance
+
+    from vtcbench.lmms_model import VtcbenchLMM
+    from vtcbench.results import RunFolder
+
+    docs = [{"image": _image(size, seed), "question": q} for seed, (size, q) in enumerate(zip(SIZES, QUESTIONS))]
+    requests = [
+        Instance(
+            request_type="generate_until",
+            arguments=(doc["question"], {"max_new_tokens": 3, "until": ["\n\n"]}, lambda d: [d["image"]], doc_id, "toy", "test"),
+            idx=0,
+            metadata={"task": "toy", "doc_id": doc_id, "repeats": 1},
+        )
+        for doc_id, doc in enumerate(docs)
+    ]
+    runs = {}
+    for batch_size in (1, 4):
+        folder = RunFolder.open(tmp_path / str(batch_size), {"model": "tiny-next", "method": "fastv", "batch": batch_size}, {"git_revision": "x"})
+        lmm = VtcbenchLMM(*tiny_next, get_method("fastv", layer=1, drop_ratio=0.5), folder, batch_size=batch_size, show_progress=False)
+        lmm.task_dict = {"toy": {"test": docs}}
+        runs[batch_size] = (lmm.generate_until(requests), sorted(lmm.run.finished.values(), key=lambda r: r["doc_id"]))
+    (alone, alone_records), (batched, records) = runs[1], runs[4]
+    assert batched == alone
+    assert [r["batch_size"] for r in records] == [4] * len(SIZES)
+    assert len({r["image_tokens"] for r in records}) == len(SIZES)
+    for record, single in zip(records, alone_records):
+        assert record["image_tokens_per_layer"] == single["image_tokens_per_layer"]
+        assert record["image_tokens_per_layer"] == get_method("fastv", layer=1, drop_ratio=0.5).image_tokens_per_layer(record["image_tokens"], N_LAYERS)
+
+
+@pytest.mark.parametrize("case", ["fastv-first", "pdrop", "llavolta", "random-first"])
+def test_unpadded_batch_with_different_counts(tiny_next, case):
+    """Prompts of equal length whose image-token counts differ: nothing is padded, so sdpa gets no
+    mask from the model, and the engine must build one to hide the filler slots after an action."""
+    model, processor = tiny_next
+    images = [_image(SIZES[0], 0), _image(SIZES[1], 1)]  # 268 and 272 image tokens
+    length = lambda image, text: processor(images=[image], text=[text], return_tensors="pt")["input_ids"].shape[1]  # noqa: E731
+    texts = [_prompt("Is it " + "red, " * k + "or blue?") for k in range(8)]
+    target = length(images[1], texts[0])
+    texts = [next(t for t in texts if length(images[0], t) == target), texts[0]]
+    batch = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+    assert bool(batch["attention_mask"].all())
+    name, params = CASES[case]
+    method = get_method(name, **params)
+    tokens, logits, counts = _generate(model, batch, method)
+    for row, (image, text) in enumerate(zip(images, texts)):
+        alone_tokens, alone_logits, alone_counts = _generate(model, dict(processor(images=[image], text=[text], return_tensors="pt")), method)
+        assert tokens[row].tolist() == alone_tokens[0].tolist()
+        torch.testing.assert_close(logits[row], alone_logits[0], atol=1e-5, rtol=1e-5)
+        assert counts[row] == alone_counts[0]
+    assert counts[0] != counts[1]

@@ -4,8 +4,9 @@ lmms-eval owns the benchmarks (prompts, splits, metrics); this class answers its
 - prompts in the model family's original evaluation format: LLaVA-1.5 and LLaVA-NeXT-Vicuna
   were evaluated with the `vicuna_v1` conversation (LLaVA repo `conv_vicuna_v1`): its system
   prompt, then `USER: <image>\\n{question} ASSISTANT:`;
-- greedy decoding, batched: requests are grouped by generation kwargs and by visual-token count
-  (the engine needs equal counts within a batch), left-padded, and run under the engine;
+- greedy decoding, batched: requests are grouped by task and generation kwargs (LLaVA-1.5: and
+  by the number of images, which a pre-LLM method's shortened prompt needs equal), left-padded,
+  and run under the engine, which handles different visual-token counts per prompt (AnyRes);
 - every finished request is appended to the run folder at once (prediction, visual tokens per
   layer, prefill and decode time, tokens generated) and read back on resume instead of recomputed;
 - a generation error propagates: no request is silently scored as "" (lmms-eval's own
@@ -44,7 +45,7 @@ class _Generated:
     outputs: list[tuple[str, int]]  # (text, tokens generated) per row
     timing: dict
     first_logits: torch.Tensor | None  # [batch, vocab], the first answer token's logits (--fidelity only)
-    image_tokens_per_layer: list[int]
+    image_tokens_per_layer: list[list[int]]  # per row
 
 
 def _normalise(answer: str) -> str:
@@ -161,17 +162,20 @@ class VtcbenchLMM(lmms):
         return results
 
     def _batches(self, requests: list[Instance], pending: list[int], batch_size: int) -> Iterator[list[Job]]:
-        """Group by task, generation kwargs and what fixes the visual-token count (the number of
-        images; for AnyRes, their sizes), in arrival order; a group goes as soon as it is full, the
-        rest at the end. Each request's visuals are read once (a dataset row decodes its image on
-        every access), and at most one unfinished group per key is held in memory."""
+        """Group by task and generation kwargs, in arrival order; a group goes as soon as it is
+        full, the rest at the end. The engine takes prompts with different visual-token counts
+        (LLaVA-NeXT's AnyRes images of any sizes) in one batch, but not prompts with images next
+        to prompts without; LLaVA-1.5 prompts are also grouped by their number of images, which
+        a pre-LLM method (`engine.prepare`) needs equal. Each request's visuals are read once (a
+        dataset row decodes its image on every access), and at most one unfinished group per key
+        is held in memory."""
         groups: dict[tuple, list[Job]] = defaultdict(list)
         for index in pending:
             request = requests[index]
             visuals = self._visuals(request)
             kwargs = request.args[1] if request.request_type != "loglikelihood" else None
-            sizes = tuple(v.size for v in visuals) if self.model.config.model_type == "llava_next" else len(visuals)
-            key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), sizes)
+            images = bool(visuals) if self.model.config.model_type == "llava_next" else len(visuals)
+            key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), images)
             groups[key].append(Job(index, request, visuals))
             if len(groups[key]) == batch_size:
                 yield groups.pop(key)
@@ -238,7 +242,7 @@ class VtcbenchLMM(lmms):
                 "new_tokens": new_tokens,
                 "prompt_tokens": int(item.input_ids.shape[0]),
                 "image_tokens": item.image_tokens,
-                "image_tokens_per_layer": answer.image_tokens_per_layer,
+                "image_tokens_per_layer": answer.image_tokens_per_layer[row],
             }
             if reference is not None:
                 vanilla_text = reference.outputs[row][0]
@@ -247,7 +251,7 @@ class VtcbenchLMM(lmms):
                 record["first_token_kl"] = _kl(reference.first_logits[row], answer.first_logits[row])
             if recorded[row]:
                 record.update(self._kept_record(
-                    jobs[row], engine.original_image_tokens,
+                    jobs[row], engine.original_image_tokens[row],
                     {layer: kept[row] for layer, kept in engine.kept_image_tokens.items()},
                     {layer: merged[row] for layer, merged in engine.merged_image_tokens.items()},
                 ))
@@ -301,7 +305,7 @@ class VtcbenchLMM(lmms):
         sequences = output.sequences if self.fidelity else output
         results = self._answers(sequences[:, inputs["input_ids"].shape[1] :], until)
         first_logits = output.logits[0].float() if self.fidelity else None
-        return _Generated(results, timing, first_logits, list(engine.applied_image_tokens_per_layer))
+        return _Generated(results, timing, first_logits, [list(c) for c in engine.applied_image_tokens_per_sample])
 
     def _answers(self, new: torch.Tensor, until: list[str]) -> list[tuple[str, int]]:
         """(text, tokens generated) per row of generated ids: cut after EOS, then at a stop string."""

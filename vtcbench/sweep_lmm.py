@@ -97,7 +97,7 @@ class SweepLMM(VtcbenchLMM):
                     hidden = engine.prefill_from(branch.layer, inputs, trunk, cache)
                     new = self._continue(inputs, cache, hidden, max_new_tokens, until)
                 texts[branch.cell] = [text for text, _ in self._answers(new, until)]
-                tokens[branch.cell] = list(engine.applied_image_tokens_per_layer)
+                tokens[branch.cell] = [list(c) for c in engine.applied_image_tokens_per_sample]
                 separate_s += trunk.reached[branch.layer] - started  # the layers the branch shares
             separate_s += clock() - branch_started
         sweep_s = clock() - started
@@ -105,7 +105,7 @@ class SweepLMM(VtcbenchLMM):
             record = {
                 "prompt_tokens": int(item.input_ids.shape[0]),
                 "image_tokens": item.image_tokens,
-                "image_tokens_per_layer": tokens,
+                "image_tokens_per_layer": {cell: counts[row] for cell, counts in tokens.items()},
                 "batch_size": len(items),
                 # the batch's wall time, and that of separate runs estimated from the trunk's time
                 # to each branch's layer plus the branch's own; per request
