@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import build_tiny_next
+from conftest import build_tiny_next, left_pad, pixels, prompt_ids
 from vtcbench.engine import compress
+from vtcbench.errors import VtcbenchError
 from vtcbench.methods import get_method
 
 # 4 image sizes -> 268, 272, 136 and 336 image tokens on the tiny LLaVA-NeXT; prompts of different lengths too
@@ -130,3 +131,18 @@ def test_unpadded_batch_with_different_counts(tiny_next, case):
         torch.testing.assert_close(logits[row], alone_logits[0], atol=1e-5, rtol=1e-5)
         assert counts[row] == alone_counts[0]
     assert counts[0] != counts[1]
+
+
+def test_a_batch_mixing_prompts_with_and_without_images_is_refused(tiny):
+    """A text-only prompt has no N0 for the method to plan on; vanilla runs such a batch."""
+    model = tiny("sdpa")
+    with_image = prompt_ids(model, 2, 3, seed=0)
+    text_only = with_image[:, with_image[0] != model.config.image_token_index]
+    ids, mask = left_pad([with_image, text_only], model.config.pad_token_id or 0)
+    inputs = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels(0)}
+    with torch.no_grad():
+        with compress(model, get_method("vanilla")) as engine:
+            model(**inputs)
+        assert engine.applied_image_tokens_per_sample == [[64] * N_LAYERS, [0] * N_LAYERS]
+        with compress(model, get_method("fastv")), pytest.raises(VtcbenchError, match=r"fastv needs image tokens in every prompt.*\[64, 0\]"):
+            model(**inputs)

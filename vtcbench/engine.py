@@ -210,8 +210,6 @@ class CompressionEngine:
         self.applied_image_tokens_per_sample = [[n] * self.n_layers for n in n_image]
         if not any(n_image):
             return None
-        if not all(n_image):
-            raise VtcbenchError(f"the engine needs image tokens in every prompt of a batch, or in none; got {n_image}")
         if self.method.where == "pre_llm":
             self._check_pre_llm_prompt(image_mask, kwargs.get("pixel_values"))
         if self.record_kept:
@@ -220,6 +218,8 @@ class CompressionEngine:
             self.original_image_tokens = n_image
         if not self.plan:
             return None
+        if not all(n_image):
+            raise VtcbenchError(f"{self.method.name} needs image tokens in every prompt of a batch, or in none; got {n_image}")
         for n in sorted(set(n_image)):
             self.method.validate_for(n, self.n_layers)
         attention_mask = kwargs.get("attention_mask")

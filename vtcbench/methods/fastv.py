@@ -8,7 +8,9 @@ hold only kept tokens during decode (the official HF port's behaviour).
 
 Difference: the official code reads the attention map that layer K-1's eager attention
 returns; we recompute the same row from layer K-1's input (`input_layernorm`, `q_proj`,
-`k_proj`, RoPE, `repeat_kv`), so FastV also runs under sdpa and flash_attention_2.
+`k_proj`, RoPE, `repeat_kv`), so FastV also runs under sdpa and flash_attention_2. In a batch
+each sample keeps round(N_b * (1 - R)) of its own N_b image tokens, as it would alone (the
+official code runs one sample at a time; LLaVA-NeXT samples differ in N_b).
 """
 
 from dataclasses import dataclass

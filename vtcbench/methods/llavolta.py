@@ -9,7 +9,8 @@ CR = N L / ((N - K) L_out + K L).
 
 Difference: the official code pools inside its patched forward; here the engine substitutes the
 pooled tokens at layer K's input, and during decode the KV caches of layers >= K hold the pooled
-tokens.
+tokens. In a batch each sample's own image span is pooled (the stride must divide every sample's
+count), so samples with different counts (LLaVA-NeXT) keep different numbers.
 """
 
 from dataclasses import dataclass

@@ -10,7 +10,8 @@ the top int(N0 * lambda^s), counted against the ORIGINAL N0. Position ids are co
 
 Difference: with left padding, compaction renumbers only the real tokens (padding stays at 0),
 so a batched prompt gets the same positions as it would alone. During decode, new tokens
-continue from the compacted length of each stage (what an uncached rerun would give them).
+continue from the compacted length of each stage (what an uncached rerun would give them). In a
+batch each sample keeps int(N0_b * lambda^s) of its own N0_b (LLaVA-NeXT samples differ in N0_b).
 """
 
 from dataclasses import dataclass
