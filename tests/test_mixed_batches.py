@@ -48,9 +48,11 @@ def _prompt(question: str) -> str:
 
 
 def _generate(model, inputs: dict, method, new_tokens: int = 3):
+    """Exactly `new_tokens` greedy tokens (EOS suppressed until then, so rows never stop early),
+    every step's raw logits and the engine's per-sample counts."""
     with torch.no_grad(), compress(model, method) as engine:
         out = model.generate(
-            **inputs, max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True
         )
     return out.sequences[:, -new_tokens:], torch.stack(out.logits, dim=1), engine.applied_image_tokens_per_sample
 
