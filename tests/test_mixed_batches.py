@@ -17,8 +17,11 @@ from vtcbench.methods import get_method
 SIZES = [(80, 60), (60, 80), (56, 56), (120, 120)]
 QUESTIONS = ["What is it?", "Describe the colours you can see in this picture, please.", "Why?", "Count the squares in it."]
 N_LAYERS = 4
-# every in-LLM method at its first legal action layer and at a later one (the tiny model has 4 layers)
+# every in-LLM method at its first legal action layer and at a later one (the tiny model has 4
+# layers), and keep-all boundaries at the last layer
 CASES = {
+    "fastv-last-keep-all": ("fastv", {"layer": 3, "drop_ratio": 0.0}),
+    "pdrop-keep-all": ("pdrop", {"layers": (1, 3), "keep_ratio": 1.0}),
     "fastv-first": ("fastv", {"layer": 1, "drop_ratio": 0.5}),
     "fastv": ("fastv", {"layer": 2, "drop_ratio": 0.7}),
     "pdrop-first": ("pdrop", {"layers": (1,), "keep_ratio": 0.5}),
@@ -39,8 +42,8 @@ def next_model(request):
 
 
 def _image(size: tuple[int, int], seed: int) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
+    values = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(values)
 
 
 def _prompt(question: str) -> str:
