@@ -27,7 +27,7 @@ import torch
 
 from vtcbench.errors import VtcbenchError, choices_error
 
-Where = Literal["none", "in_llm", "pre_llm"]
+Where = Literal["none", "in_llm", "pre_llm", "cache"]  # cache: acts on the KV cache after a masked prefill (voco)
 PositionPolicy = Literal["keep", "compact", "pooled"]
 
 
