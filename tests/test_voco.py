@@ -196,7 +196,7 @@ def test_second_question_about_a_cached_image_skips_encoding(voco_model):
 def test_profile_second_question_has_no_encoding_phase(voco_model):
     from vtcbench.profilers.voco import profile_voco
 
-    model, processor, token = voco_model()
+    model, _, token = voco_model()
     record = profile_voco(model, "tiny", get_method("voco", voco_tokens=K), voco_id=token, text_tokens=8, new_tokens=2,
                           iterations=1, warmup=0)
     first, second = record["questions"]
@@ -241,3 +241,45 @@ def test_flops_plan():
         assert report.tflops_image == pytest.approx(32 * layer_macs(k, facts, grouped_query=False) / 1e12)
         assert report.compression_ratio == pytest.approx(576 / k)
     assert get_method("voco", voco_tokens=2).compression_pass_tokens(576) == 578
+
+
+def test_voco_training_adds_the_token_trains_through_the_mask_and_saves_a_loadable_voco_model(tmp_path):
+    """`vtcbench train --method voco` (random init, 4 steps): a folder that loads normally, keeps `<voco>`,
+    answers through the efficient form, and reports held-out accuracy with voco."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from vtcbench.cli import app
+
+    out = tmp_path / "voco"
+    args = ["train", "--steps", "4", "--batch-size", "4", "--test-per-family", "1", "--time-every", "0",
+            "--method", "voco", "--set", "voco_tokens=1", "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert set(json.loads((out / "training.json").read_text())["accuracy"]) == {"vanilla", "voco(voco_tokens=1)"}
+    model, processor = load_model(str(out))
+    token = get_method("voco", voco_tokens=1).check_model(model, processor.tokenizer)
+    assert token == model.get_input_embeddings().num_embeddings - 1 == model.config.text_config.vocab_size - 1
+    generated = CliRunner().invoke(app, ["generate", "--method", "voco", "--set", "voco_tokens=1", "--model", str(out)])
+    assert generated.exit_code == 0, generated.output
+    assert "visual tokens per layer (6 layers): 1" in generated.output
+
+
+def test_training_inputs_carry_the_voco_mask_and_running_positions():
+    from vtcbench.models import build_local_processor, random_model
+    from vtcbench.training import Encoder, training_conversations, vocabulary
+
+    config = load_config("vtc-tiny")
+    model, processor = random_model(config), build_local_processor(config, vocabulary(""))
+    method = get_method("voco", voco_tokens=K)
+    method.prepare_training(model, processor)
+    token = method.check_model(model, processor.tokenizer)
+    batch = Encoder(processor.tokenizer, 64, "", method.prompt)(training_conversations(0, set())(3))
+    inputs = method.training_inputs(model, processor.tokenizer, batch.inputs)
+    ids, padding = batch.inputs["input_ids"], batch.inputs["attention_mask"]
+    first, last = voco_span(ids, token, K)
+    assert torch.equal(first + K - 1, last)
+    assert torch.equal(inputs["attention_mask"], attention_mask(ids, padding, token, K, model.dtype))
+    assert torch.equal(inputs["position_ids"], position_ids(padding))
+    assert (inputs["position_ids"].gather(1, first[:, None]) == 65).all()  # BOS + 64 image tokens before it

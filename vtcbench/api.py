@@ -73,17 +73,11 @@ def answer(
     return Answer(text=text, image_tokens_per_layer=counts)
 
 
+
 def _answer_voco(model, processor, method: Method, question: str, picture: Image.Image, max_new_tokens: int) -> Answer:
     """VoCo-LLaMA's efficient form: compress the image into the VoCo tokens' cache, then answer against it."""
-    from vtcbench.voco import Row, VocoCache, generate
+    from vtcbench.voco import answer_batch
 
-    token = method.check_model(model, processor.tokenizer)
-    prompt = method.prompt(question, system_prompt(model.config))
-    inputs = processor(images=[picture], text=[prompt], return_tensors="pt").to(model.device)
-    tokenizer = processor.tokenizer
-    row = Row(inputs["input_ids"][0], inputs["pixel_values"].to(model.dtype), inputs.get("image_sizes"))
-    new = generate(model, [row], voco_id=token, voco_tokens=method.voco_tokens, store=VocoCache(), max_new_tokens=max_new_tokens,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
+    (text,) = answer_batch(model, processor, method, [question], [picture], max_new_tokens)
     facts = model_facts(model)
-    text = tokenizer.decode(new[0], skip_special_tokens=True).strip()
     return Answer(text=text, image_tokens_per_layer=method.image_tokens_per_layer(facts.image_tokens, facts.n_layers))

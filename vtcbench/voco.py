@@ -223,7 +223,7 @@ def compress_images(
     miss it (one batch: their prefixes have the same length), keeping only the VoCo entries."""
     prefixes, keys = [], []
     for row in rows:
-        first, last = voco_span(row.input_ids[None], voco_id, voco_tokens)
+        _, last = voco_span(row.input_ids[None], voco_id, voco_tokens)
         prefixes.append(row.input_ids[: int(last) + 1])
         keys.append(VocoCache.key(prefixes[-1], row.pixel_values))
     found = {key: store.get(key) for key in keys if key in store.images}
@@ -343,6 +343,22 @@ def generate(
         if bool(done.all()):
             break
     return new
+
+
+def answer_batch(model: nn.Module, processor, method, questions: list[str], pictures: list, max_new_tokens: int) -> list[str]:
+    """Greedy answers, one question per image, in the efficient form (`vtcbench generate`, training's evaluation)."""
+    from vtcbench.models import system_prompt
+
+    token = method.check_model(model, processor.tokenizer)
+    tokenizer = processor.tokenizer
+    rows = []
+    for question, picture in zip(questions, pictures):
+        inputs = processor(images=[picture], text=[method.prompt(question, system_prompt(model.config))], return_tensors="pt")
+        inputs = inputs.to(model.device)
+        rows.append(Row(inputs["input_ids"][0], inputs["pixel_values"].to(model.dtype), inputs.get("image_sizes")))
+    new = generate(model, rows, voco_id=token, voco_tokens=method.voco_tokens, store=VocoCache(), max_new_tokens=max_new_tokens,
+                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
+    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
 
 
 # -- storage ----------------------------------------------------------------------------------------------

@@ -56,3 +56,19 @@ class Voco(Method):
         from vtcbench.voco import voco_prompt
 
         return voco_prompt(question, self.voco_tokens, system)
+
+    def prepare_training(self, model, processor) -> None:
+        """Add `<voco>` and its embedding row (a LLaVA fine-tuned into VoCo-LLaMA, as train.py does)."""
+        from vtcbench.voco import add_voco_token
+
+        add_voco_token(model, processor)
+
+    def training_inputs(self, model, tokenizer, inputs: dict) -> dict:
+        """The masked single pass over prompt + teacher-forced answers, VoCo-LLaMA's training forward."""
+        from vtcbench.voco import attention_mask, check_attention, position_ids
+
+        check_attention(model)
+        token = self.check_model(model, tokenizer)
+        padding = inputs["attention_mask"]
+        mask = attention_mask(inputs["input_ids"], padding, token, self.voco_tokens, model.dtype)
+        return dict(inputs, attention_mask=mask, position_ids=position_ids(padding))
