@@ -10,7 +10,7 @@ from PIL import Image
 from vtcbench import transformers_seam as seam
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods import get_method
-from vtcbench.models import load_config, load_model, model_facts
+from vtcbench.models import load_config, load_model, model_facts, system_prompt
 from vtcbench.voco import (
     Row,
     VocoCache,
@@ -283,3 +283,43 @@ def test_training_inputs_carry_the_voco_mask_and_running_positions():
     assert torch.equal(inputs["attention_mask"], attention_mask(ids, padding, token, K, model.dtype))
     assert torch.equal(inputs["position_ids"], position_ids(padding))
     assert (inputs["position_ids"].gather(1, first[:, None]) == 65).all()  # BOS + 64 image tokens before it
+
+
+def test_lmms_model_answers_through_the_compressed_cache(voco_model, tmp_path):
+    """`vtcbench run`'s generation path: batch 3 == batch 1 == the single pass; a repeated image is reused."""
+    from lmms_eval.api.instance import Instance
+
+    from vtcbench.lmms_model import VtcbenchLMM
+    from vtcbench.results import RunFolder
+
+    model, processor, token = voco_model("sdpa")
+    docs = [{"image": picture, "question": question} for picture, question in zip(images(0, 1, 0), (*QUESTIONS, "what is it ?"))]
+
+    def requests(kind: str) -> list[Instance]:
+        target = {"max_new_tokens": 3, "until": ["\n\n"]} if kind == "generate_until" else " red"
+        return [Instance(request_type=kind, arguments=(doc["question"], target, lambda d: [d["image"]], i, "toy", "test"), idx=0,
+                         metadata={"task": "toy", "doc_id": i, "repeats": 1}) for i, doc in enumerate(docs)]
+
+    def lmm(name: str, batch_size: int) -> VtcbenchLMM:
+        folder = RunFolder.open(tmp_path / name, {"model": "tiny", "method": "voco", "batch": batch_size}, {"git_revision": "x"})
+        built = VtcbenchLMM(model, processor, get_method("voco", voco_tokens=K), folder, batch_size=batch_size, show_progress=False)
+        built.task_dict = {"toy": {"test": docs}}
+        return built
+
+    system = system_prompt(model.config)
+    one, three = lmm("one", 1), lmm("three", 3)
+    answers = one.generate_until(requests("generate_until"))
+    assert three.generate_until(requests("generate_until")) == answers
+    assert one._voco.store.hits == 1 and len(one._voco.store.images) == 2  # docs 0 and 2 share an image
+    for doc, answer in zip(docs, answers):
+        inputs = dict(processor(images=[doc["image"]], text=[voco_prompt(doc["question"], K, system)], return_tensors="pt"))
+        new = single_pass_generate(model, inputs, token, K, max_new_tokens=3)
+        assert answer == processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
+    records = sorted(one.run.finished.values(), key=lambda r: r["doc_id"])
+    assert [r["image_tokens_per_layer"] for r in records] == [[K] * 4] * 3
+    assert [r["voco_cache_hits"] for r in records] == [0, 0, 1]
+    scores = lmm("loglikelihood", 1).loglikelihood(requests("loglikelihood"))
+    inputs = dict(processor(images=[docs[0]["image"]], text=[voco_prompt(docs[0]["question"], K, system) + " red"], return_tensors="pt"))
+    logits = single_pass_logits(model, inputs, token, K)
+    target = inputs["input_ids"][0, -1]
+    assert scores[0].text[0] == pytest.approx(-float(logits[0, -2].log_softmax(-1)[target]), rel=1e-5)
