@@ -323,3 +323,23 @@ def test_lmms_model_answers_through_the_compressed_cache(voco_model, tmp_path):
     logits = single_pass_logits(model, inputs, token, K)
     target = inputs["input_ids"][0, -1]
     assert scores[0].text[0] == pytest.approx(-float(logits[0, -2].log_softmax(-1)[target]), rel=1e-5)
+
+
+def test_a_batch_mixing_visual_token_counts_is_refused_before_any_forward(voco_model):
+    model, _, token = voco_model()
+    image, voco = model.config.image_token_index, [token] * K
+    rows = [Row(torch.tensor([1, *[image] * 64, *voco, 20, 21]), pixels)
+            for pixels in (torch.zeros(1, 3, 56, 56), torch.ones(1, 3, 56, 56))]
+    rows[1].input_ids = torch.cat([torch.tensor([1, 22]), rows[1].input_ids[1:]])  # one more token before the VoCo tokens
+    with pytest.raises(VtcbenchError, match="different visual-token counts"):
+        generate(model, rows, voco_id=token, voco_tokens=K, store=VocoCache(), max_new_tokens=1, eos_token_id=None, pad_token_id=3)
+
+
+@pytest.mark.parametrize("extra", [["run", "--fidelity"], ["run", "--keep-indices", "2"], ["profile", "--train", "--random-weights"]])
+def test_cli_refuses_options_voco_cannot_honour(extra):
+    from typer.testing import CliRunner
+
+    from vtcbench.cli import app
+
+    result = CliRunner().invoke(app, [extra[0], "--method", "voco", "--model", "tiny", *extra[1:]])
+    assert result.exit_code == 2 and "voco" in result.output
