@@ -167,10 +167,6 @@ class CompressedImage:
     entries: list[tuple[torch.Tensor, torch.Tensor]]
     prefix_length: int  # tokens up to the last VoCo token: the text's first position
 
-    @property
-    def nbytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for k, v in self.entries)
-
 
 @dataclass
 class VocoCache:
