@@ -427,6 +427,11 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
     )
     model_config = load_config(config.model)
     vision, text = model_config.vision_config, model_config.text_config
+    own = config.method.prompt("<question>", "")  # a method's own layout (voco), or None
+    prompt_line = (
+        f"with {config.method.name}'s layout: `{own.replace(chr(10), chr(92) + 'n')}`" if own
+        else "like LLaVA-1.5 with an empty system sentence: `USER: <image>\\n<question> ASSISTANT:`"
+    )
     return f"""# {config.model}: a LLaVA trained by vtcbench on vtcshapes
 
 ## What it is
@@ -444,7 +449,7 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
   image token's match with the word embeddings of its colour and shape (stage-1 feature
   alignment). Stages: {result.stages}.
   Training took {result.seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads.
-- Prompted like LLaVA-1.5 with an empty system sentence: `USER: <image>\\n<question> ASSISTANT:`.
+- Prompted {prompt_line}.
 
 ## Held-out accuracy (vtcshapes test split, {config.test_per_family} questions per family, greedy, exact match, %)
 | tested with | {" | ".join(shapes.FAMILIES)} | overall |
