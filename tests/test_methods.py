@@ -12,7 +12,7 @@ def test_every_method_documents_itself():
     for name, cls in METHODS.items():
         assert cls.description, name
         assert cls.__doc__ and len(cls.__module__) > 0
-        assert cls.where in {"none", "in_llm", "pre_llm"}
+        assert cls.where in {"none", "in_llm", "pre_llm", "cache"}
 
 
 def test_defaults_follow_the_design_table():
@@ -25,6 +25,7 @@ def test_defaults_follow_the_design_table():
     assert get_method("random").params() == {"layer": 2, "drop_ratio": 0.5, "seed": 0}
     assert get_method("kmeans").params()["clusters"] == 72
     assert get_method("avgpool").params() == {"kernel": 2}
+    assert get_method("voco").params() == {"voco_tokens": 2}
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,8 @@ def answer(
         model_name, random_weights=random_weights, dtype=dtype, attn_implementation=attn_implementation, device=device
     )
     picture = Image.open(image).convert("RGB") if image else example_image()
+    if method.where == "cache":
+        return _answer_voco(model, processor, method, question, picture, max_new_tokens)
     inputs = processor(images=[picture], text=[vicuna_v1_prompt(question, 1, system=system_prompt(model.config))], return_tensors="pt").to(device)
     with compress(model, method) as engine:
         prepared = engine.prepare(inputs)
@@ -69,3 +71,13 @@ def answer(
         counts = engine.applied_image_tokens_per_layer
     text = processor.tokenizer.decode(output[0, prepared["input_ids"].shape[1] :], skip_special_tokens=True).strip()
     return Answer(text=text, image_tokens_per_layer=counts)
+
+
+
+def _answer_voco(model, processor, method: Method, question: str, picture: Image.Image, max_new_tokens: int) -> Answer:
+    """VoCo-LLaMA's efficient form: compress the image into the VoCo tokens' cache, then answer against it."""
+    from vtcbench.voco import answer_batch
+
+    (text,) = answer_batch(model, processor, method, [question], [picture], max_new_tokens)
+    facts = model_facts(model)
+    return Answer(text=text, image_tokens_per_layer=method.image_tokens_per_layer(facts.image_tokens, facts.n_layers))

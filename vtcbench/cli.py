@@ -239,10 +239,16 @@ def profile(
         config.text_config.num_hidden_layers = layers
     facts = model_facts(config)
     compression.validate_for(facts.image_tokens, facts.n_layers)
+    if compression.where == "cache" and train:
+        raise VtcbenchError(f"--train: {method} trains with its masked single pass; time it with `vtcbench train --method {method}`")
+    processor = None
     if random_weights:
         loaded = random_model(config, dtype=dtype, attn_implementation=attn, device=device)
     else:
-        loaded, _ = load_model(model, dtype=dtype, attn_implementation=attn, device=device)
+        loaded, processor = load_model(model, dtype=dtype, attn_implementation=attn, device=device)
+    if compression.where == "cache":
+        _profile_voco(loaded, model, compression, processor, text_tokens, new_tokens, iterations, warmup, fmt)
+        return
     shape = Shape(image_tokens=facts.image_tokens, text_tokens=text_tokens, new_tokens=new_tokens, batch=batch)
     record = run_profile(
         loaded, model, compression, shape, warmup=warmup, iterations=iterations, min_seconds=min_seconds,
@@ -252,6 +258,34 @@ def profile(
         print(json.dumps(record.to_dict(), default=str))
         return
     _print_profile(record)
+
+
+def _profile_voco(loaded, model: str, compression, processor, text_tokens: int, new_tokens: int, iterations: int,
+                  warmup: int, fmt: str) -> None:
+    """VoCo-LLaMA's profile: two questions about one image (the second reuses the compressed image)."""
+    from vtcbench.profilers.voco import profile_voco
+
+    # random weights have no trained VoCo token: the last vocabulary id stands in (timings do not depend on it)
+    token = loaded.config.text_config.vocab_size - 1 if processor is None else compression.check_model(loaded, processor.tokenizer)
+    record = profile_voco(loaded, model, compression, voco_id=token, text_tokens=text_tokens, new_tokens=new_tokens,
+                          iterations=iterations, warmup=warmup)
+    if fmt == "json":
+        print(json.dumps(record))
+        return
+    table = Table(title=f"voco {_format_params(record['params'])} on {model} ({record['device']}, {record['dtype']}, "
+                        f"median ms of {iterations})")
+    table.add_column("phase")
+    for column in ("1st question (image compressed)", "2nd question (cached image)"):
+        table.add_column(column, justify="right")
+    for key in ("image_encoding_ms", "kv_load_ms", "transformer_forward_ms", "total_ms"):
+        table.add_row(key.removesuffix("_ms").replace("_", " "), *(f"{q[key]:.2f}" for q in record["questions"]))
+    console.print(table)
+    storage = Table(title="KV storage per image, bf16")
+    storage.add_column("strategy")
+    storage.add_column("bytes", justify="right")
+    for key, value in record["kv_storage_bytes_bf16"].items():
+        storage.add_row(key.replace("_", " "), f"{value:,}")
+    console.print(storage)
 
 
 @app.command()
@@ -290,6 +324,8 @@ def run(
     _check_count("--keep-indices", keep_indices, 0)
     compression = method_from_options(method, set_ or [])
     check_method_for_model(compression, model)
+    if compression.where == "cache" and (fidelity or keep_indices):
+        raise VtcbenchError(f"{method} keeps no image tokens and answers from its own prompt; drop --fidelity and --keep-indices")
     task_names = [t.strip() for t in tasks.split(",") if t.strip()]
     resolve_tasks(task_names, allow_judge=allow_judge, allow_submission=allow_submission)
     if data_dir is not None and not data_dir.is_dir():

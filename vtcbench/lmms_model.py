@@ -32,8 +32,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from vtcbench.engine import compress
+from vtcbench.errors import VtcbenchError
 from vtcbench.methods.base import Method, get_method
-from vtcbench.models import image_token_mask, system_prompt, vicuna_v1_prompt
+from vtcbench.models import image_token_mask, language_model, system_prompt, vicuna_v1_prompt
 from vtcbench.profilers.latency import PhaseTimer, TokenMarker
 from vtcbench.results import RunFolder
 
@@ -100,8 +101,11 @@ class VtcbenchLMM(lmms):
         self._system = system_prompt(model.config)
         # one engine per method, built once and entered per batch (its hooks live only inside `with`)
         self._engines = {id(m): compress(model, m) for m in (method, VANILLA)}
+        self._voco = _VocoState(method, model, self.tokenizer) if method.where == "cache" else None
 
     def _prompt(self, context: str, n_images: int, answer: str | None = None) -> str:
+        if self._voco is not None:
+            return self._voco.prompt(context, n_images, answer, self._system)
         return vicuna_v1_prompt(context, n_images, answer, system=self._system)
 
     # -- lmms-eval interface ------------------------------------------------------------------------
@@ -282,6 +286,8 @@ class VtcbenchLMM(lmms):
         return [self._encode(self._prompt(job.request.args[0], len(job.visuals)), job.visuals, job.index) for job in jobs]
 
     def _timed_generate(self, method: Method, items: list[_Encoded], max_new_tokens: int, until: list[str]) -> _Generated:
+        if self._voco is not None:
+            return self._voco.generate(self, items, max_new_tokens, until)
         timer = PhaseTimer(self._device)
         marker = TokenMarker(timer)
         with self._engines[id(method)] as engine:
@@ -329,6 +335,11 @@ class VtcbenchLMM(lmms):
         continuation is text at the end, which no method drops."""
         for job in jobs:
             item, n_continuation = self._loglikelihood_item(job)
+            if self._voco is not None:  # the masked single pass (VoCo-LLaMA's training form)
+                inputs = self._collate([item])
+                logits = self._voco.single_pass_logits(self.model, inputs)
+                yield job.index, continuation_score(logits, inputs["input_ids"], n_continuation), {}
+                continue
             with self._engines[id(self.method)] as engine:
                 inputs = engine.prepare(self._collate([item]))
                 logits = self.model(**inputs, use_cache=False).logits
@@ -392,6 +403,50 @@ def continuation_score(logits: torch.Tensor, input_ids: torch.Tensor, n_continua
     log_probs = logits[0, -n_continuation - 1 : -1].float().log_softmax(-1)
     loss = -float(log_probs.gather(1, targets[:, None]).mean())
     return [loss, bool((log_probs.argmax(-1) == targets).all())]
+
+
+class _VocoState:
+    """The branch for methods that act on the KV cache (VoCo-LLaMA, `vtcbench/voco.py`): its
+    prompt layout, the efficient two-pass generation against compressed images, and the store of
+    compressed images, kept for the whole run so later questions about an image reuse it."""
+
+    def __init__(self, method: Method, model, tokenizer):
+        from vtcbench.voco import VocoCache
+
+        self.method = method
+        self.token = method.check_model(model, tokenizer)
+        self.store = VocoCache(capacity=1024)
+
+    def prompt(self, context: str, n_images: int, answer: str | None, system: str) -> str:
+        if n_images != 1:
+            raise VtcbenchError(f"voco compresses one image per prompt; this request has {n_images}")
+        prompt = self.method.prompt(context.replace("<image>", "").strip(), system)
+        return prompt if answer is None else f"{prompt} {answer}"
+
+    def single_pass_logits(self, model, inputs: dict) -> torch.Tensor:
+        from vtcbench.voco import single_pass_logits
+
+        return single_pass_logits(model, inputs, self.token, self.method.voco_tokens)
+
+    def generate(self, lmm: VtcbenchLMM, items: list[_Encoded], max_new_tokens: int, until: list[str]) -> _Generated:
+        from vtcbench.voco import Row, generate
+
+        model, tokenizer = lmm.model, lmm.tokenizer
+        rows = [Row(item.input_ids.to(lmm.device), item.pixel_values.to(lmm.device, model.dtype),
+                    None if item.image_sizes is None else item.image_sizes.to(lmm.device)) for item in items]
+        stop = StopOnStrings(tokenizer, until, 0)
+        timer = PhaseTimer(lmm.device)
+        hits = self.store.hits
+        new = generate(model, rows, voco_id=self.token, voco_tokens=self.method.voco_tokens, store=self.store,
+                       max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                       stop=lambda ids: stop(ids, None), timer=timer)
+        phases = timer.read()
+        prefill = sum(sum(phases.get(name, [])) for name in ("compression_pass", "kv_load", "text_prefill"))
+        timing = {"prefill_ms": prefill, "decode_ms": sum(phases.get("decode_token", [])), "batch_size": len(items),
+                  "voco_cache_hits": self.store.hits - hits}
+        counts = self.method.image_tokens_per_layer(items[0].image_tokens, len(language_model(model).layers))
+        return _Generated(lmm._answers(new, until), timing, None, counts)
 
 
 @contextmanager

@@ -107,8 +107,9 @@ class Encoder:
     first prompts end in the same column); later turns are right-padded. Loss on answers and `</s>`.
     """
 
-    def __init__(self, tokenizer, image_tokens: int, system: str):
+    def __init__(self, tokenizer, image_tokens: int, system: str, prompt: Callable[[str, str], str | None] | None = None):
         self.tokenizer = tokenizer
+        self.prompt = prompt  # a method's own first prompt (voco), or None for vicuna_v1's
         self.image_tokens = image_tokens
         self.system = system
         self._cache: dict[tuple[str, bool], list[int]] = {}
@@ -116,7 +117,8 @@ class Encoder:
     def _ids(self, text: str, first: bool) -> list[int]:
         if (text, first) not in self._cache:
             if first:
-                prompt = vicuna_v1_prompt(text, 1, system=self.system).replace("<image>", "<image>" * self.image_tokens)
+                own = self.prompt(text, self.system) if self.prompt else None
+                prompt = (own or vicuna_v1_prompt(text, 1, system=self.system)).replace("<image>", "<image>" * self.image_tokens)
                 ids = self.tokenizer(prompt)["input_ids"]
             else:
                 ids = self.tokenizer(f"USER: {text} ASSISTANT:", add_special_tokens=False)["input_ids"]
@@ -177,6 +179,7 @@ class AuxiliaryHeads(nn.Module):
         self.colour = nn.Linear(width, shapes.N_COLOR_CLASSES)
         self.content = nn.Linear(width, shapes.N_CONTENT_CLASSES)
         self.embeddings = embeddings
+        self.tokenizer = tokenizer
         ids = tokenizer.convert_tokens_to_ids
         self.register_buffer("colour_words", torch.tensor(ids(list(shapes.COLORS))), persistent=False)
         self.register_buffer("content_words", torch.tensor(ids([*shapes.SHAPES, *shapes.LETTERS])), persistent=False)
@@ -239,8 +242,9 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     else:  # fine-tuning, as VoCo-LLaMA and STF start from a trained LLaVA
         model, processor = load_model(config.init, attn_implementation="sdpa")
         model.train()
+    config.method.prepare_training(model, processor)  # e.g. voco adds its token before the heads read the embeddings
     heads = AuxiliaryHeads(model_config.vision_config.hidden_size, model.get_input_embeddings(), processor.tokenizer)
-    encoder = Encoder(processor.tokenizer, facts.image_tokens, system)
+    encoder = Encoder(processor.tokenizer, facts.image_tokens, system, config.method.prompt)
     draw = training_conversations(config.seed, {s.scene.key() for s in held_out_split()})
     parameters = [*model.parameters(), *heads.colour.parameters(), *heads.content.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -311,9 +315,13 @@ def _test_method(config: TrainConfig, stage_list: list[Stage]) -> Method | None:
 def _step(model, heads, method: Method, batch: Batch, features: list, config: TrainConfig) -> tuple[float, float]:
     features.clear()
     after = batch.targets.shape[1]
-    with compress(model, method) as engine:  # compression shortens the image span; the text after it stays
-        engine.prompt_length = batch.prompt_length
-        logits = model(**engine.prepare(batch.inputs), logits_to_keep=after + 1).logits
+    masked = method.training_inputs(model, heads.tokenizer, batch.inputs)
+    if masked is not None:  # a method that trains through its own attention mask (voco)
+        logits = model(**masked, logits_to_keep=after + 1).logits
+    else:
+        with compress(model, method) as engine:  # compression shortens the image span; the text after it stays
+            engine.prompt_length = batch.prompt_length
+            logits = model(**engine.prepare(batch.inputs), logits_to_keep=after + 1).logits
     lm = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
     aux = heads.loss(*features[0], batch)
     (lm + config.aux_weight * aux).backward()
@@ -332,6 +340,14 @@ def evaluate(model, processor, samples: list[shapes.Sample], method: Method, bat
     correct: dict[str, list[bool]] = {family: [] for family in shapes.FAMILIES}
     for first in range(0, len(samples), batch_size):
         chunk = samples[first : first + batch_size]
+        if method.where == "cache":  # voco: its prompt, answered from the compressed images
+            from vtcbench.voco import answer_batch
+
+            texts = answer_batch(model, processor, method, [s.question for s in chunk],
+                                 [Image.fromarray(s.scene.render()) for s in chunk], max_new_tokens=4)
+            for sample, text in zip(chunk, texts):
+                correct[sample.family].append(normalise(text) == normalise(sample.answer))
+            continue
         inputs = processor(
             images=[Image.fromarray(s.scene.render()) for s in chunk],
             text=[vicuna_v1_prompt(s.question, 1, system=system_prompt(model.config)) for s in chunk],
@@ -411,6 +427,11 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
     )
     model_config = load_config(config.model)
     vision, text = model_config.vision_config, model_config.text_config
+    own = config.method.prompt("<question>", "")  # a method's own layout (voco), or None
+    prompt_line = (
+        f"with {config.method.name}'s layout: `{own.replace(chr(10), chr(92) + 'n')}`" if own
+        else "like LLaVA-1.5 with an empty system sentence: `USER: <image>\\n<question> ASSISTANT:`"
+    )
     return f"""# {config.model}: a LLaVA trained by vtcbench on vtcshapes
 
 ## What it is
@@ -428,7 +449,7 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
   image token's match with the word embeddings of its colour and shape (stage-1 feature
   alignment). Stages: {result.stages}.
   Training took {result.seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads.
-- Prompted like LLaVA-1.5 with an empty system sentence: `USER: <image>\\n<question> ASSISTANT:`.
+- Prompted {prompt_line}.
 
 ## Held-out accuracy (vtcshapes test split, {config.test_per_family} questions per family, greedy, exact match, %)
 | tested with | {" | ".join(shapes.FAMILIES)} | overall |

@@ -306,3 +306,25 @@ def explicit_mask(attention: str, allowed: torch.Tensor) -> torch.Tensor:
     if attention == "flash_attention_2":
         return allowed[:, -1].long()
     return allowed[:, None]
+
+
+# -- cache edits after prefill (VoCo-LLaMA) --------------------------------------------------------------
+
+
+def keep_cache_entries(cache: Cache, index: torch.Tensor) -> Cache:
+    """Keep only the token entries `index` (ascending sequence positions, [n]) in every layer of
+    `cache`, in place: a compressed prompt's cache (VoCo-LLaMA keeps its VoCo tokens' entries).
+
+    Works on the cache object, whichever argument name (`past_key_values` or `cache`) carried it.
+    Only caches whose layers hold plain `keys`/`values` tensors of every token (DynamicCache) can
+    be edited; a static, sliding-window or quantized layer is refused rather than cut wrongly.
+    """
+    for number, layer in enumerate(cache.layers):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or keys.ndim != 4 or keys.shape[-2] != layer.get_seq_length():
+            raise TransformersConventionError(
+                f"layer {number} of a {type(cache).__name__} ({type(layer).__name__}) holds no editable keys tensor"
+            )
+        layer.keys = keys.index_select(-2, index.to(keys.device))
+        layer.values = values.index_select(-2, index.to(values.device))
+    return cache

@@ -28,7 +28,7 @@ import torch
 
 from vtcbench.errors import VtcbenchError, choices_error
 
-Where = Literal["none", "in_llm", "pre_llm"]
+Where = Literal["none", "in_llm", "pre_llm", "cache"]  # cache: acts on the KV cache after a masked prefill (voco)
 PositionPolicy = Literal["keep", "compact", "pooled"]
 
 
@@ -152,6 +152,19 @@ class Method:
 
     def pre_llm_tokens(self, n_image: int) -> int:
         return n_image
+
+    # -- methods that change the prompt and the attention mask (voco) -------------------------
+    def prompt(self, question: str, system: str) -> str | None:
+        """The method's own single-turn prompt with one image, or None for the model's (vicuna_v1)."""
+        return None
+
+    def prepare_training(self, model, processor) -> None:
+        """Adapt a model before training with this method (voco adds its token); default: nothing."""
+
+    def training_inputs(self, model, tokenizer, inputs: dict) -> dict | None:
+        """Inputs of a teacher-forced training forward that carries its own attention mask, or
+        None to train under the compression engine."""
+        return None
 
     # -- analytic plan and validation --------------------------------------------------------
     def image_tokens_per_layer(self, n_image: int, n_layers: int) -> list[int]:

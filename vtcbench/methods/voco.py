@@ -1,0 +1,74 @@
+"""VoCo-LLaMA (Ye et al., CVPR 2025): the LLM compresses the image into K VoCo tokens by attention.
+
+Paper section 3.2 (Eq. 2-3) and supplement sections 1.2-2.3; official code Yxxxb/VoCo-LLaMA
+(`llava/model/language_model/llava_llama_1stg.py`: `make_voco_mask_llava` and the sdpa branch of
+`LlamaModel.forward`; `llava/eval/model_vqa_loader.py`: the prompt). The mechanics live in
+`vtcbench/voco.py`: prompt `<image>\\n<voco>xK\\n` then the text; tokens after the last VoCo token
+see neither the image nor anything before the first VoCo token (BOS, separator); the VoCo tokens
+see everything before them; positions run over the whole prompt. Inference keeps only the VoCo
+tokens' KV entries after a first forward and answers against them (the supplement's "VoCo
+caching"), reusing a compressed image across questions.
+
+It needs trained weights: a checkpoint whose tokenizer has `<voco>` and whose model learnt to
+compress into it (`check_model`). No official checkpoint exists; `vtcbench train --method voco
+--init vtc-tiny` fine-tunes one at small scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from vtcbench.methods.base import Method, Where, check_positive, register
+
+
+@register
+@dataclass
+class Voco(Method):
+    voco_tokens: int = 2
+
+    name: ClassVar[str] = "voco"
+    where: ClassVar[Where] = "cache"
+    description: ClassVar[str] = "VoCo-LLaMA: the text sees only K VoCo tokens' cache entries, which attended to the image"
+    needs_weights: ClassVar[str | None] = "a VoCo-trained checkpoint (its tokenizer has <voco>): vtcbench train --method voco"
+
+    def __post_init__(self) -> None:
+        check_positive(self.name, "voco_tokens", self.voco_tokens)
+
+    def image_tokens_per_layer(self, n_image: int, n_layers: int) -> list[int]:
+        """The papers' convention, per question once the image is compressed: every layer's text
+        attends to K VoCo entries instead of N image tokens. The compression pass itself (N image
+        tokens + K VoCo tokens through all layers, see `compression_pass_tokens`) runs once per
+        image and is not counted here, as the supplement's Table 7 counts a cached image."""
+        return [self.voco_tokens] * n_layers
+
+    def compression_pass_tokens(self, n_image: int) -> int:
+        """Visual-side tokens of the one-off first forward per image: the image and the VoCo tokens."""
+        return n_image + self.voco_tokens
+
+    def check_model(self, model, tokenizer) -> int:
+        """The VoCo token's id; raises VtcbenchError (one line) for a checkpoint without it."""
+        from vtcbench.voco import voco_token_id
+
+        return voco_token_id(tokenizer, model)
+
+    def prompt(self, question: str, system: str) -> str:
+        from vtcbench.voco import voco_prompt
+
+        return voco_prompt(question, self.voco_tokens, system)
+
+    def prepare_training(self, model, processor) -> None:
+        """Add `<voco>` and its embedding row (a LLaVA fine-tuned into VoCo-LLaMA, as train.py does)."""
+        from vtcbench.voco import add_voco_token
+
+        add_voco_token(model, processor)
+
+    def training_inputs(self, model, tokenizer, inputs: dict) -> dict:
+        """The masked single pass over prompt + teacher-forced answers, VoCo-LLaMA's training forward."""
+        from vtcbench.voco import attention_mask, check_attention, position_ids
+
+        check_attention(model)
+        token = self.check_model(model, tokenizer)
+        padding = inputs["attention_mask"]
+        mask = attention_mask(inputs["input_ids"], padding, token, self.voco_tokens, model.dtype)
+        return dict(inputs, attention_mask=mask, position_ids=position_ids(padding))
