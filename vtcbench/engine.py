@@ -143,6 +143,11 @@ class CompressionEngine:
             raise VtcbenchError(
                 f"attention backend {attention!r} is not supported by the engine; valid: {', '.join(SUPPORTED_ATTENTION)}"
             )
+        if self.method.where == "cache":
+            raise VtcbenchError(
+                f"{self.method.name} acts on the KV cache, not through the engine's hooks; "
+                "generate with vtcbench.voco.generate (as `vtcbench run` and `generate` do)"
+            )
         if self.method.where == "pre_llm" and self.facts.family != "llava":
             raise VtcbenchError(
                 f"{self.method.name} pools a fixed image grid before the LLM; it supports the llava family only, "

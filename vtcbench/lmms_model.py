@@ -170,7 +170,8 @@ class VtcbenchLMM(lmms):
         full, the rest at the end. The engine takes prompts with different visual-token counts
         (LLaVA-NeXT's AnyRes images of any sizes) in one batch, but not prompts with images next
         to prompts without; LLaVA-1.5 prompts are also grouped by their number of images, which
-        a pre-LLM method (`engine.prepare`) needs equal. Each request's visuals are read once (a
+        a pre-LLM method (`engine.prepare`) needs equal, and VoCo's by their image sizes (its
+        compression pass takes one image-token count per batch). Each request's visuals are read once (a
         dataset row decodes its image on every access), and at most one unfinished group per key
         is held in memory."""
         groups: dict[tuple, list[Job]] = defaultdict(list)
@@ -179,6 +180,8 @@ class VtcbenchLMM(lmms):
             visuals = self._visuals(request)
             kwargs = request.args[1] if request.request_type != "loglikelihood" else None
             images = bool(visuals) if self.model.config.model_type == "llava_next" else len(visuals)
+            if self._voco is not None:  # VoCo's first forward takes one image-token count per batch
+                images = tuple(v.size for v in visuals)
             key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), images)
             groups[key].append(Job(index, request, visuals))
             if len(groups[key]) == batch_size:
@@ -445,7 +448,8 @@ class _VocoState:
         prefill = sum(sum(phases.get(name, [])) for name in ("compression_pass", "kv_load", "text_prefill"))
         timing = {"prefill_ms": prefill, "decode_ms": sum(phases.get("decode_token", [])), "batch_size": len(items),
                   "voco_cache_hits": self.store.hits - hits}
-        counts = self.method.image_tokens_per_layer(items[0].image_tokens, len(language_model(model).layers))
+        n_layers = len(language_model(model).layers)
+        counts = [self.method.image_tokens_per_layer(item.image_tokens, n_layers) for item in items]
         return _Generated(lmm._answers(new, until), timing, None, counts)
 
 
