@@ -58,12 +58,12 @@ def methods() -> None:
     from vtcbench.methods import METHODS
 
     table = Table(title="compression methods")
-    for column in ("name", "acts", "positions", "defaults", "description"):
-        table.add_column(column, no_wrap=column != "description")
+    for column in ("name", "acts", "positions", "defaults", "needs weights", "description"):
+        table.add_column(column, no_wrap=column not in ("description", "needs weights"))
     for name, cls in sorted(METHODS.items()):
         defaults = ", ".join(f"{f.name}={_format_value(f.default)}" for f in dataclasses.fields(cls)) or "-"
         positions = cls.position_policy if cls.where == "in_llm" else "-"
-        table.add_row(name, cls.where.replace("_", "-"), positions, defaults, cls.description)
+        table.add_row(name, cls.where.replace("_", "-"), positions, defaults, cls.needs_weights or "-", cls.description)
     console.print(table)
 
 
@@ -225,6 +225,7 @@ def profile(
                             "trainable: " + ", ".join(n for n, c in sorted(_methods().items()) if c.trainable))
     device, dtype = _device_and_dtype(device, dtype)
     config = load_config(model)
+    compression.check_model(config)
     facts = model_facts(config)
     if facts.family != "llava":
         raise VtcbenchError(f"profile builds synthetic inputs for the llava family; {model} is {facts.family}")
