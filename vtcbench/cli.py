@@ -439,8 +439,8 @@ def train(
         out=out, model=model, method=compression, schedule=schedule, steps=steps, batch_size=batch_size, lr=lr,
         seed=seed, time_every=time_every, test_per_family=test_per_family, init=init,
     )
-    if not config.compressed:
-        config.time_every = 0  # nothing to compare a vanilla step with
+    if not config.compressed or compression.needs_weights:
+        config.time_every = 0  # nothing to compare a vanilla step with (a fusing projector has no vanilla step)
     with Progress(
         TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=errors, disable=not sys.stderr.isatty(),
