@@ -150,9 +150,10 @@ def flops(
     set_: SetOption = None,
     image_tokens: Annotated[int | None, typer.Option(help="visual tokens per sample (default: the model's)")] = None,
     text_tokens: Annotated[int, typer.Option(help="text tokens in the prompt (full-sequence figure)")] = 64,
+    convention: Annotated[str, typer.Option(help="macs (PyramidDrop, ViCo: multiply-accumulates) | flops (calflops, STF: 2 per MAC)")] = "macs",
     fmt: FormatOption = "table",
 ) -> None:
-    """Analytic FLOPs (multiply-accumulates, the papers' FLOPs), visual tokens per layer, compression ratio."""
+    """Analytic FLOPs (multiply-accumulates, the papers' FLOPs; --convention flops: 2 per MAC), visual tokens per layer, compression ratio."""
     from vtcbench.api import method_from_options
     from vtcbench.models import load_config, model_facts
     from vtcbench.profilers.flops import analytic_flops
@@ -162,12 +163,14 @@ def flops(
     _check_count("--text-tokens", text_tokens, 1)
     compression = method_from_options(method, set_ or [])
     report = analytic_flops(
-        compression, model_facts(load_config(model)), model=model, image_tokens=image_tokens, text_tokens=text_tokens
+        compression, model_facts(load_config(model)), model=model, image_tokens=image_tokens, text_tokens=text_tokens,
+        convention=convention,
     )
     if fmt == "json":
         print(json.dumps(report.to_dict()))
         return
-    table = Table(title=f"{method} {_format_params(report.params)} on {model} (multiply-accumulates)")
+    unit = "multiply-accumulates" if convention == "macs" else "FLOPs, calflops' convention: 2 per multiply-accumulate"
+    table = Table(title=f"{method} {_format_params(report.params)} on {model} ({unit})")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     rows = [
@@ -455,6 +458,19 @@ def train(
 
         result = run_training(config, progress=report)
     _print_training(result)
+
+
+@app.command("convert-stf")
+@user_errors
+def convert_stf(
+    src: Annotated[Path, typer.Argument(help="the official LLaVA-STF checkpoint folder (LLaVA's original layout)")],
+    out: Annotated[Path, typer.Argument(help="the Hugging Face Llava folder to write (then: vtcbench run --model OUT --method stf)")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing folder")] = False,
+) -> None:
+    """Convert LLaVA-STF's weights (MBTF + STF projector) into a folder `--model` loads."""
+    from vtcbench.convert_stf import convert_stf as run_conversion
+
+    console.print(f"converted {src} -> {run_conversion(src, out, overwrite=overwrite)} (run it with --method stf)")
 
 
 def _print_training(result) -> None:

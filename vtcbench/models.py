@@ -19,6 +19,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -416,9 +418,10 @@ def load_model(
 
         try:
             config = AutoConfig.from_pretrained(source)
-            model, loading_info = _model_class(config).from_pretrained(
-                source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
-            )
+            with _quiet_if(getattr(config, "vtcbench_projector", None) is not None):  # its projector keys are ours to load
+                model, loading_info = _model_class(config).from_pretrained(
+                    source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
+                )
             processor = AutoProcessor.from_pretrained(source)
         except OSError as exc:  # covers LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP errors
             if spec is None and Path(source).is_dir():
@@ -428,6 +431,20 @@ def load_model(
             loading_info = _load_trained_projector(model, Path(source), loading_info)
         check_loaded_keys(loading_info, label)
     return model.to(torch_device).eval(), processor
+
+
+@contextmanager
+def _quiet_if(quiet: bool) -> Iterator[None]:
+    """transformers' loading report off (its projector keys are reported unexpected and missing)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _load_trained_projector(model: nn.Module, folder: Path, loading_info: dict) -> dict:
