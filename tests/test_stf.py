@@ -300,3 +300,12 @@ def test_the_table_states_its_convention_and_a_bad_one_is_refused():
     assert "2 per multiply-accumulate" in runner.invoke(app, ["flops", "--convention", "flops"]).output
     result = runner.invoke(app, ["flops", "--convention", "gflops"])
     assert result.exit_code == 2 and "valid choices: flops, macs" in result.output
+
+
+def test_the_projector_figure_counts_the_trained_projector():
+    c, d = 1024, 4096  # LLaVA-1.5-7B: MBTF on 576 patches from 8 layers, STF on 144 windows
+    assert flops_json("--method", "stf")["tflops_projector"] * 1e12 == pytest.approx(
+        576 * (8 * c * 4 * c + 4 * c * c) + 144 * (4 * c * 16 * c + 16 * c * d), rel=1e-12
+    )
+    assert flops_json("--method", "tokenconcat")["tflops_projector"] * 1e12 == pytest.approx(144 * (4 * c * d + d * d), rel=1e-12)
+    assert flops_json("--method", "vanilla")["tflops_projector"] * 1e12 == pytest.approx(576 * (c * d + d * d), rel=1e-12)

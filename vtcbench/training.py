@@ -419,12 +419,17 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
     )
     model_config = load_config(config.model)
     vision, text = model_config.vision_config, model_config.text_config
+    projector = (
+        f"the trained projector of {config.method.name} (`vtcbench_projector` in config.json; it runs only with --method {config.method.name})"
+        if isinstance(config.method, FusingMethod)
+        else "LLaVA's 2-layer GELU projector"
+    )
     return f"""# {config.model}: a LLaVA trained by vtcbench on vtcshapes
 
 ## What it is
 - `LlavaForConditionalGeneration` (loads with transformers like llava-hf checkpoints): a
   {vision.num_hidden_layers}-layer CLIP-style vision tower (hidden {vision.hidden_size}, {vision.image_size} px images, patch {vision.patch_size}, so
-  {(vision.image_size // vision.patch_size) ** 2} visual tokens), LLaVA's 2-layer GELU projector, and a {text.num_hidden_layers}-layer LLaMA decoder
+  {(vision.image_size // vision.patch_size) ** 2} visual tokens), {projector}, and a {text.num_hidden_layers}-layer LLaMA decoder
   (hidden {text.hidden_size}, {text.num_attention_heads} heads, MLP {text.intermediate_size}), {n_parameters / 1e6:.2f}M parameters in float32.
   The tokenizer is word-level ({text.vocab_size} ids): the vicuna_v1 chat template's words
   and vtcshapes' words; anything else is `<unk>`.

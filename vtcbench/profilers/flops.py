@@ -22,6 +22,7 @@ from typing import Literal
 
 from vtcbench.errors import choices_error
 from vtcbench.methods.base import Method
+from vtcbench.methods.stf import STF, FusingMethod, default_feature_layers
 from vtcbench.models import ModelFacts
 
 TERA = 1e12
@@ -48,6 +49,21 @@ def vision_encoder_macs(facts: ModelFacts) -> int:
 def projector_macs(facts: ModelFacts) -> int:
     """The two-layer MLP projector on every image token before any compression."""
     return facts.image_tokens * (facts.projector_in * facts.projector_hidden + facts.projector_hidden * facts.projector_out)
+
+
+def fused_projector_macs(method: FusingMethod, facts: ModelFacts, n_image: int) -> int:
+    """A trained fusing projector in place of LLaVA's: STF's MBTF on every patch (L*C -> 4C -> C;
+    L from the model's feature layers, or for a single-layer LLaVA the method's rule from layer -2)
+    and its fusion on the fused tokens (k^2*C/E -> 16C -> d); TokenConcat's k^2*C -> d -> d."""
+    c, d = facts.vision_hidden_size, facts.hidden_size
+    n_out = method.pre_llm_tokens(n_image)
+    window = c * method.kernel**2 // method.fused_tokens
+    if not isinstance(method, STF):
+        return n_out * (window * d + d * d)
+    layers = facts.projector_in // c
+    if layers == 1:
+        layers = len(method.feature_layers or default_feature_layers(facts.vision_n_layers, -2))
+    return n_image * (layers * c * 4 * c + 4 * c * c) + n_out * (window * 16 * c + 16 * c * d)
 
 
 def method_overhead_macs(
@@ -84,7 +100,7 @@ class FlopsReport:
     tflops_total: float  # decoder layers on image + text tokens, grouped-query-aware
     tflops_lm_head: float  # logits of the next token
     tflops_vision_encoder: float
-    tflops_projector: float
+    tflops_projector: float  # LLaVA's MLP, or a fusing method's trained projector (STF, TokenConcat)
     tflops_method_overhead: float
 
     def to_dict(self) -> dict:
@@ -122,6 +138,8 @@ def analytic_flops(
         tflops_total=sum(layer_macs(n + text_tokens, facts) for n in counts) / tera,
         tflops_lm_head=facts.hidden_size * facts.vocab_size / tera,
         tflops_vision_encoder=vision_encoder_macs(facts) / tera,
-        tflops_projector=projector_macs(facts) / tera,
+        tflops_projector=(
+            fused_projector_macs(method, facts, n_image) if isinstance(method, FusingMethod) else projector_macs(facts)
+        ) / tera,
         tflops_method_overhead=method_overhead_macs(method, facts, n_image, counts, text_tokens) / tera,
     )
