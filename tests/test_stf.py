@@ -15,7 +15,12 @@ from vtcbench.convert_stf import convert_stf
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods import METHODS, get_method
-from vtcbench.methods.stf import PAPER_FEATURE_LAYERS, default_feature_layers, install_projector, unfold_tokens
+from vtcbench.methods.stf import (
+    PAPER_FEATURE_LAYERS,
+    default_feature_layers,
+    install_projector,
+    unfold_tokens,
+)
 from vtcbench.models import build_local_processor, load_config, load_model, random_model
 from vtcbench.training import TrainConfig, train
 from vtcbench.transformers_seam import save_checkpoint
@@ -55,7 +60,12 @@ VOCAB, WIDTH, DEPTH, TEXT = 40, 32, 24, 64
 
 
 def _official_parts(seed: int = 0):
-    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     torch.manual_seed(seed)
     llama = LlamaForCausalLM(LlamaConfig(

@@ -462,7 +462,7 @@ def _load_trained_projector(model: nn.Module, folder: Path, loading_info: dict) 
     state = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
-            state.update({key[len(prefix) :]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)})
+            state.update({key[len(prefix) :]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)})  # noqa: SIM118 (not a mapping)
     try:
         projector.load_state_dict(state)
     except RuntimeError as exc:

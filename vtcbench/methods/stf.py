@@ -32,7 +32,13 @@ import torch
 from torch import nn
 
 from vtcbench.errors import VtcbenchError
-from vtcbench.methods.base import Method, Where, check_positive, projector_method, register
+from vtcbench.methods.base import (
+    Method,
+    Where,
+    check_positive,
+    projector_method,
+    register,
+)
 
 PAPER_FEATURE_LAYERS: tuple[int, ...] = (-2, 21, 18, 15, 12, 9, 6, 3)  # 24-layer CLIP ViT-L
 
