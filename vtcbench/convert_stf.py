@@ -118,6 +118,9 @@ def hf_config(llava: dict[str, Any], shapes: dict[str, tuple[int, ...]]):
         )
     if shapes[f"{STF}0.weight"][1] != 4 * width:
         raise VtcbenchError(f"the STF weights take {shapes[f'{STF}0.weight'][1]} channels; LLaVA-STF fuses 2x2 windows ({4 * width})")
+    missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if key not in llava]
+    if missing:
+        raise VtcbenchError(f"the LLaVA-STF config.json lacks {', '.join(missing)} (the language model's shape)")
     vocab = llava["vocab_size"]
     text = {"model_type": "llama", "vocab_size": vocab + 1, **{k: llava[k] for k in TEXT_FIELDS if k in llava}}
     text["pad_token_id"] = llava.get("pad_token_id", 0)
