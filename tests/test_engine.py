@@ -11,7 +11,7 @@ from vtcbench.engine import compress
 from vtcbench.methods import METHODS, get_method
 from vtcbench.transformers_seam import TransformersConventionError, cache_layer_lengths, returned_cache
 
-METHOD_NAMES = sorted(name for name, cls in METHODS.items() if cls.where != "cache")  # voco runs outside the engine
+METHOD_NAMES = sorted(name for name, cls in METHODS.items() if not cls.needs_weights)  # trained-weight methods: tests/test_stf.py, test_voco.py
 
 
 def _inputs(model, seed: int = 0, n_before: int = 5, n_after: int = 7) -> dict:

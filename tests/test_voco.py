@@ -212,7 +212,7 @@ def test_profile_second_question_has_no_encoding_phase(voco_model):
 def test_checkpoint_without_the_token_is_refused(tiny):
     _, processor = load_model("tiny", random_weights=True)
     with pytest.raises(VtcbenchError, match="<voco>"):
-        get_method("voco").check_model(tiny(), processor.tokenizer)
+        get_method("voco").token_id(tiny(), processor.tokenizer)
 
 
 def test_cli_generate_refuses_a_checkpoint_without_the_token():
@@ -259,7 +259,7 @@ def test_voco_training_adds_the_token_trains_through_the_mask_and_saves_a_loadab
     assert result.exit_code == 0, result.output
     assert set(json.loads((out / "training.json").read_text())["accuracy"]) == {"vanilla", "voco(voco_tokens=1)"}
     model, processor = load_model(str(out))
-    token = get_method("voco", voco_tokens=1).check_model(model, processor.tokenizer)
+    token = get_method("voco", voco_tokens=1).token_id(model, processor.tokenizer)
     assert token == model.get_input_embeddings().num_embeddings - 1 == model.config.text_config.vocab_size - 1
     generated = CliRunner().invoke(app, ["generate", "--method", "voco", "--set", "voco_tokens=1", "--model", str(out)])
     assert generated.exit_code == 0, generated.output
@@ -274,7 +274,7 @@ def test_training_inputs_carry_the_voco_mask_and_running_positions():
     model, processor = random_model(config), build_local_processor(config, vocabulary(""))
     method = get_method("voco", voco_tokens=K)
     method.prepare_training(model, processor)
-    token = method.check_model(model, processor.tokenizer)
+    token = method.token_id(model, processor.tokenizer)
     batch = Encoder(processor.tokenizer, 64, "", method.prompt)(training_conversations(0, set())(3))
     inputs = method.training_inputs(model, processor.tokenizer, batch.inputs)
     ids, padding = batch.inputs["input_ids"], batch.inputs["attention_mask"]

@@ -26,8 +26,11 @@ def method_from_options(name: str, set_options: list[str]) -> Method:
 
 
 def check_method_for_model(method: Method, model: str) -> None:
-    """Model-dependent checks (layer beyond depth, stride not dividing the tokens), no weights."""
-    facts = model_facts(load_config(model))
+    """Model-dependent checks (layer beyond depth, stride not dividing the tokens, the trained
+    weights a method needs), no weights."""
+    config = load_config(model)
+    method.check_model(config)
+    facts = model_facts(config)
     method.validate_for(facts.image_tokens, facts.n_layers)
 
 

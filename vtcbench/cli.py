@@ -58,12 +58,12 @@ def methods() -> None:
     from vtcbench.methods import METHODS
 
     table = Table(title="compression methods")
-    for column in ("name", "acts", "positions", "defaults", "description"):
-        table.add_column(column, no_wrap=column != "description")
+    for column in ("name", "acts", "positions", "defaults", "needs weights", "description"):
+        table.add_column(column, no_wrap=column not in ("description", "needs weights"))
     for name, cls in sorted(METHODS.items()):
         defaults = ", ".join(f"{f.name}={_format_value(f.default)}" for f in dataclasses.fields(cls)) or "-"
         positions = cls.position_policy if cls.where == "in_llm" else "-"
-        table.add_row(name, cls.where.replace("_", "-"), positions, defaults, cls.description)
+        table.add_row(name, cls.where.replace("_", "-"), positions, defaults, cls.needs_weights or "-", cls.description)
     console.print(table)
 
 
@@ -150,9 +150,10 @@ def flops(
     set_: SetOption = None,
     image_tokens: Annotated[int | None, typer.Option(help="visual tokens per sample (default: the model's)")] = None,
     text_tokens: Annotated[int, typer.Option(help="text tokens in the prompt (full-sequence figure)")] = 64,
+    convention: Annotated[str, typer.Option(help="macs (PyramidDrop, ViCo: multiply-accumulates) | flops (calflops, STF: 2 per MAC)")] = "macs",
     fmt: FormatOption = "table",
 ) -> None:
-    """Analytic FLOPs (multiply-accumulates, the papers' FLOPs), visual tokens per layer, compression ratio."""
+    """Analytic FLOPs (multiply-accumulates, the papers' FLOPs; --convention flops: 2 per MAC), visual tokens per layer, compression ratio."""
     from vtcbench.api import method_from_options
     from vtcbench.models import load_config, model_facts
     from vtcbench.profilers.flops import analytic_flops
@@ -162,12 +163,14 @@ def flops(
     _check_count("--text-tokens", text_tokens, 1)
     compression = method_from_options(method, set_ or [])
     report = analytic_flops(
-        compression, model_facts(load_config(model)), model=model, image_tokens=image_tokens, text_tokens=text_tokens
+        compression, model_facts(load_config(model)), model=model, image_tokens=image_tokens, text_tokens=text_tokens,
+        convention=convention,
     )
     if fmt == "json":
         print(json.dumps(report.to_dict()))
         return
-    table = Table(title=f"{method} {_format_params(report.params)} on {model} (multiply-accumulates)")
+    unit = "multiply-accumulates" if convention == "macs" else "FLOPs, calflops' convention: 2 per multiply-accumulate"
+    table = Table(title=f"{method} {_format_params(report.params)} on {model} ({unit})")
     table.add_column("quantity")
     table.add_column("value", justify="right")
     rows = [
@@ -225,6 +228,7 @@ def profile(
                             "trainable: " + ", ".join(n for n, c in sorted(_methods().items()) if c.trainable))
     device, dtype = _device_and_dtype(device, dtype)
     config = load_config(model)
+    compression.check_model(config)
     facts = model_facts(config)
     if facts.family != "llava":
         raise VtcbenchError(f"profile builds synthetic inputs for the llava family; {model} is {facts.family}")
@@ -266,7 +270,7 @@ def _profile_voco(loaded, model: str, compression, processor, text_tokens: int, 
     from vtcbench.profilers.voco import profile_voco
 
     # random weights have no trained VoCo token: the last vocabulary id stands in (timings do not depend on it)
-    token = loaded.config.text_config.vocab_size - 1 if processor is None else compression.check_model(loaded, processor.tokenizer)
+    token = loaded.config.text_config.vocab_size - 1 if processor is None else compression.token_id(loaded, processor.tokenizer)
     record = profile_voco(loaded, model, compression, voco_id=token, text_tokens=text_tokens, new_tokens=new_tokens,
                           iterations=iterations, warmup=warmup)
     if fmt == "json":
@@ -474,8 +478,8 @@ def train(
         out=out, model=model, method=compression, schedule=schedule, steps=steps, batch_size=batch_size, lr=lr,
         seed=seed, time_every=time_every, test_per_family=test_per_family, init=init,
     )
-    if not config.compressed:
-        config.time_every = 0  # nothing to compare a vanilla step with
+    if not config.compressed or compression.needs_weights:
+        config.time_every = 0  # nothing to compare a vanilla step with (a fusing projector has no vanilla step)
     with Progress(
         TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total} {task.fields[status]}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=errors, disable=not sys.stderr.isatty(),
@@ -490,6 +494,19 @@ def train(
 
         result = run_training(config, progress=report)
     _print_training(result)
+
+
+@app.command("convert-stf")
+@user_errors
+def convert_stf(
+    src: Annotated[Path, typer.Argument(help="the official LLaVA-STF checkpoint folder (LLaVA's original layout)")],
+    out: Annotated[Path, typer.Argument(help="the Hugging Face Llava folder to write (then: vtcbench run --model OUT --method stf)")],
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing folder")] = False,
+) -> None:
+    """Convert LLaVA-STF's weights (MBTF + STF projector) into a folder `--model` loads."""
+    from vtcbench.convert_stf import convert_stf as run_conversion
+
+    console.print(f"converted {src} -> {run_conversion(src, out, overwrite=overwrite)} (run it with --method stf)")
 
 
 def _print_training(result) -> None:

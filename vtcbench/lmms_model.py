@@ -417,7 +417,7 @@ class _VocoState:
         from vtcbench.voco import VocoCache
 
         self.method = method
-        self.token = method.check_model(model, tokenizer)
+        self.token = method.token_id(model, tokenizer)
         self.store = VocoCache(capacity=1024)
 
     def prompt(self, context: str, n_images: int, answer: str | None, system: str) -> str:

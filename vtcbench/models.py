@@ -19,6 +19,8 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -416,16 +418,57 @@ def load_model(
 
         try:
             config = AutoConfig.from_pretrained(source)
-            model, loading_info = _model_class(config).from_pretrained(
-                source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
-            )
+            with _quiet_if(getattr(config, "vtcbench_projector", None) is not None):  # its projector keys are ours to load
+                model, loading_info = _model_class(config).from_pretrained(
+                    source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
+                )
             processor = AutoProcessor.from_pretrained(source)
         except OSError as exc:  # covers LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP errors
             if spec is None and Path(source).is_dir():
                 raise VtcbenchError(f"cannot load model folder {name!r}: {_first_line(exc)}") from exc
             raise _offline_error(label, source, exc) from exc
+        if getattr(config, "vtcbench_projector", None) is not None:
+            loading_info = _load_trained_projector(model, Path(source), loading_info)
         check_loaded_keys(loading_info, label)
     return model.to(torch_device).eval(), processor
+
+
+@contextmanager
+def _quiet_if(quiet: bool) -> Iterator[None]:
+    """transformers' loading report off (its projector keys are reported unexpected and missing)."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    if quiet:
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _load_trained_projector(model: nn.Module, folder: Path, loading_info: dict) -> dict:
+    """A folder trained or converted for STF / TokenConcat (`vtcbench_projector` in config.json):
+    transformers built LLaVA's projector, so swap in ours and load its weights from the folder's
+    safetensors (llava-hf layout, `multi_modal_projector.*`). Returns the loading info without the
+    projector's keys, which are now accounted for."""
+    from safetensors import safe_open
+
+    from vtcbench.methods.stf import build_projector
+
+    weight = next(model.model.multi_modal_projector.parameters())
+    projector = build_projector(model.config)
+    prefix = "multi_modal_projector."
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            state.update({key[len(prefix) :]: handle.get_tensor(key) for key in handle.keys() if key.startswith(prefix)})  # noqa: SIM118 (not a mapping)
+    try:
+        projector.load_state_dict(state)
+    except RuntimeError as exc:
+        raise VtcbenchError(f"the projector weights in {folder} do not fit its vtcbench_projector config: {_first_line(exc)}") from exc
+    model.model.multi_modal_projector = projector.to(device=weight.device, dtype=weight.dtype)
+    return {kind: [k for k in keys if prefix not in k] for kind, keys in loading_info.items() if isinstance(keys, (list, set))}
 
 
 def random_model(
@@ -445,7 +488,12 @@ def _random_model(config, torch_dtype: torch.dtype, attn_implementation: str, se
     its host), from a forked RNG: the same seed gives the same weights on the same kind of device."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), device:
         torch.manual_seed(seed)
-        return _model_class(config)._from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+        model = _model_class(config)._from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
+        if getattr(config, "vtcbench_projector", None) is not None:  # a trained-projector folder's architecture
+            from vtcbench.methods.stf import build_projector
+
+            model.model.multi_modal_projector = build_projector(config).to(dtype=torch_dtype)
+        return model
 
 
 def _cached_processor(source: str):

@@ -72,7 +72,9 @@ def run(config: RunConfig) -> RunResult:
     from vtcbench.tasks import resolve_tasks
 
     method = get_method(config.method, **config.params)
-    facts = model_facts(load_config(config.model))
+    model_config = load_config(config.model)
+    method.check_model(model_config)
+    facts = model_facts(model_config)
     method.validate_for(facts.image_tokens, facts.n_layers)
     infos = resolve_tasks(config.tasks, allow_judge=config.allow_judge, allow_submission=config.allow_submission)
     with tempfile.TemporaryDirectory(prefix="vtcbench-tasks-") as workdir:  # the include YAMLs, gone after the run

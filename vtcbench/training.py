@@ -29,6 +29,7 @@ from vtcbench import shapes
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods import Method, get_method
+from vtcbench.methods.stf import FusingMethod
 from vtcbench.models import (
     build_local_processor,
     load_config,
@@ -186,9 +187,12 @@ class AuxiliaryHeads(nn.Module):
 
     def loss(self, tower: torch.Tensor, image_tokens: torch.Tensor, batch: Batch) -> torch.Tensor:
         ce = nn.functional.cross_entropy
+        tower = tower[..., : self.colour.in_features]  # MBTF's input: the model's own feature layer comes first
         classify = ce(self.colour(tower).flatten(0, 1), batch.colour.flatten()) + ce(
             self.content(tower).flatten(0, 1), batch.content.flatten()
         )
+        if image_tokens.shape[1] != batch.colour.shape[1]:  # a fusing projector (STF): no token per cell to align
+            return classify
         tokens = image_tokens.flatten(0, 1)
         colour, content = batch.colour.flatten(), batch.content.flatten()
         coloured = (colour > 0) & (colour <= len(shapes.COLORS))  # shapes' cells (the letter is white)
@@ -242,7 +246,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     else:  # fine-tuning, as VoCo-LLaMA and STF start from a trained LLaVA
         model, processor = load_model(config.init, attn_implementation="sdpa")
         model.train()
-    config.method.prepare_training(model, processor)  # e.g. voco adds its token before the heads read the embeddings
+    config.method.prepare_training(model, processor)  # voco adds its token; STF / TokenConcat install their projector
     heads = AuxiliaryHeads(model_config.vision_config.hidden_size, model.get_input_embeddings(), processor.tokenizer)
     encoder = Encoder(processor.tokenizer, facts.image_tokens, system, config.method.prompt)
     draw = training_conversations(config.seed, {s.scene.key() for s in held_out_split()})
@@ -295,7 +299,9 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     model.eval()
 
     test = held_out_split(config.test_per_family)
-    accuracy = {"vanilla": evaluate(model, processor, test, get_method("vanilla"))}
+    # a fusing projector's model answers only with its own method (its prompt carries the fused count)
+    fused = isinstance(config.method, FusingMethod)
+    accuracy = {} if fused else {"vanilla": evaluate(model, processor, test, get_method("vanilla"))}
     compressed = _test_method(config, stage_list)
     if compressed is not None:
         accuracy[label(compressed)] = evaluate(model, processor, test, compressed)
@@ -409,8 +415,8 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
         f"| {tested} | " + " | ".join(f"{100 * scores[k]:.1f}" for k in (*shapes.FAMILIES, "overall")) + " |"
         for tested, scores in result.accuracy.items()
     )
-    vanilla = result.accuracy["vanilla"]
-    weak = [f"{family} {100 * vanilla[family]:.1f}" for family in shapes.FAMILIES if vanilla[family] < 0.8]
+    reference = next(iter(result.accuracy.values()))  # vanilla's, or a fusing projector's own method's
+    weak = [f"{family} {100 * reference[family]:.1f}" for family in shapes.FAMILIES if reference[family] < 0.8]
     chance = ", ".join(f"{family} {100 * p:.1f}" for family, p in shapes.CHANCE.items())
     weak_line = (
         f"- Not reliable on every family: below 80% held-out on {', '.join(weak)} (chance: {chance});\n"
@@ -432,12 +438,17 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
         f"with {config.method.name}'s layout: `{own.replace(chr(10), chr(92) + 'n')}`" if own
         else "like LLaVA-1.5 with an empty system sentence: `USER: <image>\\n<question> ASSISTANT:`"
     )
+    projector = (
+        f"the trained projector of {config.method.name} (`vtcbench_projector` in config.json; it runs only with --method {config.method.name})"
+        if isinstance(config.method, FusingMethod)
+        else "LLaVA's 2-layer GELU projector"
+    )
     return f"""# {config.model}: a LLaVA trained by vtcbench on vtcshapes
 
 ## What it is
 - `LlavaForConditionalGeneration` (loads with transformers like llava-hf checkpoints): a
   {vision.num_hidden_layers}-layer CLIP-style vision tower (hidden {vision.hidden_size}, {vision.image_size} px images, patch {vision.patch_size}, so
-  {(vision.image_size // vision.patch_size) ** 2} visual tokens), LLaVA's 2-layer GELU projector, and a {text.num_hidden_layers}-layer LLaMA decoder
+  {(vision.image_size // vision.patch_size) ** 2} visual tokens), {projector}, and a {text.num_hidden_layers}-layer LLaMA decoder
   (hidden {text.hidden_size}, {text.num_attention_heads} heads, MLP {text.intermediate_size}), {n_parameters / 1e6:.2f}M parameters in float32.
   The tokenizer is word-level ({text.vocab_size} ids): the vicuna_v1 chat template's words
   and vtcshapes' words; anything else is `<unk>`.

@@ -345,7 +345,7 @@ def answer_batch(model: nn.Module, processor, method, questions: list[str], pict
     """Greedy answers, one question per image, in the efficient form (`vtcbench generate`, training's evaluation)."""
     from vtcbench.models import system_prompt
 
-    token = method.check_model(model, processor.tokenizer)
+    token = method.token_id(model, processor.tokenizer)
     tokenizer = processor.tokenizer
     rows = []
     for question, picture in zip(questions, pictures):

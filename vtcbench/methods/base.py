@@ -136,6 +136,25 @@ class Method:
     position_policy: ClassVar[PositionPolicy] = "keep"
     description: ClassVar[str] = ""
     trainable: ClassVar[bool] = True  # the engine's hooks keep gradients to the kept tokens
+    #: what a checkpoint must hold for this method (one line), or None for a training-free method;
+    #: `check_model` refuses a model without it
+    needs_weights: ClassVar[str | None] = None
+
+    # -- trained weights ---------------------------------------------------------------------
+    def check_model(self, model: Any) -> None:
+        """Refuse a model (or its config) this method cannot run on, before any weights load.
+
+        A training-free method runs on any model except one whose projector was trained for a
+        method (`vtcbench_projector` in its config): that projector already fuses image tokens,
+        so only its own method builds the matching prompt. Methods with `needs_weights` override
+        this to check that the checkpoint holds what they need.
+        """
+        trained_for = projector_method(model)
+        if trained_for is not None and trained_for != self.name:
+            raise VtcbenchError(
+                f"{self.name}: this model's projector was trained for {trained_for} (its image tokens are already "
+                f"fused); run it with --method {trained_for}"
+            )
 
     # -- in-LLM protocol -------------------------------------------------------------------
     def plan(self, n_layers: int) -> dict[int, int | None]:
@@ -216,6 +235,16 @@ class ScoredDrop(Method):
         real = torch.arange(top.shape[1], device=top.device) < torch.tensor(ks, device=top.device)[:, None]
         indices = torch.where(real, top, ctx.n_image).sort(dim=-1).values
         return Keep(torch.where(real, indices, 0), counts=tuple(ks))
+
+
+# -- trained-weights helpers ---------------------------------------------------------------------
+
+
+def projector_method(model: Any) -> str | None:
+    """The method a model's projector was trained for (config `vtcbench_projector["type"]`), or None."""
+    config = getattr(model, "config", model)
+    projector = getattr(config, "vtcbench_projector", None)
+    return projector.get("type") if isinstance(projector, dict) else None
 
 
 # -- validation helpers --------------------------------------------------------------------------

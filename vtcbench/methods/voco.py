@@ -10,7 +10,7 @@ tokens' KV entries after a first forward and answers against them (the supplemen
 caching"), reusing a compressed image across questions.
 
 It needs trained weights: a checkpoint whose tokenizer has `<voco>` and whose model learnt to
-compress into it (`check_model`). No official checkpoint exists; `vtcbench train --method voco
+compress into it (`token_id`). No official checkpoint exists; `vtcbench train --method voco
 --init vtc-tiny` fine-tunes one at small scale.
 """
 
@@ -46,8 +46,9 @@ class Voco(Method):
         """Visual-side tokens of the one-off first forward per image: the image and the VoCo tokens."""
         return n_image + self.voco_tokens
 
-    def check_model(self, model, tokenizer) -> int:
-        """The VoCo token's id; raises VtcbenchError (one line) for a checkpoint without it."""
+    def token_id(self, model, tokenizer) -> int:
+        """The VoCo token's id; raises VtcbenchError (one line) for a checkpoint without it (the
+        token lives in the tokenizer, so this runs once the checkpoint is loaded)."""
         from vtcbench.voco import voco_token_id
 
         return voco_token_id(tokenizer, model)
@@ -68,7 +69,7 @@ class Voco(Method):
         from vtcbench.voco import attention_mask, check_attention, position_ids
 
         check_attention(model)
-        token = self.check_model(model, tokenizer)
+        token = self.token_id(model, tokenizer)
         padding = inputs["attention_mask"]
         mask = attention_mask(inputs["input_ids"], padding, token, self.voco_tokens, model.dtype)
         return dict(inputs, attention_mask=mask, position_ids=position_ids(padding))

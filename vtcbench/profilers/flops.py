@@ -7,16 +7,27 @@ only, summed over layers; we also count the full sequence (image + text) with gr
 projections (2nd^2 + 2nd*d_kv), the vision encoder, the projector, the LM head for the next
 token, and the method's own scoring. Additions (pooling, softmax, norms) are not counted, as in
 the papers and in matmul-based op counters.
+
+Two conventions (`Convention`): "macs" (the default, above) and "flops", calflops' count as STF
+reports it (section 4.2, Tables 2-5): 2 FLOPs per multiply-accumulate, the same parts. STF's 7.6
+TFLOPs for LLaVA-1.5-7B on 576 tokens (1.9 on 144) is twice the image-token figure: its calflops
+run counted the decoder on the visual tokens and not the vision tower, projector or LM head (each
+would move the 576-token figure to 7.7 or above).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal
 
+from vtcbench.errors import choices_error
 from vtcbench.methods.base import Method
+from vtcbench.methods.stf import STF, FusingMethod, default_feature_layers
 from vtcbench.models import ModelFacts
 
 TERA = 1e12
+Convention = Literal["macs", "flops"]
+CONVENTIONS: dict[str, int] = {"macs": 1, "flops": 2}  # operations counted per multiply-accumulate
 
 
 def layer_macs(n: int, facts: ModelFacts, *, grouped_query: bool = True) -> int:
@@ -38,6 +49,21 @@ def vision_encoder_macs(facts: ModelFacts) -> int:
 def projector_macs(facts: ModelFacts) -> int:
     """The two-layer MLP projector on every image token before any compression."""
     return facts.image_tokens * (facts.projector_in * facts.projector_hidden + facts.projector_hidden * facts.projector_out)
+
+
+def fused_projector_macs(method: FusingMethod, facts: ModelFacts, n_image: int) -> int:
+    """A trained fusing projector in place of LLaVA's: STF's MBTF on every patch (L*C -> 4C -> C;
+    L from the model's feature layers, or for a single-layer LLaVA the method's rule from layer -2)
+    and its fusion on the fused tokens (k^2*C/E -> 16C -> d); TokenConcat's k^2*C -> d -> d."""
+    c, d = facts.vision_hidden_size, facts.hidden_size
+    n_out = method.pre_llm_tokens(n_image)
+    window = c * method.kernel**2 // method.fused_tokens
+    if not isinstance(method, STF):
+        return n_out * (window * d + d * d)
+    layers = facts.projector_in // c
+    if layers == 1:
+        layers = len(method.feature_layers or default_feature_layers(facts.vision_n_layers, -2))
+    return n_image * (layers * c * 4 * c + 4 * c * c) + n_out * (window * 16 * c + 16 * c * d)
 
 
 def method_overhead_macs(
@@ -62,6 +88,7 @@ def method_overhead_macs(
 class FlopsReport:
     model: str
     method: str
+    convention: Convention  # "macs": tflops_* are 10^12 multiply-accumulates; "flops": 10^12 FLOPs (2 per MAC)
     params: dict
     n_layers: int
     image_tokens: int
@@ -73,7 +100,7 @@ class FlopsReport:
     tflops_total: float  # decoder layers on image + text tokens, grouped-query-aware
     tflops_lm_head: float  # logits of the next token
     tflops_vision_encoder: float
-    tflops_projector: float
+    tflops_projector: float  # LLaVA's MLP, or a fusing method's trained projector (STF, TokenConcat)
     tflops_method_overhead: float
 
     def to_dict(self) -> dict:
@@ -81,15 +108,25 @@ class FlopsReport:
 
 
 def analytic_flops(
-    method: Method, facts: ModelFacts, *, model: str, image_tokens: int | None = None, text_tokens: int = 64
+    method: Method,
+    facts: ModelFacts,
+    *,
+    model: str,
+    image_tokens: int | None = None,
+    text_tokens: int = 64,
+    convention: Convention = "macs",
 ) -> FlopsReport:
-    """Every FLOPs figure of one method on one model shape (per sample, prefill)."""
+    """Every FLOPs figure of one method on one model shape (per sample, prefill), in `convention`."""
+    if convention not in CONVENTIONS:
+        raise choices_error("FLOPs convention", convention, list(CONVENTIONS))
     n_image = facts.image_tokens if image_tokens is None else image_tokens
     counts = method.image_tokens_per_layer(n_image, facts.n_layers)
     visual_total = sum(counts)
+    tera = TERA / CONVENTIONS[convention]
     return FlopsReport(
         model=model,
         method=method.name,
+        convention=convention,
         params={k: list(v) if isinstance(v, tuple) else v for k, v in method.params().items()},
         n_layers=facts.n_layers,
         image_tokens=n_image,
@@ -97,10 +134,12 @@ def analytic_flops(
         image_tokens_per_layer=counts,
         visual_token_total=visual_total,
         compression_ratio=n_image * facts.n_layers / visual_total if visual_total else float("inf"),
-        tflops_image=sum(layer_macs(n, facts, grouped_query=False) for n in counts) / TERA,
-        tflops_total=sum(layer_macs(n + text_tokens, facts) for n in counts) / TERA,
-        tflops_lm_head=facts.hidden_size * facts.vocab_size / TERA,
-        tflops_vision_encoder=vision_encoder_macs(facts) / TERA,
-        tflops_projector=projector_macs(facts) / TERA,
-        tflops_method_overhead=method_overhead_macs(method, facts, n_image, counts, text_tokens) / TERA,
+        tflops_image=sum(layer_macs(n, facts, grouped_query=False) for n in counts) / tera,
+        tflops_total=sum(layer_macs(n + text_tokens, facts) for n in counts) / tera,
+        tflops_lm_head=facts.hidden_size * facts.vocab_size / tera,
+        tflops_vision_encoder=vision_encoder_macs(facts) / tera,
+        tflops_projector=(
+            fused_projector_macs(method, facts, n_image) if isinstance(method, FusingMethod) else projector_macs(facts)
+        ) / tera,
+        tflops_method_overhead=method_overhead_macs(method, facts, n_image, counts, text_tokens) / tera,
     )

@@ -1,0 +1,193 @@
+"""STF: Spatial Token Fusion with Multi-Block Token Fusion (Tang et al., "Learning Compact Vision
+Tokens for Efficient Large Multimodal Models", sections 3.3-3.4, Fig. 2; official code
+github.com/visresearch/LLaVA-STF, `llava/model/llava_arch.py` `encode_images` and
+`split_image_features`, `llava/model/multimodal_projector/builder.py`).
+
+A trained projector replaces LLaVA's:
+- MBTF (section 3.3, the official `mm_projector_crosslayer`): the CLIP hidden states of several
+  layers (the paper's -2, 21, 18, 15, 12, 9, 6, 3 of a 24-layer tower), CLS dropped, concatenated
+  along channels (L*C) -> Linear 4C -> GELU -> Linear C (the paper's two 1x1 convolutions).
+- STF (section 3.4, the official `mm_projector`): each k x k window of the patch grid concatenated
+  into one token (the official `unfold`, channel order c*k^2 + dy*k + dx) -> Linear 16C -> GELU ->
+  Linear d. With E fused tokens per window (Table 4), the k^2*C channels split into E tokens of
+  k^2*C/E channels each, as the official `k_split_image_features` reshapes them.
+The multi-layer selection is transformers' own: `LlavaConfig.vision_feature_layer` as a list makes
+`get_image_features` concatenate those hidden states (CLS dropped) before the projector, so MBTF is
+the config plus this module. The prompt carries N*E/k^2 image tokens (engine `prepare`); `pre_llm`
+is the identity, because the projector already fused.
+
+Differences: the official code hard-codes 8 layers of a 24-layer tower; here the layer list is a
+hyperparameter (`feature_layers`) whose default rule gives the paper's list for 24 layers and a
+proportional one for shallower towers (`default_feature_layers`). The official builder fixes the
+STF hidden width at 16C for E = 1; we keep 16C for every E.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vtcbench.errors import VtcbenchError
+from vtcbench.methods.base import (
+    Method,
+    Where,
+    check_positive,
+    projector_method,
+    register,
+)
+
+PAPER_FEATURE_LAYERS: tuple[int, ...] = (-2, 21, 18, 15, 12, 9, 6, 3)  # 24-layer CLIP ViT-L
+
+
+def default_feature_layers(depth: int, own_layer: int) -> tuple[int, ...]:
+    """The model's own feature layer, then every s-th hidden state from depth - s down to 1, with
+    s = max(1, round(depth / 8)), the paper's spacing scaled to the depth: (-2, 21, 18, ..., 3) for
+    24 layers and LLaVA's -2, (-2, 10, 8, 6, 4, 2) for 12, (-1, 2, 1) for vtc-tiny's 3 layers and -1
+    (hidden-state index i is the output of layer i, 0 the patch embeddings; the own layer is not
+    repeated)."""
+    stride = max(1, round(depth / 8))
+    own = own_layer % (depth + 1)
+    return (own_layer, *(index for index in range(depth - stride, 0, -stride) if index != own))
+
+
+def unfold_tokens(features: torch.Tensor, kernel: int, fused_tokens: int = 1) -> torch.Tensor:
+    """[images, n, c] on a square grid -> [images, n*E/k^2, k^2*c/E]: each k x k window's tokens
+    concatenated with channel index c*k^2 + dy*k + dx (`Tensor.unfold`'s order, as the official
+    `split_image_features`), then split into E tokens of consecutive channels."""
+    images, n, channels = features.shape
+    side = math.isqrt(n)
+    grid = features.reshape(images, side, side, channels).unfold(1, kernel, kernel).unfold(2, kernel, kernel)
+    windows = grid.reshape(images, (side // kernel) ** 2, channels * kernel * kernel)
+    return windows.reshape(images, -1, channels * kernel * kernel // fused_tokens)
+
+
+class STFProjector(nn.Module):
+    """MBTF then STF, in place of LLaVA's projector: [images, n, L*C] -> [images, n*E/k^2, d]."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, n_feature_layers: int, kernel: int, fused_tokens: int):
+        super().__init__()
+        c = vision_hidden
+        self.kernel, self.fused_tokens = kernel, fused_tokens
+        self.mbtf = nn.Sequential(nn.Linear(n_feature_layers * c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
+        self.stf = nn.Sequential(nn.Linear(kernel * kernel * c // fused_tokens, 16 * c), nn.GELU(), nn.Linear(16 * c, text_hidden))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.stf(unfold_tokens(self.mbtf(features), self.kernel, self.fused_tokens))
+
+
+class ConcatProjector(nn.Module):
+    """TokenConcat (STF Table 5): k x k windows concatenated, then LLaVA's two-layer GELU MLP from
+    k^2*C: [images, n, C] -> [images, n/k^2, d]."""
+
+    def __init__(self, vision_hidden: int, text_hidden: int, kernel: int):
+        super().__init__()
+        self.kernel = kernel
+        self.fuse = nn.Sequential(nn.Linear(kernel * kernel * vision_hidden, text_hidden), nn.GELU(), nn.Linear(text_hidden, text_hidden))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.fuse(unfold_tokens(features, self.kernel))
+
+
+def build_projector(config: Any) -> nn.Module:
+    """The projector a config's `vtcbench_projector` names (random weights), sized from the config."""
+    spec = config.vtcbench_projector
+    vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
+    if spec["type"] == "stf":
+        layers = config.vision_feature_layer
+        n_layers = 1 if isinstance(layers, int) else len(layers)
+        return STFProjector(vision, text, n_layers, spec["kernel"], spec["fused_tokens"])
+    if spec["type"] == "tokenconcat":
+        return ConcatProjector(vision, text, spec["kernel"])
+    raise VtcbenchError(f"unknown vtcbench_projector type {spec['type']!r}; valid: stf, tokenconcat")
+
+
+def install_projector(model: nn.Module, method: Method) -> None:
+    """Give a LLaVA model (fresh, randomly initialised) the projector `method` was trained with:
+    the config records it (`vtcbench_projector`, and for STF the MBTF feature layers), and the
+    model's `multi_modal_projector` submodule is replaced. Training starts from this."""
+    config = model.config
+    config.vtcbench_projector = method.projector_spec()
+    if isinstance(method, STF):
+        config.vision_feature_layer = list(method.layers_for(config))
+    old = model.model.multi_modal_projector
+    weight = next(old.parameters())
+    model.model.multi_modal_projector = build_projector(config).to(device=weight.device, dtype=weight.dtype)
+
+
+class FusingMethod(Method):
+    """A pre-LLM method whose trained projector fuses k x k windows (STF, TokenConcat)."""
+
+    where: ClassVar[Where] = "pre_llm"
+    kernel: int
+    fused_tokens: int = 1
+
+    def projector_spec(self) -> dict[str, Any]:
+        return {"type": self.name, "kernel": self.kernel, "fused_tokens": self.fused_tokens}
+
+    def validate_for(self, n_image: int, n_layers: int) -> None:
+        side = math.isqrt(n_image)
+        if side * side != n_image or side % self.kernel:
+            divisors = [d for d in range(1, side + 1) if side % d == 0] if side * side == n_image else []
+            valid = ", ".join(map(str, divisors)) or "none (the image tokens do not form a square grid)"
+            raise VtcbenchError(f"{self.name}: kernel={self.kernel} does not tile the {n_image} image tokens; valid kernels: {valid}")
+
+    def pre_llm_tokens(self, n_image: int) -> int:
+        return n_image * self.fused_tokens // self.kernel**2
+
+    def prepare_training(self, model, processor) -> None:
+        """Install this method's projector, from random weights (the paper trains it from scratch)."""
+        install_projector(model, self)
+
+    def check_model(self, model: Any) -> None:
+        config = getattr(model, "config", model)
+        if projector_method(config) != self.name:
+            raise VtcbenchError(
+                f"{self.name} needs a checkpoint with its trained projector ({self.needs_weights}); this model has "
+                f"{projector_method(config) or 'a plain LLaVA projector'} (convert LLaVA-STF with `vtcbench convert-stf`, "
+                f"or train one: vtcbench train --method {self.name} --init vtc-tiny)"
+            )
+        trained = {key: config.vtcbench_projector.get(key) for key in ("kernel", "fused_tokens")}
+        asked = {"kernel": self.kernel, "fused_tokens": self.fused_tokens}
+        if trained != asked:
+            raise VtcbenchError(f"{self.name}: this checkpoint's projector was trained with {trained}; asked for {asked}")
+
+
+@register
+@dataclass
+class STF(FusingMethod):
+    kernel: int = 2
+    fused_tokens: int = 1
+    feature_layers: tuple[int, ...] = ()  # MBTF's CLIP layers when training; () = `default_feature_layers`
+
+    name: ClassVar[str] = "stf"
+    description: ClassVar[str] = "trained MBTF (multi-layer CLIP features) + spatial token fusion of k x k windows before the LLM"
+    needs_weights: ClassVar[str | None] = "the STF projector (MBTF + STF), e.g. LLaVA-STF converted by `vtcbench convert-stf`"
+
+    def __post_init__(self) -> None:
+        check_positive(self.name, "kernel", self.kernel)
+        check_positive(self.name, "fused_tokens", self.fused_tokens)
+        if (self.kernel * self.kernel) % self.fused_tokens:
+            valid = ", ".join(str(e) for e in range(1, self.kernel**2 + 1) if self.kernel**2 % e == 0)
+            raise VtcbenchError(f"{self.name}: fused_tokens={self.fused_tokens} does not divide kernel^2={self.kernel**2}; valid: {valid}")
+
+    def layers_for(self, config: Any) -> tuple[int, ...]:
+        """MBTF's hidden-state indices for a model (checked against its tower's depth)."""
+        depth = config.vision_config.num_hidden_layers
+        layers = self.feature_layers or default_feature_layers(depth, config.vision_feature_layer)
+        bad = [layer for layer in layers if not -depth - 1 <= layer <= depth]
+        if bad:
+            raise VtcbenchError(f"{self.name}: feature_layers {bad} outside the tower's hidden states; valid: {-depth - 1}..{depth}")
+        return tuple(layers)
+
+    def check_model(self, model: Any) -> None:
+        super().check_model(model)
+        config = getattr(model, "config", model)
+        if self.feature_layers and list(self.feature_layers) != list(config.vision_feature_layer):
+            raise VtcbenchError(
+                f"{self.name}: feature_layers={','.join(map(str, self.feature_layers))} differ from this checkpoint's "
+                f"MBTF layers {config.vision_feature_layer}; omit the setting at inference"
+            )
