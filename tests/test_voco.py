@@ -224,6 +224,17 @@ def test_cli_generate_refuses_a_checkpoint_without_the_token():
     assert result.exit_code == 2 and "<voco>" in result.output
 
 
+def test_cli_run_refuses_a_checkpoint_without_the_token_writing_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from vtcbench.cli import app
+
+    out = tmp_path / "runs"
+    result = CliRunner().invoke(app, ["run", "--method", "voco", "--limit", "1", "--out", str(out)])
+    assert result.exit_code == 2 and "<voco>" in result.output
+    assert not out.exists()
+
+
 def test_voco_tokens_boundaries():
     with pytest.raises(VtcbenchError, match="voco_tokens=0"):
         get_method("voco", voco_tokens="0")

@@ -86,6 +86,7 @@ def _load_and_evaluate(config: RunConfig, method: Method, names: list[str], mana
     if _data_parallel():
         _join_process_group(config)
     model, processor = load_for(config)
+    method.check_loaded(model, processor)
     folder = RunFolder.open(
         config.out, config.identity(method, names), provenance(model, config.device),
         extra={"run_config": {**asdict(config), "out": str(config.out), "data_dir": str(config.data_dir)}},

@@ -156,6 +156,10 @@ class Method:
                 f"fused); run it with --method {trained_for}"
             )
 
+    def check_loaded(self, model: Any, processor: Any) -> None:
+        """Refuse a loaded checkpoint for what its config cannot show (voco: the tokenizer's
+        token); runs before a run writes anything. Default: nothing more to check."""
+
     # -- in-LLM protocol -------------------------------------------------------------------
     def plan(self, n_layers: int) -> dict[int, int | None]:
         """{action layer: layer whose input gives the attention scores (or None)}."""

@@ -53,6 +53,9 @@ class Voco(Method):
 
         return voco_token_id(tokenizer, model)
 
+    def check_loaded(self, model, processor) -> None:
+        self.token_id(model, processor.tokenizer)
+
     def prompt(self, question: str, system: str) -> str:
         from vtcbench.voco import voco_prompt
 
