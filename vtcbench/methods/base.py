@@ -182,7 +182,8 @@ class Method:
         return None
 
     def prepare_training(self, model, processor) -> None:
-        """Adapt a model before training with this method (voco adds its token); default: nothing."""
+        """Adapt a model before training with this method (voco adds its token; STF and TokenConcat
+        install their projector); default: nothing."""
 
     def training_inputs(self, model, tokenizer, inputs: dict) -> dict | None:
         """Inputs of a teacher-forced training forward that carries its own attention mask, or
