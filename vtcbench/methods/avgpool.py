@@ -15,8 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from vtcbench.errors import VtcbenchError
-from vtcbench.methods.base import Method, Where, check_positive, register
+from vtcbench.methods.base import Method, Where, check_grid_kernel, check_positive, register
 
 
 @register
@@ -32,13 +31,7 @@ class AvgPool(Method):
         check_positive(self.name, "kernel", self.kernel)
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
-        side = math.isqrt(n_image)
-        if side * side != n_image or side % self.kernel:
-            divisors = [d for d in range(1, side + 1) if side % d == 0] if side * side == n_image else []
-            valid = ", ".join(map(str, divisors)) or "none (the image tokens do not form a square grid)"
-            raise VtcbenchError(
-                f"{self.name}: kernel={self.kernel} does not tile the {n_image} image tokens; valid kernels: {valid}"
-            )
+        check_grid_kernel(self.name, self.kernel, n_image)
 
     def pre_llm_tokens(self, n_image: int) -> int:
         return n_image // self.kernel**2

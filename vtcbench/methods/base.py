@@ -18,6 +18,7 @@ counting uses without a model; the engine records what it actually applied and t
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -262,6 +263,15 @@ def check_ratio(method: str, key: str, value: float, *, low_open: bool = False, 
     if not (low_ok and high_ok):
         valid = f"{'(' if low_open else '['}0, 1{']' if high_closed else ')'}"
         raise VtcbenchError(f"{method}: {key}={value} is out of range; valid range: {valid}")
+
+
+def check_grid_kernel(method: str, kernel: int, n_image: int) -> None:
+    """A k x k window must tile the square grid of `n_image` tokens (spatial pooling and fusion)."""
+    side = math.isqrt(n_image)
+    if side * side != n_image or side % kernel:
+        divisors = [d for d in range(1, side + 1) if side % d == 0] if side * side == n_image else []
+        valid = ", ".join(map(str, divisors)) or "none (the image tokens do not form a square grid)"
+        raise VtcbenchError(f"{method}: kernel={kernel} does not tile the {n_image} image tokens; valid kernels: {valid}")
 
 
 def check_positive(method: str, key: str, value: int) -> None:

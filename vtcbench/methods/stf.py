@@ -35,6 +35,7 @@ from vtcbench.errors import VtcbenchError
 from vtcbench.methods.base import (
     Method,
     Where,
+    check_grid_kernel,
     check_positive,
     projector_method,
     register,
@@ -129,11 +130,7 @@ class FusingMethod(Method):
         return {"type": self.name, "kernel": self.kernel, "fused_tokens": self.fused_tokens}
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
-        side = math.isqrt(n_image)
-        if side * side != n_image or side % self.kernel:
-            divisors = [d for d in range(1, side + 1) if side % d == 0] if side * side == n_image else []
-            valid = ", ".join(map(str, divisors)) or "none (the image tokens do not form a square grid)"
-            raise VtcbenchError(f"{self.name}: kernel={self.kernel} does not tile the {n_image} image tokens; valid kernels: {valid}")
+        check_grid_kernel(self.name, self.kernel, n_image)
 
     def pre_llm_tokens(self, n_image: int) -> int:
         return n_image * self.fused_tokens // self.kernel**2
