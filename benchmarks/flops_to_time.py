@@ -19,8 +19,9 @@ import statistics
 import torch
 
 from vtcbench.engine import compress
+from vtcbench.families import language_model, model_facts
 from vtcbench.methods import get_method
-from vtcbench.models import language_model, load_config, model_facts, random_model
+from vtcbench.models import load_config, random_model
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.profilers.latency import PhaseTimer
 from vtcbench.profilers.session import Shape, synthetic_inputs

@@ -23,9 +23,11 @@ import torch
 from lmms_eval.api.instance import Instance
 
 from vtcbench import shapes
+from vtcbench.families import family_of
+from vtcbench.families.llava import vicuna_v1_prompt
 from vtcbench.lmms_model import VtcbenchLMM
 from vtcbench.methods import get_method
-from vtcbench.models import load_model, system_prompt, vicuna_v1_prompt
+from vtcbench.models import load_model
 from vtcbench.results import RunFolder
 from vtcbench.tasks.vtcshapes.utils import vtcshapes_doc_to_visual
 
@@ -43,7 +45,7 @@ def documents(n: int):
 
 def plain_generate(model, processor, docs, doc_ids: range) -> list[str]:
     """lmms-eval's llava_hf loop, reduced to what it computes: visuals, encode, generate, decode."""
-    answers, system = [], system_prompt(model.config)
+    answers, system = [], family_of(model.config).system_prompt(model.config)
     for doc_id in doc_ids:
         doc = docs[doc_id]
         prompt = vicuna_v1_prompt(doc["question"], 1, system=system)

@@ -27,8 +27,9 @@ from lmms_eval.api.instance import Instance
 from PIL import Image
 
 from vtcbench import shapes
+from vtcbench.families import model_facts
 from vtcbench.lmms_model import Job, VtcbenchLMM
-from vtcbench.models import build_local_processor, load_config, model_facts, random_model
+from vtcbench.models import build_local_processor, load_config, random_model
 from vtcbench.profilers.flops import layer_macs, vision_encoder_macs
 from vtcbench.sweep import DEFAULT_RATIOS, Cell, shared_flops_ratio
 from vtcbench.sweep_lmm import Branch, SweepLMM

@@ -7,8 +7,8 @@ import csv
 
 import pytest
 import torch
-
 from conftest import left_pad, pixels, prompt_ids
+
 from vtcbench.attention_share import (
     GROUPS,
     INSTRUCTION,
@@ -21,7 +21,7 @@ from vtcbench.attention_share import (
     write_outputs,
 )
 from vtcbench.errors import VtcbenchError
-from vtcbench.models import decoder_layers
+from vtcbench.families import decoder_layers
 from vtcbench.transformers_seam import cache_layer_keys, returned_cache
 
 SHARPEN = 8.0  # q_proj and k_proj scaled by this: random weights otherwise attend almost uniformly

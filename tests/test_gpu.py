@@ -17,8 +17,10 @@ import torch
 
 from vtcbench.api import example_image
 from vtcbench.engine import compress
+from vtcbench.families import family_of
+from vtcbench.families.llava import vicuna_v1_prompt
 from vtcbench.methods import get_method
-from vtcbench.models import load_model, system_prompt, vicuna_v1_prompt
+from vtcbench.models import load_model
 
 DEVICE = os.environ.get("VTCBENCH_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(
@@ -57,7 +59,7 @@ def models():
 def _answers(model, processor, method, questions: list[str]) -> tuple[list[str], list[int]]:
     """Greedy answers of one left-padded batch, and the visual tokens per layer it applied."""
     processor.tokenizer.padding_side = "left"
-    prompts = [vicuna_v1_prompt(q, 1, system=system_prompt(model.config)) for q in questions]
+    prompts = [vicuna_v1_prompt(q, 1, system=family_of(model.config).system_prompt(model.config)) for q in questions]
     inputs = processor(images=[example_image()] * len(questions), text=prompts, return_tensors="pt", padding=True)
     inputs = inputs.to(DEVICE)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
@@ -90,7 +92,7 @@ def test_backends_give_eager_answers_in_bf16(models, name, attn):
 @pytest.mark.parametrize("attn", BACKENDS)
 def test_keep_all_equals_vanilla_in_bf16(models, attn):
     model, processor = models(attn)
-    inputs = processor(images=[example_image()], text=[vicuna_v1_prompt(QUESTIONS[0], 1, system=system_prompt(model.config))], return_tensors="pt")
+    inputs = processor(images=[example_image()], text=[vicuna_v1_prompt(QUESTIONS[0], 1, system=family_of(model.config).system_prompt(model.config))], return_tensors="pt")
     inputs = inputs.to(DEVICE)
     inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
     with torch.no_grad():

@@ -7,8 +7,8 @@ import torch
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
+from vtcbench.families.llava import vicuna_v1_prompt
 from vtcbench.lmms_model import VtcbenchLMM
-from vtcbench.models import vicuna_v1_prompt
 from vtcbench.methods import get_method
 from vtcbench.models import load_model
 from vtcbench.results import RunFolder
@@ -29,7 +29,7 @@ def _docs() -> list[dict]:
 
 
 def _requests(kind: str = "generate_until") -> list[Instance]:
-    to_visual = lambda doc: [doc["image"]]  # noqa: E731
+    to_visual = lambda doc: [doc["image"]]
     requests = []
     for doc_id, doc in enumerate(_docs()):
         if kind == "generate_until":
@@ -135,7 +135,7 @@ def test_multi_round_follows_lmms_eval_protocol(tiny_with_processor, tmp_path):
         terminal = round_idx == 2
         return [doc["image"]], "And now?", terminal, list(previous_output), {"round": round_idx}
 
-    doc_to_visual = lambda doc: [doc["image"]]  # noqa: E731
+    doc_to_visual = lambda doc: [doc["image"]]
     request = Instance(
         request_type="generate_until_multi_round",
         arguments=("First question?", {"max_new_tokens": 2}, doc_to_visual, doc_to_text, 0, "toy", "test"),

@@ -10,16 +10,14 @@ from PIL import Image
 from transformers import LlavaForConditionalGeneration
 
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import decoder_layers, language_model, model_facts
 from vtcbench.models import (
     LOCAL_WORDS,
     MODELS,
     build_local_processor,
-    decoder_layers,
     image_token_mask,
-    language_model,
     load_config,
     load_model,
-    model_facts,
     resolve_model,
 )
 
@@ -29,7 +27,7 @@ PROMPT = "USER: <image>\nWhat color is the car? Answer the question using a sing
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch):
     """Force offline mode even if huggingface_hub was imported before the env var was set."""
-    import huggingface_hub.constants as constants
+    from huggingface_hub import constants
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)

@@ -11,11 +11,12 @@ import json
 
 import pytest
 import torch
-
 from conftest import pixels, prompt_ids
+
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import model_facts
 from vtcbench.methods import get_method
-from vtcbench.models import CONFIG_DIR, model_facts
+from vtcbench.models import CONFIG_DIR
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.profilers.fvcore_count import TraceFailed, fvcore_language_model_macs
 from vtcbench.profilers.opcount import COUNTER, OpCount, count_ops

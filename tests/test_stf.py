@@ -15,13 +15,9 @@ from vtcbench.convert_stf import convert_stf
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods import METHODS, get_method
-from vtcbench.methods.stf import (
-    PAPER_FEATURE_LAYERS,
-    default_feature_layers,
-    install_projector,
-    unfold_tokens,
-)
+from vtcbench.methods.stf import PAPER_FEATURE_LAYERS, default_feature_layers
 from vtcbench.models import build_local_processor, load_config, load_model, random_model
+from vtcbench.projectors import install_projector, unfold_tokens
 from vtcbench.training import TrainConfig, train
 from vtcbench.transformers_seam import save_checkpoint
 

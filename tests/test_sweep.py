@@ -10,9 +10,17 @@ import pytest
 from typer.testing import CliRunner
 
 from vtcbench.cli import app
-from vtcbench.models import load_config, model_facts
+from vtcbench.families import model_facts
+from vtcbench.models import load_config
 from vtcbench.runner import RunConfig, run
-from vtcbench.sweep import Cell, SweepConfig, default_layers, plan_cells, pool_ratios, sweep
+from vtcbench.sweep import (
+    Cell,
+    SweepConfig,
+    default_layers,
+    plan_cells,
+    pool_ratios,
+    sweep,
+)
 
 LIMIT = 3
 

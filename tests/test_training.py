@@ -11,10 +11,18 @@ from typer.testing import CliRunner
 
 from vtcbench import shapes
 from vtcbench.cli import app
+from vtcbench.families import family_of, model_facts
 from vtcbench.methods import get_method
-from vtcbench.models import build_local_processor, load_config, load_model, random_model, system_prompt
+from vtcbench.models import build_local_processor, load_config, load_model, random_model
 from vtcbench.schedules import SCHEDULES, stages
-from vtcbench.training import AuxiliaryHeads, Encoder, TrainConfig, train, training_conversations, vocabulary
+from vtcbench.training import (
+    AuxiliaryHeads,
+    Encoder,
+    TrainConfig,
+    train,
+    training_conversations,
+    vocabulary,
+)
 
 runner = CliRunner()
 SMALL = ["--steps", "4", "--batch-size", "4", "--test-per-family", "2"]
@@ -36,10 +44,10 @@ def test_same_seed_gives_the_same_weights_and_another_seed_does_not(tmp_path):
 def test_the_alignment_loss_is_near_zero_when_image_tokens_are_their_words_embeddings():
     config = load_config("vtc-tiny")
     model = random_model(config, seed=0, attn_implementation="sdpa")
-    processor = build_local_processor(config, vocabulary(system_prompt(config)))
+    processor = build_local_processor(config, vocabulary(family_of(config).system_prompt(config)))
     words = model.get_input_embeddings().weight.detach()
-    heads = AuxiliaryHeads(config.vision_config.hidden_size, model.get_input_embeddings(), processor.tokenizer)
-    batch = Encoder(processor.tokenizer, 64, "")(training_conversations(0, set())(3))
+    heads = AuxiliaryHeads(model_facts(config).vision_hidden_size, model.get_input_embeddings(), processor.tokenizer)
+    batch = Encoder(processor.tokenizer, family_of(config), 64, "")(training_conversations(0, set())(3))
     names = {"colour": [None, *shapes.COLORS, None], "content": [None, *shapes.SHAPES, *shapes.LETTERS]}
     tokens = torch.zeros(3, 64, words.shape[1])
     for kind, labels in (("colour", batch.colour), ("content", batch.content)):

@@ -9,8 +9,9 @@ from PIL import Image
 
 from vtcbench import transformers_seam as seam
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import FAMILIES, family_of, model_facts
 from vtcbench.methods import get_method
-from vtcbench.models import load_config, load_model, model_facts, system_prompt
+from vtcbench.models import load_config, load_model
 from vtcbench.voco import (
     Row,
     VocoCache,
@@ -286,7 +287,7 @@ def test_training_inputs_carry_the_voco_mask_and_running_positions():
     method = get_method("voco", voco_tokens=K)
     method.prepare_training(model, processor)
     token = method.token_id(model, processor.tokenizer)
-    batch = Encoder(processor.tokenizer, 64, "", method.prompt)(training_conversations(0, set())(3))
+    batch = Encoder(processor.tokenizer, FAMILIES["llava"], 64, "", method.prompt)(training_conversations(0, set())(3))
     inputs = method.training_inputs(model, processor.tokenizer, batch.inputs)
     ids, padding = batch.inputs["input_ids"], batch.inputs["attention_mask"]
     first, last = voco_span(ids, token, K)
@@ -317,7 +318,7 @@ def test_lmms_model_answers_through_the_compressed_cache(voco_model, tmp_path):
         built.task_dict = {"toy": {"test": docs}}
         return built
 
-    system = system_prompt(model.config)
+    system = family_of(model.config).system_prompt(model.config)
     one, three = lmm("one", 1), lmm("three", 3)
     answers = one.generate_until(requests("generate_until"))
     assert three.generate_until(requests("generate_until")) == answers

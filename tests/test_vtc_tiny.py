@@ -8,8 +8,9 @@ import pytest
 from typer.testing import CliRunner
 
 from vtcbench.cli import app
+from vtcbench.families import model_facts
 from vtcbench.methods import get_method
-from vtcbench.models import MODELS, load_model, model_facts
+from vtcbench.models import MODELS, load_model
 from vtcbench.shapes import FAMILIES
 from vtcbench.training import evaluate, held_out_split
 

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 
 from vtcbench.engine import compress
+from vtcbench.families import family_of, model_facts
 from vtcbench.methods import Method, get_method, parse_set_options
-from vtcbench.models import load_config, load_model, model_facts, system_prompt, vicuna_v1_prompt
+from vtcbench.models import load_config, load_model
 from vtcbench.shapes import Scene
 
 
@@ -29,6 +30,7 @@ def check_method_for_model(method: Method, model: str) -> None:
     """Model-dependent checks (layer beyond depth, stride not dividing the tokens, the trained
     weights a method needs), no weights."""
     config = load_config(model)
+    family_of(config).check_method(method.name)
     method.check_model(config)
     facts = model_facts(config)
     method.validate_for(facts.image_tokens, facts.n_layers)
@@ -67,7 +69,9 @@ def answer(
     picture = Image.open(image).convert("RGB") if image else example_image()
     if method.where == "cache":
         return _answer_voco(model, processor, method, question, picture, max_new_tokens)
-    inputs = processor(images=[picture], text=[vicuna_v1_prompt(question, 1, system=system_prompt(model.config))], return_tensors="pt").to(device)
+    family = family_of(model)
+    prompt = family.prompt(question, 1, system=family.system_prompt(model.config))
+    inputs = processor(images=[picture], text=[prompt], return_tensors="pt").to(device)
     with compress(model, method) as engine:
         prepared = engine.prepare(inputs)
         output = model.generate(**prepared, max_new_tokens=max_new_tokens, do_sample=False)

@@ -4,7 +4,7 @@ For each decoder layer, the share of attention that the position producing the a
 the image tokens, the system prompt and the instruction: the row of the last prompt token (whose
 logits give the first answer token) and the row of the first generated token.
 
-    groups = token_groups(inputs["input_ids"], inputs["attention_mask"], model.config.image_token_index)
+    groups = token_groups(inputs["input_ids"], inputs["attention_mask"], family_of(model).image_token_id(model.config))
     with AttentionShareRecorder(model, groups) as recorder:
         model.generate(**inputs, max_new_tokens=2, do_sample=False)
     write_outputs(summarise(recorder.shares, recorder.counts), folder)
@@ -28,7 +28,8 @@ from torch import nn
 from vtcbench import transformers_seam as seam
 from vtcbench.engine import query_attention
 from vtcbench.errors import VtcbenchError
-from vtcbench.models import decoder_layers, image_token_mask
+from vtcbench.families import family_of
+from vtcbench.models import image_token_mask
 from vtcbench.results import atomic_file
 
 #: the key groups, in the order of the last axis of `AttentionShareRecorder.shares`
@@ -44,7 +45,7 @@ PNG_NAME = "attention_share.png"
 CSV_FIELDS = ("layer", "position", "group", "share", "share_per_token")
 
 
-def token_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_index: int) -> torch.Tensor:
+def token_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, image_token_id: int) -> torch.Tensor:
     """The group of every prompt token, LongTensor [batch, seq] (indices into `GROUPS`).
 
     - 0 `image`: the image placeholder tokens (the visual tokens, once the model merges them);
@@ -60,7 +61,7 @@ def token_groups(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, i
     if input_ids.ndim != 2:
         raise VtcbenchError(f"input_ids must be [batch, seq], not of shape {tuple(input_ids.shape)}")
     valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-    is_image = image_token_mask(input_ids, image_token_index) & valid
+    is_image = image_token_mask(input_ids, image_token_id) & valid
     after_image = is_image.long().cumsum(dim=1) > 0
     groups = torch.full_like(input_ids, SYSTEM, dtype=torch.long)
     groups[after_image] = INSTRUCTION
@@ -106,7 +107,8 @@ class AttentionShareRecorder:
         if bool((groups[:, -1] < 0).any()):
             raise VtcbenchError("the last column of a prompt is padding: left-pad the prompts, as generate needs")
         self.model = model
-        self.layers = decoder_layers(model)
+        self.family = family_of(model)
+        self.layers = self.family.language_model(model).layers
         self.n_layers = len(self.layers)
         self.groups = groups.long()
         counts = [(self.groups == group).sum(dim=1) for group in (IMAGE, SYSTEM, INSTRUCTION)]
@@ -160,7 +162,6 @@ class AttentionShareRecorder:
             elif total == prompt + 1:
                 self._record(index, FIRST_GENERATED_TOKEN, module, hidden, kwargs, past)
             self._lengths[index] = total
-            return None
 
         return hook
 
@@ -169,7 +170,7 @@ class AttentionShareRecorder:
         if position == FIRST_GENERATED_TOKEN:
             groups = torch.cat([groups, groups.new_full((groups.shape[0], 1), OUTPUT)], dim=1)
         last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
-        row = query_attention(layer, hidden, seam.rope_tables(kwargs), last, groups >= 0, past)
+        row = query_attention(self.family, layer, hidden, seam.rope_tables(kwargs), last, groups >= 0, past)
         if self._shares is None or self._shares.device != hidden.device:
             self._shares = self.shares.to(hidden.device)
         if position == LAST_PROMPT_TOKEN:  # a new prefill: forget the previous first-generated row

@@ -71,7 +71,8 @@ def methods() -> None:
 @user_errors
 def models() -> None:
     """List the model aliases and the facts FLOPs counting uses (no download)."""
-    from vtcbench.models import MODELS, load_config, model_facts
+    from vtcbench.families import model_facts
+    from vtcbench.models import MODELS, load_config
 
     table = Table(title="model aliases (any hub id or local folder also works)")
     for column in ("alias", "hub id", "layers", "hidden", "ffn", "heads/kv", "image tokens", "description"):
@@ -155,7 +156,8 @@ def flops(
 ) -> None:
     """Analytic FLOPs (multiply-accumulates, the papers' FLOPs; --convention flops: 2 per MAC), visual tokens per layer, compression ratio."""
     from vtcbench.api import method_from_options
-    from vtcbench.models import load_config, model_facts
+    from vtcbench.families import model_facts
+    from vtcbench.models import load_config
     from vtcbench.profilers.flops import analytic_flops
 
     _check_format(fmt)
@@ -211,8 +213,9 @@ def profile(
 ) -> None:
     """Latency per phase, memory, energy and FLOPs of one method on synthetic inputs (no dataset)."""
     from vtcbench.api import method_from_options
+    from vtcbench.families import family_of, model_facts
     from vtcbench.methods import get_method
-    from vtcbench.models import load_config, load_model, model_facts, random_model
+    from vtcbench.models import load_config, load_model, random_model
     from vtcbench.profilers.session import Shape
     from vtcbench.profilers.session import profile as run_profile
 
@@ -230,17 +233,9 @@ def profile(
     config = load_config(model)
     compression.check_model(config)
     facts = model_facts(config)
-    if facts.family != "llava":
-        raise VtcbenchError(f"profile builds synthetic inputs for the llava family; {model} is {facts.family}")
     if not random_weights and (layers is not None or image_tokens not in (None, facts.image_tokens)):
         raise VtcbenchError("--layers and a different --image-tokens change the architecture; add --random-weights")
-    if image_tokens is not None and image_tokens != facts.image_tokens:
-        side = int(image_tokens**0.5)
-        if side * side != image_tokens:
-            raise VtcbenchError(f"--image-tokens {image_tokens} must be a square (the patch grid), e.g. 64, 144, 576")
-        config.vision_config.image_size = side * config.vision_config.patch_size
-    if layers is not None:
-        config.text_config.num_hidden_layers = layers
+    family_of(config).resize_config(config, image_tokens=None if image_tokens == facts.image_tokens else image_tokens, layers=layers)
     facts = model_facts(config)
     compression.validate_for(facts.image_tokens, facts.n_layers)
     if compression.where == "cache" and train:
@@ -267,10 +262,11 @@ def profile(
 def _profile_voco(loaded, model: str, compression, processor, text_tokens: int, new_tokens: int, iterations: int,
                   warmup: int, fmt: str) -> None:
     """VoCo-LLaMA's profile: two questions about one image (the second reuses the compressed image)."""
+    from vtcbench.families import model_facts
     from vtcbench.profilers.voco import profile_voco
 
     # random weights have no trained VoCo token: the last vocabulary id stands in (timings do not depend on it)
-    token = loaded.config.text_config.vocab_size - 1 if processor is None else compression.token_id(loaded, processor.tokenizer)
+    token = model_facts(loaded).vocab_size - 1 if processor is None else compression.token_id(loaded, processor.tokenizer)
     record = profile_voco(loaded, model, compression, voco_id=token, text_tokens=text_tokens, new_tokens=new_tokens,
                           iterations=iterations, warmup=warmup)
     if fmt == "json":
@@ -371,7 +367,8 @@ def redundancy_sweep(
 ) -> None:
     """Task metric over a layer x retained-share grid (PyramidDrop Fig. 1, LLaVolta Fig. 1), sharing
     each sample's layers below K across its cells; every cell equals its `vtcbench run`."""
-    from vtcbench.models import load_config, model_facts
+    from vtcbench.families import model_facts
+    from vtcbench.models import load_config
     from vtcbench.sweep import SweepConfig, plan_cells, sweep
     from vtcbench.tasks import resolve_tasks
 
@@ -447,11 +444,22 @@ def train(
     test_per_family: Annotated[int, typer.Option(help="held-out questions per family for the final accuracy")] = 125,
 ) -> None:
     """Train vtc-tiny on vtcshapes, optionally compression-aware (the shipped weights: --method llavolta --schedule llavolta-4stage)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from vtcbench.api import method_from_options
     from vtcbench.schedules import SCHEDULES
-    from vtcbench.training import DEFAULT_STEPS, TEST_PER_FAMILY, TRAINABLE_MODELS, TrainConfig
+    from vtcbench.training import (
+        DEFAULT_STEPS,
+        TEST_PER_FAMILY,
+        TRAINABLE_MODELS,
+        TrainConfig,
+    )
     from vtcbench.training import train as run_training
 
     if model not in TRAINABLE_MODELS:
@@ -500,7 +508,7 @@ def train(
 @user_errors
 def convert_stf(
     src: Annotated[Path, typer.Argument(help="the official LLaVA-STF checkpoint folder (LLaVA's original layout)")],
-    out: Annotated[Path, typer.Argument(help="the Hugging Face Llava folder to write (then: vtcbench run --model OUT --method stf)")],
+    out: Annotated[Path, typer.Argument(help="the llava-hf model folder to write (then: vtcbench run --model OUT --method stf)")],
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing folder")] = False,
 ) -> None:
     """Convert LLaVA-STF's weights (MBTF + STF projector) into a folder `--model` loads."""

@@ -156,7 +156,8 @@ def _processor(src: Path, config):
     offline one; a CLIP image processor at the tower's resolution."""
     from transformers import AutoTokenizer, LlavaProcessor
 
-    from vtcbench.models import _image_processor_classes, build_local_processor
+    from vtcbench.families.llava import image_processor_classes
+    from vtcbench.models import build_local_processor
 
     if not any((src / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         return build_local_processor(config)
@@ -170,7 +171,7 @@ def _processor(src: Path, config):
         tokenizer.pad_token = tokenizer.unk_token
     tokenizer.padding_side = "left"
     size = config.vision_config.image_size
-    clip_cls, _ = _image_processor_classes()
+    clip_cls, _ = image_processor_classes()
     image_processor = clip_cls(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size},
         image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,

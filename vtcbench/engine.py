@@ -1,11 +1,12 @@
-"""The compression engine (docs/architecture.md#the-engine): applies a method's plan to a LLaVA-family model.
+"""The compression engine (docs/architecture.md#the-engine): applies a method's plan to a model of any family.
 
 `with compress(model, method) as engine:` attaches forward pre-hooks and removes them on exit;
 no transformers class is patched. Three hook points:
 
-- the multimodal model (`LlavaModel`): locates image tokens from `input_ids == image_token_index`
-  and decides prefill (no cache yet) or decode (a cache that already holds the prompt);
-- the language model (`LlamaModel`): records the prompt's positions and padding, applies a
+- the multimodal model (the family's, e.g. `LlavaModel`): locates image tokens from `input_ids ==`
+  the family's image-token id and decides prefill (no cache yet) or decode (a cache that already
+  holds the prompt);
+- the language model (the decoder stack): records the prompt's positions and padding, applies a
   layer-0 action to the embeddings (so the model builds its masks and caches in the compressed
   space), and during decode slices the 2-D padding mask to the kept columns;
 - the decoder layers from the first planned one on: apply an action at its layer, and give each
@@ -37,8 +38,9 @@ from transformers.cache_utils import Cache
 
 from vtcbench import transformers_seam as seam
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import ModelFamily, family_of
 from vtcbench.methods.base import Keep, LayerContext, Method, Replace
-from vtcbench.models import image_token_mask, language_model, model_facts
+from vtcbench.models import image_token_mask
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
 
@@ -48,10 +50,10 @@ class Space:
     """The sequence as a run of layers sees it; all tensors [batch, seq] unless noted."""
 
     index0: torch.Tensor  # indices into the layer-0 sequence (mask columns)
-    position_ids: torch.Tensor
+    position_ids: torch.Tensor  # [batch, seq, rows]: one row for 1-D RoPE, the family's rows for M-RoPE
     valid: torch.Tensor  # bool: not padding
     is_image: torch.Tensor  # bool
-    shift: torch.Tensor  # [batch]: layer-0 position of the last prompt token minus ours
+    shift: torch.Tensor  # [batch, rows]: layer-0 position of the last prompt token minus ours
     query: torch.Tensor  # [batch]: column of the scoring query (the last prompt token)
     image_counts: list[int]  # image tokens per sample
     lengths: list[int]  # slots per sample that are not filler
@@ -80,6 +82,7 @@ class _Request:
     lm_index: torch.Tensor | None = None  # layer-0 space in original indices, if layer 0 acted
     lm_filler: torch.Tensor | None = None  # its filler slots (columns masked at decode), if any
     decode_width: int = 0  # during a decode step: the layer-0 space's mask width (cache + new tokens)
+    decode_positions: torch.Tensor | None = None  # during a decode step: layer 0's positions [batch, new, rows]
     space0: Space | None = None
     space: Space | None = None  # current space while the prefill runs through the layers
     layer_space: dict[int, Space] = field(default_factory=dict)
@@ -96,16 +99,20 @@ class _Request:
 
 
 class CompressionEngine:
-    """Reversible context manager that applies `method` to `model` (a LLaVA-family model)."""
+    """Reversible context manager that applies `method` to `model` (any family in `vtcbench.families`)."""
 
     def __init__(self, model: nn.Module, method: Method):
         self.model = model
         self.method = method
-        self.multimodal = model.model
-        self.language_model = language_model(model)
+        self.family = family_of(model)
+        self.multimodal = self.family.multimodal(model)
+        self.language_model = self.family.language_model(model)
         self.layers = self.language_model.layers
         self.n_layers = len(self.layers)
-        self.facts = model_facts(model)
+        self.facts = self.family.facts(model.config)
+        self.image_token_id = self.family.image_token_id(model.config)
+        #: M-RoPE has no compacted form: a `compact` method keeps original positions there
+        self.compact = method.position_policy == "compact" and self.family.position_rows == 1
         self.plan = method.plan(self.n_layers)
         self.score_layers = {score: action for action, score in self.plan.items() if score is not None}
         #: per sample, the visual tokens that entered each decoder layer at the last prefill
@@ -148,16 +155,17 @@ class CompressionEngine:
                 f"{self.method.name} acts on the KV cache, not through the engine's hooks; "
                 "generate with vtcbench.voco.generate (as `vtcbench run` and `generate` do)"
             )
-        if self.method.where == "pre_llm" and self.facts.family != "llava":
+        self.family.check_method(self.method.name)
+        if self.method.where == "pre_llm" and not self.family.fixed_image_grid:
             raise VtcbenchError(
-                f"{self.method.name} pools a fixed image grid before the LLM; it supports the llava family only, "
-                f"not {self.facts.family} (whose AnyRes token counts vary per image)"
+                f"{self.method.name} pools a fixed image grid before the LLM; the {self.family.name} family "
+                "gives each image its own token count"
             )
         self.method.validate_for(self.facts.image_tokens, self.n_layers)
         hook = self._handles.append
         hook(self.multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
         if self.method.where == "pre_llm":
-            hook(self.multimodal.multi_modal_projector.register_forward_hook(self._on_projector))
+            hook(self.family.projector(self.model).register_forward_hook(self._on_projector))
         if self.plan:
             hook(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
             first = min([*self.plan, *self.score_layers])
@@ -186,7 +194,7 @@ class CompressionEngine:
         per_image = self.facts.image_tokens
         kept = self.method.pre_llm_tokens(per_image)
         input_ids = inputs["input_ids"]
-        is_image = image_token_mask(input_ids, self.facts.image_token_index)
+        is_image = image_token_mask(input_ids, self.image_token_id)
         rank_in_image = (is_image.cumsum(dim=1) - 1) % per_image
         keep = ~is_image | (rank_in_image < kept)
         counts = keep.sum(dim=1)
@@ -204,17 +212,17 @@ class CompressionEngine:
         if seam.is_decode_step(kwargs, input_ids):
             if self._request is not None:
                 self._request.decoding = True
-            return None
+            return
         self._request = None
         if input_ids is None:
             if self.plan:
                 raise VtcbenchError("the engine locates image tokens from input_ids; pass input_ids, not inputs_embeds")
-            return None
-        image_mask = image_token_mask(input_ids, self.facts.image_token_index)
+            return
+        image_mask = image_token_mask(input_ids, self.image_token_id)
         n_image = image_mask.sum(dim=1).tolist()
         self.applied_image_tokens_per_sample = [[n] * self.n_layers for n in n_image]
         if not any(n_image):
-            return None
+            return
         if self.method.where == "pre_llm":
             self._check_pre_llm_prompt(image_mask, kwargs.get("pixel_values"))
         if self.record_kept:
@@ -222,7 +230,7 @@ class CompressionEngine:
             self.merged_image_tokens = {}
             self.original_image_tokens = n_image
         if not self.plan:
-            return None
+            return
         if not all(n_image):
             raise VtcbenchError(f"{self.method.name} needs image tokens in every prompt of a batch, or in none; got {n_image}")
         for n in sorted(set(n_image)):
@@ -230,7 +238,7 @@ class CompressionEngine:
         attention_mask = kwargs.get("attention_mask")
         valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
         self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image)
-        return None
+        return
 
     def _check_pre_llm_prompt(self, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
         pooled = self.method.pre_llm_tokens(self.facts.image_tokens)
@@ -253,10 +261,7 @@ class CompressionEngine:
         batch, length = embeds.shape[:2]
         attention_mask = kwargs.get("attention_mask")
         valid = request.image_mask.new_ones(batch, length) if attention_mask is None else attention_mask.bool()
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            position_ids = torch.arange(length, device=embeds.device).expand(batch, -1)
-        position_ids = position_ids.expand(batch, -1)
+        position_ids = self.family.positions_in(kwargs.get("position_ids"), batch, length, embeds.device)
         request.original_length = length
         query = length - 1 if self.prompt_length is None else self.prompt_length - 1
         space = Space(
@@ -264,20 +269,20 @@ class CompressionEngine:
             position_ids=position_ids,
             valid=valid,
             is_image=request.image_mask,
-            shift=position_ids.new_zeros(batch),
+            shift=position_ids.new_zeros(batch, position_ids.shape[-1]),
             query=torch.full((batch,), query, device=embeds.device),
             image_counts=request.n_image,
             lengths=[length] * batch,
         )
         if 0 in self.plan:
             if self.plan[0] == 0:
-                cos_sin = seam.rope(self.language_model, embeds, position_ids)
+                cos_sin = self.family.rope(self.language_model, embeds, position_ids)
                 with self.overhead():
-                    request.scores[0] = _query_attention(self.layers[0], embeds, cos_sin, space)
+                    request.scores[0] = _query_attention(self.family, self.layers[0], embeds, cos_sin, space)
             with self.overhead():
                 space, embeds = self._act(request, 0, space, embeds)
             request.lm_index, request.lm_filler = space.index0, space.filler
-            kwargs = dict(kwargs, inputs_embeds=embeds, position_ids=space.position_ids)
+            kwargs = dict(kwargs, inputs_embeds=embeds, position_ids=self.family.positions_out(space.position_ids))
             if attention_mask is not None or space.filler is not None:  # the model masks fillers as padding
                 kwargs["attention_mask"] = space.valid.to(torch.long if attention_mask is None else attention_mask.dtype)
             width = space.index0.shape[1]
@@ -292,7 +297,7 @@ class CompressionEngine:
                 lengths=[width] * batch,
             )
         else:
-            kwargs = dict(kwargs, position_ids=position_ids)
+            kwargs = dict(kwargs, position_ids=self.family.positions_out(position_ids))
         request.space0 = request.space = space
         return args, kwargs
 
@@ -307,7 +312,9 @@ class CompressionEngine:
         if position_ids is None:
             start = request.original_length + cached0 - space0.index0.shape[1]
             position_ids = torch.arange(start, start + new, device=embeds.device).expand(batch, -1)
-        kwargs = dict(kwargs, position_ids=position_ids - space0.shift[:, None])
+        rows = self.family.positions_in(position_ids, batch, new, embeds.device) - space0.shift[:, None]
+        request.decode_positions = rows
+        kwargs = dict(kwargs, position_ids=self.family.positions_out(rows))
         attention_mask = kwargs.get("attention_mask")
         if request.lm_filler is not None and attention_mask is None:  # fillers need a padding mask
             width = request.original_length + request.decode_width - space0.index0.shape[1]
@@ -335,7 +342,7 @@ class CompressionEngine:
             if index in self.score_layers:
                 embeddings = seam.rope_tables(self._prefill_kwargs(request, space, kwargs))
                 with self.overhead():
-                    scores = _query_attention(module, hidden, embeddings, space)
+                    scores = _query_attention(self.family, module, hidden, embeddings, space)
                 request.scores[self.score_layers[index]] = scores
             if index in self.plan:
                 with self.overhead():
@@ -378,7 +385,7 @@ class CompressionEngine:
             real = torch.arange(chosen.shape[1], device=chosen.device) < torch.tensor(counts, device=chosen.device)[:, None]
             kept_image = kept_image.masked_fill(~real, length)
         keep = ~space.is_image if space.filler is None else ~space.is_image & ~space.filler
-        keep = torch.cat([keep, keep.new_zeros(batch, 1)], dim=1).scatter(1, kept_image, True)[:, :length]
+        keep = torch.cat([keep, keep.new_zeros(batch, 1)], dim=1).scatter(1, kept_image, torch.ones_like(kept_image, dtype=torch.bool))[:, :length]
         lengths = [n - old + new for n, old, new in zip(space.lengths, space.image_counts, counts)]
         width = max(lengths)
         columns = torch.arange(length, device=keep.device)
@@ -393,13 +400,14 @@ class CompressionEngine:
         if filler is not None:
             is_image, valid = is_image & ~filler, valid & ~filler
         hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-        position_ids = space.position_ids.gather(1, order)
+        rows = space.position_ids.shape[-1]
+        position_ids = space.position_ids.gather(1, order[..., None].expand(-1, -1, rows))
         if isinstance(action, Replace):
             new_hidden, new_positions = (action.hidden, action.position_ids) if real is None else (action.hidden[real], action.position_ids[real])
             hidden = hidden.masked_scatter(is_image.unsqueeze(-1), new_hidden.to(hidden.dtype))
-            position_ids = position_ids.masked_scatter(is_image, new_positions.to(position_ids.dtype))
-        if self.method.position_policy == "compact":
-            position_ids = ((valid.cumsum(dim=1) - 1) * valid).to(position_ids.dtype)
+            position_ids = position_ids.masked_scatter(is_image[..., None].expand(-1, -1, rows), new_positions.to(position_ids.dtype))
+        if self.compact:
+            position_ids = ((valid.cumsum(dim=1) - 1) * valid).to(position_ids.dtype)[..., None]
         reference = request.space0 or space  # layer 0's space (or this one, when layer 0 acts)
         is_query = order == space.query[:, None]
         new_space = Space(
@@ -445,11 +453,11 @@ class CompressionEngine:
                     space.mask = seam.explicit_mask(self.model.config._attn_implementation, causal)
                 space.mask = seam.hide_keys(space.mask, space.filler)
             cos, _ = seam.rope_tables(kwargs)
-            space.position_embeddings = seam.rope(self.language_model, cos, space.position_ids)
+            space.position_embeddings = self.family.rope(self.language_model, cos, space.position_ids)
         return dict(
             kwargs,
             attention_mask=space.mask,
-            position_ids=space.position_ids,
+            position_ids=self.family.layer_position_ids(space.position_ids),
             position_embeddings=space.position_embeddings,
         )
 
@@ -481,7 +489,7 @@ class CompressionEngine:
     # -- decode ------------------------------------------------------------------------------------
     def _decode_kwargs(self, request: _Request, space: Space, kwargs: dict) -> dict:
         """Mask columns of this layer's cached tokens plus the new ones; positions shifted."""
-        mask, position_ids = kwargs.get("attention_mask"), kwargs["position_ids"]
+        mask, position_ids = kwargs.get("attention_mask"), request.decode_positions
         memo = space.decode_memo
         if not memo or memo[0] is not mask or memo[1] is not position_ids:
             mask_out = None
@@ -499,8 +507,8 @@ class CompressionEngine:
                 mask_out = seam.hide_keys(mask_out, _pad_right(space.filler, columns.shape[1]))
             pos_out = position_ids - space.shift[:, None]
             cos, _ = seam.rope_tables(kwargs)
-            emb_out = seam.rope(self.language_model, cos, pos_out)
-            memo = space.decode_memo = (mask, position_ids, mask_out, pos_out, emb_out)
+            emb_out = self.family.rope(self.language_model, cos, pos_out)
+            memo = space.decode_memo = (mask, position_ids, mask_out, self.family.layer_position_ids(pos_out), emb_out)
         return dict(kwargs, attention_mask=memo[2], position_ids=memo[3], position_embeddings=memo[4])
 
 
@@ -514,7 +522,7 @@ class Trunk:
 
     def __init__(self, model: nn.Module, layers: set[int]):
         self.model = model
-        self.language_model = language_model(model)
+        self.language_model = family_of(model).language_model(model)
         self.layers = sorted(layers)
         self.language_model_kwargs: dict | None = None
         self.layer_inputs: dict[int, tuple[tuple, dict]] = {}
@@ -592,16 +600,17 @@ def _decode_columns(kept: torch.Tensor, prompt_length: int, total: int) -> torch
 
 
 def _query_attention(
-    layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], space: Space
+    family: ModelFamily, layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], space: Space
 ) -> torch.Tensor:
     """The space's query row (the last prompt token) over its keys: padding keys and keys after
     the query (a teacher-forced answer) masked."""
     visible = space.valid & (torch.arange(hidden.shape[1], device=hidden.device) <= space.query[:, None])
-    return query_attention(layer, hidden, position_embeddings, space.query, visible)
+    return query_attention(family, layer, hidden, position_embeddings, space.query, visible)
 
 
 @torch.no_grad()
 def query_attention(
+    family: ModelFamily,
     layer: nn.Module,
     hidden: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
@@ -612,26 +621,24 @@ def query_attention(
     """softmax(q . K * scaling) of one query per sample, averaged over heads, [batch, keys].
 
     The row eager attention would return, recomputed from the decoder layer's input `hidden`
-    [batch, new, d] so any attention backend works: `input_layernorm`, `q_proj` (the `query`
-    column [batch] only), `k_proj`, RoPE (`position_embeddings`: the tables the layer is handed
-    for the new tokens), `repeat_kv`, `scaling`. The keys are `past_keys` (a layer's KV cache,
-    already rotated, [batch, kv_heads, cached, head_dim]) then the new tokens' own; `visible`
-    [batch, cached + new] masks the rest.
+    [batch, new, d] so any attention backend works: the family's norms and projections
+    (`family.query_key`: the `query` column [batch] only, every key), its RoPE
+    (`position_embeddings`: the tables the layer is handed for the new tokens), keys repeated
+    for grouped-query heads, the attention's `scaling`. The keys are `past_keys` (a layer's KV
+    cache, already rotated, [batch, kv_heads, cached, head_dim]) then the new tokens' own;
+    `visible` [batch, cached + new] masks the rest.
     """
     attention = layer.self_attn
-    batch, length, _ = hidden.shape
+    batch = hidden.shape[0]
     rows = torch.arange(batch, device=hidden.device)
-    normed = layer.input_layernorm(hidden)
-    head_dim = attention.head_dim
-    q = attention.q_proj(normed[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
-    key = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+    q, key = family.query_key(layer, hidden, query)
     cos, sin = (table.expand(batch, -1, -1).unsqueeze(1) for table in position_embeddings)  # as apply_rotary_pos_emb
     query_cos, query_sin = (table[rows, :, query][:, :, None] for table in (cos, sin))
-    q = q * query_cos + seam.rotate_half(q) * query_sin
-    key = key * cos + seam.rotate_half(key) * sin
+    q = family.apply_rope(q, query_cos, query_sin)
+    key = family.apply_rope(key, cos, sin)
     if past_keys is not None:
         key = torch.cat([past_keys.to(key.dtype), key], dim=-2)
-    key = seam.repeat_kv(key, attention.num_key_value_groups)
+    key = key.repeat_interleave(q.shape[1] // key.shape[1], dim=1)  # grouped-query heads (transformers' repeat_kv)
     logits = (q @ key.transpose(-1, -2)).float() * attention.scaling  # [batch, heads, 1, keys]
     logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
     return logits.softmax(dim=-1).mean(dim=1)[:, 0]

@@ -1,9 +1,8 @@
-"""vtcbench's model for lmms-eval: a LLaVA-family model with a compression method applied.
+"""vtcbench's model for lmms-eval: a model of any family with a compression method applied.
 
 lmms-eval owns the benchmarks (prompts, splits, metrics); this class answers its requests:
-- prompts in the model family's original evaluation format: LLaVA-1.5 and LLaVA-NeXT-Vicuna
-  were evaluated with the `vicuna_v1` conversation (LLaVA repo `conv_vicuna_v1`): its system
-  prompt, then `USER: <image>\\n{question} ASSISTANT:`;
+- prompts in the model family's original evaluation format (`family.prompt`: LLaVA-1.5 and
+  LLaVA-NeXT-Vicuna were evaluated with LLaVA's `conv_vicuna_v1` conversation);
 - greedy decoding, batched: requests are grouped by task and generation kwargs (LLaVA-1.5: and
   by the number of images, which a pre-LLM method's shortened prompt needs equal), left-padded,
   and run under the engine, which handles different visual-token counts per prompt (AnyRes);
@@ -28,13 +27,21 @@ import torch
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import family_of
 from vtcbench.methods.base import Method, get_method
-from vtcbench.models import image_token_mask, language_model, system_prompt, vicuna_v1_prompt
+from vtcbench.models import image_token_mask
 from vtcbench.profilers.latency import PhaseTimer, TokenMarker
 from vtcbench.results import RunFolder
 
@@ -72,8 +79,7 @@ class Job:
 class _Encoded:
     request_index: int
     input_ids: torch.Tensor  # [seq]
-    pixel_values: torch.Tensor | None  # [images, ...]
-    image_sizes: torch.Tensor | None
+    pixels: dict[str, torch.Tensor]  # the processor's image inputs (pixel_values, and e.g. image_sizes); {} without images
     image_tokens: int
 
 
@@ -98,7 +104,8 @@ class VtcbenchLMM(lmms):
         self.fidelity = fidelity  # also answer with vanilla: agreement and first-token KL, no labels needed
         self.keep_indices = keep_indices  # record the kept image tokens of the first N documents per task
         self._device = model.device
-        self._system = system_prompt(model.config)
+        self.family = family_of(model)
+        self._system = self.family.system_prompt(model.config)
         # one engine per method, built once and entered per batch (its hooks live only inside `with`)
         self._engines = {id(m): compress(model, m) for m in (method, VANILLA)}
         self._voco = _VocoState(method, model, self.tokenizer) if method.where == "cache" else None
@@ -106,7 +113,7 @@ class VtcbenchLMM(lmms):
     def _prompt(self, context: str, n_images: int, answer: str | None = None) -> str:
         if self._voco is not None:
             return self._voco.prompt(context, n_images, answer, self._system)
-        return vicuna_v1_prompt(context, n_images, answer, system=self._system)
+        return self.family.prompt(context, n_images, answer, system=self._system)
 
     # -- lmms-eval interface ------------------------------------------------------------------------
     @property
@@ -179,7 +186,7 @@ class VtcbenchLMM(lmms):
             request = requests[index]
             visuals = self._visuals(request)
             kwargs = request.args[1] if request.request_type != "loglikelihood" else None
-            images = bool(visuals) if self.model.config.model_type == "llava_next" else len(visuals)
+            images = len(visuals) if self.family.fixed_image_grid else bool(visuals)
             if self._voco is not None:  # VoCo's first forward takes one image-token count per batch
                 images = tuple(v.size for v in visuals)
             key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), images)
@@ -202,18 +209,14 @@ class VtcbenchLMM(lmms):
 
     # -- encoding and batching ------------------------------------------------------------------------
     def _encode(self, prompt: str, visuals: list[Image.Image], index: int) -> _Encoded:
-        if visuals:
-            encoded = self.processor(images=visuals, text=prompt, return_tensors="pt")
-            pixel_values, image_sizes = encoded["pixel_values"], encoded.get("image_sizes")
-        else:
-            encoded = self.tokenizer(prompt, return_tensors="pt")
-            pixel_values = image_sizes = None
+        encoded = self.processor(images=visuals, text=prompt, return_tensors="pt") if visuals else self.tokenizer(prompt, return_tensors="pt")
         input_ids = encoded["input_ids"][0]
-        image_tokens = int(image_token_mask(input_ids, self.model.config.image_token_index).sum())
-        return _Encoded(index, input_ids, pixel_values, image_sizes, image_tokens)
+        pixels = {key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask")}
+        image_tokens = int(image_token_mask(input_ids, self.family.image_token_id(self.model.config)).sum())
+        return _Encoded(index, input_ids, pixels, image_tokens)
 
     def _collate(self, items: list[_Encoded]) -> dict:
-        """Left-pad into one batch; pad AnyRes crops with zeros (LLaVA-NeXT reads image_sizes)."""
+        """Left-pad into one batch; the family joins the image inputs (LLaVA-NeXT pads AnyRes crops)."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         length = max(item.input_ids.shape[0] for item in items)
         input_ids = torch.full((len(items), length), pad, dtype=torch.long)
@@ -222,13 +225,11 @@ class VtcbenchLMM(lmms):
             input_ids[row, length - item.input_ids.shape[0] :] = item.input_ids
             attention_mask[row, length - item.input_ids.shape[0] :] = 1
         batch = {"input_ids": input_ids.to(self._device), "attention_mask": attention_mask.to(self._device)}
-        pixels = [item.pixel_values for item in items if item.pixel_values is not None]
+        pixels = [item.pixels for item in items if item.pixels]
         if pixels:
-            if pixels[0].ndim == 5 or (pixels[0].ndim == 4 and items[0].image_sizes is not None):
-                crops = max(p.shape[1] for p in pixels)
-                pixels = [torch.nn.functional.pad(p, (0, 0, 0, 0, 0, 0, 0, crops - p.shape[1])) for p in pixels]
-                batch["image_sizes"] = torch.cat([item.image_sizes for item in items]).to(self._device)
-            batch["pixel_values"] = torch.cat(pixels).to(self._device, self.model.dtype)
+            joined = self.family.collate_pixels(pixels)
+            batch.update({key: value.to(self._device) for key, value in joined.items()})
+            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         return batch
 
     # -- generation ------------------------------------------------------------------------------------
@@ -267,10 +268,7 @@ class VtcbenchLMM(lmms):
     def _records_kept(self, job: Job) -> bool:
         """Whether this request's kept image tokens are recorded: one image, a fixed grid
         (LLaVA-1.5; AnyRes crops have none), among the first `keep_indices` documents."""
-        return (
-            int(job.request.doc_id) < self.keep_indices and len(job.visuals) == 1
-            and self.model.config.model_type == "llava"
-        )
+        return int(job.request.doc_id) < self.keep_indices and len(job.visuals) == 1 and self.family.fixed_image_grid
 
     def _kept_record(self, job: Job, n_image: int, kept: dict[int, list[int]], merged: dict[int, list[list[int]]]) -> dict:
         """The kept image tokens per layer where they change (and, where tokens were merged, the
@@ -435,8 +433,8 @@ class _VocoState:
         from vtcbench.voco import Row, generate
 
         model, tokenizer = lmm.model, lmm.tokenizer
-        rows = [Row(item.input_ids.to(lmm.device), item.pixel_values.to(lmm.device, model.dtype),
-                    None if item.image_sizes is None else item.image_sizes.to(lmm.device)) for item in items]
+        rows = [Row(item.input_ids.to(lmm.device), item.pixels["pixel_values"].to(lmm.device, model.dtype),
+                    None if "image_sizes" not in item.pixels else item.pixels["image_sizes"].to(lmm.device)) for item in items]
         stop = StopOnStrings(tokenizer, until, 0)
         timer = PhaseTimer(lmm.device)
         hits = self.store.hits
@@ -448,7 +446,7 @@ class _VocoState:
         prefill = sum(sum(phases.get(name, [])) for name in ("compression_pass", "kv_load", "text_prefill"))
         timing = {"prefill_ms": prefill, "decode_ms": sum(phases.get("decode_token", [])), "batch_size": len(items),
                   "voco_cache_hits": self.store.hits - hits}
-        n_layers = len(language_model(model).layers)
+        n_layers = len(family_of(model).language_model(model).layers)
         counts = [self.method.image_tokens_per_layer(item.image_tokens, n_layers) for item in items]
         return _Generated(lmm._answers(new, until), timing, None, counts)
 

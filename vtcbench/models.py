@@ -1,4 +1,4 @@
-"""Model registry, offline-safe loading, and architecture facts for the LLaVA family.
+"""Model registry and offline-safe loading; what differs per architecture lives in `vtcbench/families/`.
 
 Why this module exists:
 - Benchmarks must run (and FLOPs must be computable) without network access, so every alias ships its
@@ -6,29 +6,29 @@ Why this module exists:
 - ``--random-weights`` builds the real architecture from that config with a fixed seed, which makes
   latency/FLOPs/mechanics tests reproducible on machines that never downloaded 14 GB of weights.
 - When no tokenizer is cached, ``build_local_processor`` makes a small word-level tokenizer whose
-  ``<image>`` id equals the config's ``image_token_index``, so the processor → model path is the real one
+  ``<image>`` id equals the config's ``image_token_id``, so the processor → model path is the real one
   (same placeholder expansion, same masks), just with a toy vocabulary.
-- Code elsewhere must not depend on where transformers puts the decoder this year: use
-  ``language_model`` / ``decoder_layers`` / ``image_token_mask`` instead of attribute chains or offsets.
+- Code elsewhere must not depend on where transformers puts the decoder this year: ask the model's
+  family (`vtcbench.families.family_of`) instead of following attribute chains or offsets.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from vtcbench.errors import VtcbenchError, choices_error
+from vtcbench.families import family_of
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"  # weights shipped in the package, one folder per alias
@@ -39,9 +39,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("eager", "sdpa", "flash_attention_2")
-FAMILIES: tuple[str, ...] = ("llava", "llava_next")
-
-Family = Literal["llava", "llava_next"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,7 @@ class ModelSpec:
     alias: str
     hub_id: str | None  # None: no pretrained weights exist (random weights only)
     config_file: str  # file name inside vtcbench/model_configs/
-    family: Family
+    family: str  # a key of vtcbench.families.FAMILIES
     description: str
     image_tokens: int  # visual tokens per image used for FLOPs (llava-next: 5 crops, newlines not counted)
     packaged: bool = False  # weights ship in WEIGHTS_DIR/<alias> (no hub)
@@ -145,16 +142,15 @@ def _config_from_dict(data: dict[str, Any]):
     from transformers import CONFIG_MAPPING
 
     model_type = data.get("model_type")
-    if model_type not in FAMILIES:
-        raise choices_error("model family", model_type, FAMILIES)
+    family_of(model_type)  # refuses a model type no family covers
     return CONFIG_MAPPING[model_type].from_dict(data)
 
 
 def load_config(name: str):
     """Return a fresh ``PretrainedConfig``: shipped JSON for aliases, the folder's config.json, or the hub's.
 
-    Aliases never download, so FLOPs and facts work offline. Only llava / llava_next are accepted because the
-    rest of vtcbench relies on their layout (vision tower → projector → LLaMA decoder).
+    Aliases never download, so FLOPs and facts work offline. Only model types a family in
+    `vtcbench/families/` covers are accepted: the rest of vtcbench asks the family about the layout.
     """
     spec = resolve_model(name)
     if spec is not None:
@@ -170,8 +166,7 @@ def load_config(name: str):
             f"config for {name!r} is not available offline; run `hf download {name}` with network access "
             f"({_first_line(exc)})"
         ) from exc
-    if config.model_type not in FAMILIES:
-        raise choices_error("model family", config.model_type, FAMILIES)
+    family_of(config)
     return config
 
 
@@ -188,24 +183,7 @@ def _first_line(exc: BaseException) -> str:
 # that "USER"/"ASSISTANT" decode as written. Order is part of the tiny model's contract (ids 5..).
 LOCAL_WORDS: tuple[str, ...] = tuple(
     dict.fromkeys(  # de-duplicated, order kept
-        """
-    USER ASSISTANT SYSTEM Answer answer question Question using a A single word or phrase the The is Is are Are
-    what What which Which who Who where Where when When why Why how How many Many much color colour
-    yes Yes no No not this This that That these those there There it It its in In on On of to for with
-    at by from and or but as an be was were do does did can could would should will has have had
-    image picture photo Please please describe Describe shown show see visible left right top bottom
-    front back side middle center background near next behind above below inside outside
-    man woman person people boy girl child dog cat bird horse car bus truck train bike bicycle plane
-    table chair bed tv laptop phone book clock cup bottle plate food pizza sign street road water sky tree
-    grass building room window door wall floor shirt hat ball kite umbrella
-    red blue green yellow black white brown gray grey orange pink purple silver gold
-    big small large little tall short long old new young open closed
-    one two three four five six seven eight nine ten zero none some all any both other
-    0 1 2 3 4 5 6 7 8 9 10
-    playing sitting standing holding wearing eating walking riding looking doing
-    time day night room sport game kind type number name text written letter
-    , . ? ! : ; ' " ( ) - / % $ & +
-    """.split()
+        ["USER", "ASSISTANT", "SYSTEM", "Answer", "answer", "question", "Question", "using", "a", "A", "single", "word", "or", "phrase", "the", "The", "is", "Is", "are", "Are", "what", "What", "which", "Which", "who", "Who", "where", "Where", "when", "When", "why", "Why", "how", "How", "many", "Many", "much", "color", "colour", "yes", "Yes", "no", "No", "not", "this", "This", "that", "That", "these", "those", "there", "There", "it", "It", "its", "in", "In", "on", "On", "of", "to", "for", "with", "at", "by", "from", "and", "or", "but", "as", "an", "be", "was", "were", "do", "does", "did", "can", "could", "would", "should", "will", "has", "have", "had", "image", "picture", "photo", "Please", "please", "describe", "Describe", "shown", "show", "see", "visible", "left", "right", "top", "bottom", "front", "back", "side", "middle", "center", "background", "near", "next", "behind", "above", "below", "inside", "outside", "man", "woman", "person", "people", "boy", "girl", "child", "dog", "cat", "bird", "horse", "car", "bus", "truck", "train", "bike", "bicycle", "plane", "table", "chair", "bed", "tv", "laptop", "phone", "book", "clock", "cup", "bottle", "plate", "food", "pizza", "sign", "street", "road", "water", "sky", "tree", "grass", "building", "room", "window", "door", "wall", "floor", "shirt", "hat", "ball", "kite", "umbrella", "red", "blue", "green", "yellow", "black", "white", "brown", "gray", "grey", "orange", "pink", "purple", "silver", "gold", "big", "small", "large", "little", "tall", "short", "long", "old", "new", "young", "open", "closed", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "zero", "none", "some", "all", "any", "both", "other", "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "playing", "sitting", "standing", "holding", "wearing", "eating", "walking", "riding", "looking", "doing", "time", "day", "night", "room", "sport", "game", "kind", "type", "number", "name", "text", "written", "letter", ",", ".", "?", "!", ":", ";", "'", '"', "(", ")", "-", "/", "%", "$", "&", "+"]
     )
 )
 
@@ -213,17 +191,17 @@ _FIXED_SPECIALS = {0: "<unk>", 1: "<s>", 2: "</s>"}
 
 
 def _local_vocab(
-    vocab_size: int, image_token_index: int, pad_token_id: int | None, words: tuple[str, ...] = LOCAL_WORDS
+    vocab_size: int, image_token_id: int, pad_token_id: int | None, words: tuple[str, ...] = LOCAL_WORDS
 ) -> dict[str, int]:
-    """Vocabulary with ``<image>`` at ``image_token_index`` (and ``<pad>`` at the config's pad id when that
+    """Vocabulary with ``<image>`` at ``image_token_id`` (and ``<pad>`` at the config's pad id when that
     slot is free), words in the remaining low ids and ``<extra_i>`` filler up to ``vocab_size``.
 
     Filling up to vocab_size means every id a random-weight model can generate decodes to something.
     """
     by_id: dict[int, str] = dict(_FIXED_SPECIALS)
-    by_id[image_token_index] = "<image>"
+    by_id[image_token_id] = "<image>"
     if pad_token_id is None or pad_token_id in by_id or pad_token_id < 0:
-        pad_token_id = image_token_index + 1
+        pad_token_id = image_token_id + 1
         while pad_token_id in by_id:
             pad_token_id += 1
     by_id[pad_token_id] = "<pad>"
@@ -242,17 +220,24 @@ def _local_vocab(
 
 
 def build_local_tokenizer(
-    vocab_size: int, image_token_index: int, pad_token_id: int | None = None, words: tuple[str, ...] = LOCAL_WORDS
+    vocab_size: int, image_token_id: int, pad_token_id: int | None = None, words: tuple[str, ...] = LOCAL_WORDS
 ):
     """A word-level ``PreTrainedTokenizerFast`` built in memory (no files, no network).
 
     Mirrors the LLaVA tokenizer where it matters: ``<s>`` prepended, ``<image>`` an unsplittable special
     token with the model's id, left padding for batched generation.
     """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import (
+        AddedToken,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
     from transformers import PreTrainedTokenizerFast
 
-    vocab = _local_vocab(vocab_size, image_token_index, pad_token_id, words)
+    vocab = _local_vocab(vocab_size, image_token_id, pad_token_id, words)
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces, tidies punctuation
@@ -274,57 +259,9 @@ def build_local_tokenizer(
     )
 
 
-def _image_processor_classes():
-    """(CLIP-style, LLaVA-NeXT) image processor classes.
-
-    transformers 5.x makes ``CLIPImageProcessor`` the torchvision backend and falls back (with a warning) to
-    ``CLIPImageProcessorPil`` when torchvision is missing; pick the PIL classes explicitly in that case.
-    """
-    import transformers
-
-    if importlib.util.find_spec("torchvision") is None:
-        clip = getattr(transformers, "CLIPImageProcessorPil", None)
-        nxt = getattr(transformers, "LlavaNextImageProcessorPil", None)
-        if clip is not None and nxt is not None:
-            return clip, nxt
-    return transformers.CLIPImageProcessor, transformers.LlavaNextImageProcessor
-
-
 def build_local_processor(config, words: tuple[str, ...] = LOCAL_WORDS):
-    """An offline LlavaProcessor / LlavaNextProcessor matching ``config``.
-
-    ``<image>`` expands to exactly the model's image-token count because the processor gets the vision
-    patch size, the select strategy, and ``num_additional_image_tokens=1`` (CLIP's CLS, which the
-    "default" strategy then drops): (336/14)^2 = 576 for llava-1.5, (56/7)^2 = 64 for tiny.
-    """
-    from transformers import LlavaNextProcessor, LlavaProcessor
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    text, vision = config.text_config, config.vision_config
-    pad = getattr(config, "pad_token_id", None)
-    if pad is None:
-        pad = getattr(text, "pad_token_id", None)
-    tokenizer = build_local_tokenizer(text.vocab_size, config.image_token_index, pad, words)
-    size = vision.image_size
-    clip_cls, next_cls = _image_processor_classes()
-    common = dict(
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-        do_convert_rgb=True,
-    )
-    proc_kwargs = dict(
-        tokenizer=tokenizer,
-        patch_size=vision.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,
-        image_token="<image>",
-    )
-    if config.model_type == "llava_next":
-        image_processor = next_cls(image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints], **common)
-        return LlavaNextProcessor(image_processor=image_processor, **proc_kwargs)
-    return LlavaProcessor(image_processor=clip_cls(**common), **proc_kwargs)
+    """An offline processor matching `config`, built by its family (no files, no network)."""
+    return family_of(config).local_processor(config, words)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,12 +270,7 @@ def build_local_processor(config, words: tuple[str, ...] = LOCAL_WORDS):
 
 
 def _model_class(config) -> type:
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
-
-    classes = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration}
-    if config.model_type not in classes:
-        raise choices_error("model family", config.model_type, FAMILIES)
-    return classes[config.model_type]
+    return family_of(config).model_class(config)
 
 
 def _validate(dtype: str, attn_implementation: str) -> torch.dtype:
@@ -454,11 +386,12 @@ def _load_trained_projector(model: nn.Module, folder: Path, loading_info: dict) 
     projector's keys, which are now accounted for."""
     from safetensors import safe_open
 
-    from vtcbench.methods.stf import build_projector
+    from vtcbench.projectors import build_projector
 
-    weight = next(model.model.multi_modal_projector.parameters())
+    family = family_of(model)
+    weight = next(family.projector(model).parameters())
     projector = build_projector(model.config)
-    prefix = "multi_modal_projector."
+    prefix = projector_key_prefix(model)
     state = {}
     for file in sorted(folder.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
@@ -467,7 +400,7 @@ def _load_trained_projector(model: nn.Module, folder: Path, loading_info: dict) 
         projector.load_state_dict(state)
     except RuntimeError as exc:
         raise VtcbenchError(f"the projector weights in {folder} do not fit its vtcbench_projector config: {_first_line(exc)}") from exc
-    model.model.multi_modal_projector = projector.to(device=weight.device, dtype=weight.dtype)
+    family.set_projector(model, projector.to(device=weight.device, dtype=weight.dtype))
     return {kind: [k for k in keys if prefix not in k] for kind, keys in loading_info.items() if isinstance(keys, (list, set))}
 
 
@@ -490,9 +423,9 @@ def _random_model(config, torch_dtype: torch.dtype, attn_implementation: str, se
         torch.manual_seed(seed)
         model = _model_class(config)._from_config(config, dtype=torch_dtype, attn_implementation=attn_implementation)
         if getattr(config, "vtcbench_projector", None) is not None:  # a trained-projector folder's architecture
-            from vtcbench.methods.stf import build_projector
+            from vtcbench.projectors import build_projector
 
-            model.model.multi_modal_projector = build_projector(config).to(dtype=torch_dtype)
+            family_of(config).set_projector(model, build_projector(config).to(dtype=torch_dtype))
         return model
 
 
@@ -507,127 +440,25 @@ def _cached_processor(source: str):
 
 
 # --------------------------------------------------------------------------------------------------
-# facts
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """Architecture numbers needed for FLOPs and token bookkeeping, derivable from a config alone."""
-
-    family: str
-    n_layers: int
-    hidden_size: int
-    intermediate_size: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    image_token_index: int
-    image_tokens: int  # LLM-side visual tokens per image (llava-next: all AnyRes crops, newlines excluded)
-    vision_n_layers: int
-    vision_hidden_size: int
-    vision_intermediate_size: int
-    vision_n_heads: int
-    vision_n_tokens: int  # tokens per crop inside the ViT, including CLS
-    vision_patch_size: int
-    vision_crops: int  # ViT forward passes per image (1 for llava, 1 + max grid tiles for llava-next)
-    projector_in: int
-    projector_hidden: int
-    projector_out: int
-
-
-def model_facts(config_or_model: Any) -> ModelFacts:
-    """Facts from a config or a loaded model (its ``.config``); no weights needed."""
-    config = config_or_model.config if isinstance(config_or_model, nn.Module) else config_or_model
-    text, vision = config.text_config, config.vision_config
-    n_heads = text.num_attention_heads
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
-    per_side = vision.image_size // vision.patch_size
-    vision_tokens = per_side * per_side + 1  # + CLS
-    per_crop = vision_tokens - 1 if config.vision_feature_select_strategy == "default" else vision_tokens
-    crops = 1
-    if config.model_type == "llava_next":
-        tiles = max(
-            math.ceil(h / vision.image_size) * math.ceil(w / vision.image_size) for h, w in config.image_grid_pinpoints
-        )
-        crops = 1 + tiles
-    layers = config.vision_feature_layer
-    n_feature_layers = 1 if isinstance(layers, int) else len(layers)
-    return ModelFacts(
-        family=config.model_type,
-        n_layers=text.num_hidden_layers,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        n_heads=n_heads,
-        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
-        head_dim=head_dim,
-        vocab_size=text.vocab_size,
-        image_token_index=config.image_token_index,
-        image_tokens=per_crop * crops,
-        vision_n_layers=vision.num_hidden_layers,
-        vision_hidden_size=vision.hidden_size,
-        vision_intermediate_size=vision.intermediate_size,
-        vision_n_heads=vision.num_attention_heads,
-        vision_n_tokens=vision_tokens,
-        vision_patch_size=vision.patch_size,
-        vision_crops=crops,
-        projector_in=vision.hidden_size * n_feature_layers,
-        projector_hidden=text.hidden_size,
-        projector_out=text.hidden_size,
-    )
-
-
-# --------------------------------------------------------------------------------------------------
 # structure helpers
 # --------------------------------------------------------------------------------------------------
 
 
-# --------------------------------------------------------------------------------------------------
-# prompts
-# --------------------------------------------------------------------------------------------------
-
-VICUNA_V1_SYSTEM = (
-    "A chat between a curious user and an artificial intelligence assistant. "
-    "The assistant gives helpful, detailed, and polite answers to the user's questions."
-)
-IMAGE_PLACEHOLDER = "<image>"
-
-
-def system_prompt(config) -> str:
-    """The system sentence a model was trained with: LLaVA's, unless its config says otherwise
-    (`vtcbench_system_prompt`; vtc-tiny has none, which keeps its training sequences shorter)."""
-    return getattr(config, "vtcbench_system_prompt", VICUNA_V1_SYSTEM)
+def projector_key_prefix(model: nn.Module) -> str:
+    """The projector's key prefix in the checkpoint a model was loaded from (its module path)."""
+    projector = family_of(model).projector(model)
+    name = next(name for name, module in model.named_modules() if module is projector)
+    layout = family_of(model).checkpoint_layout() or ()
+    for module_prefix, key_prefix in layout:
+        if f"{name}.".startswith(module_prefix):
+            return key_prefix + f"{name}."[len(module_prefix) :]
+    return f"{name}."
 
 
-def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None, system: str = VICUNA_V1_SYSTEM) -> str:
-    """LLaVA's `conv_vicuna_v1`: system prompt, `USER: <image>\\n...`, `ASSISTANT:`."""
-    if IMAGE_PLACEHOLDER not in context and n_images:
-        context = "\n".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + context
-    prompt = f"{system} USER: {context} ASSISTANT:" if system else f"USER: {context} ASSISTANT:"
-    return prompt if answer is None else f"{prompt} {answer}"
-
-
-def image_token_mask(input_ids: torch.Tensor, image_token_index: int) -> torch.Tensor:
+def image_token_mask(input_ids: torch.Tensor, image_token_id: int) -> torch.Tensor:
     """Bool mask of image-placeholder positions.
 
     Always derived from the ids: left padding, prompt templates and llava-next's variable token counts move
     the image span, so fixed offsets would silently point at text.
     """
-    return input_ids == image_token_index
-
-
-def language_model(model: nn.Module) -> nn.Module:
-    """The decoder stack (``LlamaModel``: embed_tokens, layers, norm) of a LLaVA model.
-
-    transformers 5.x keeps it at ``model.model.language_model``; one place to change if that moves.
-    """
-    stack = getattr(getattr(model, "model", None), "language_model", None)
-    if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
-        raise VtcbenchError(f"cannot find the language model decoder in {type(model).__name__}")
-    return stack
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder's ``ModuleList`` of transformer blocks (for hooks and per-layer token pruning)."""
-    return language_model(model).layers
+    return input_ids == image_token_id

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import model_facts
 from vtcbench.methods import Method, get_method
-from vtcbench.models import load_config, load_model, model_facts
+from vtcbench.models import load_config, load_model
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.provenance import provenance
 from vtcbench.results import RunFolder

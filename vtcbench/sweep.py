@@ -32,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from vtcbench.errors import VtcbenchError, choices_error
+from vtcbench.families import ModelFacts, model_facts
 from vtcbench.methods import Method, get_method
-from vtcbench.models import ModelFacts, load_config, model_facts
+from vtcbench.models import load_config
 from vtcbench.results import atomic_file, primary_metric, sample_score
 
 CRITERIA = ("attention", "pool", "random")

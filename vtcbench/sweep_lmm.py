@@ -25,9 +25,16 @@ from vtcbench import transformers_seam as seam
 from vtcbench.attention_share import AttentionShareRecorder, token_groups
 from vtcbench.engine import Trunk, clock, compress
 from vtcbench.errors import VtcbenchError
-from vtcbench.lmms_model import VANILLA, Job, StopOnStrings, VtcbenchLMM, continuation_score, generation_settings
+from vtcbench.families import family_of
+from vtcbench.lmms_model import (
+    VANILLA,
+    Job,
+    StopOnStrings,
+    VtcbenchLMM,
+    continuation_score,
+    generation_settings,
+)
 from vtcbench.methods.base import Method
-from vtcbench.models import language_model
 
 VANILLA_CELL = "vanilla"
 
@@ -55,7 +62,7 @@ class SweepLMM(VtcbenchLMM):
         self.progress_units = len(branches) + 1
         self._engines.update({id(b.method): compress(model, b.method) for b in branches})
         self._trunk_layers = {b.layer for b in branches if b.layer > 0}
-        self._language_model = language_model(model)
+        self._language_model = family_of(model).language_model(model)
         self._cache_argument = seam.cache_argument(model)
         _check_plain_greedy(model)
 
@@ -77,7 +84,7 @@ class SweepLMM(VtcbenchLMM):
         max_new_tokens, until = generation_settings(jobs[0].request)
         items = self._encode_jobs(jobs)
         inputs = self._collate(items)
-        groups = token_groups(inputs["input_ids"], inputs["attention_mask"], self.model.config.image_token_index)
+        groups = token_groups(inputs["input_ids"], inputs["attention_mask"], family_of(self.model).image_token_id(self.model.config))
         recording = AttentionShareRecorder(self.model, groups) if self.attention_share else nullcontext()
         started = clock()
         with Trunk(self.model, self._trunk_layers) as trunk, recording as recorder:

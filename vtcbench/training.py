@@ -14,6 +14,7 @@ Why it is built this way (docs/vtc-tiny.md#why-it-is-built-this-way):
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import time
 from collections.abc import Callable
@@ -28,17 +29,10 @@ from torch import nn
 from vtcbench import shapes
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import ModelFamily, family_of, model_facts
 from vtcbench.methods import Method, get_method
 from vtcbench.methods.stf import FusingMethod
-from vtcbench.models import (
-    build_local_processor,
-    load_config,
-    load_model,
-    model_facts,
-    random_model,
-    system_prompt,
-    vicuna_v1_prompt,
-)
+from vtcbench.models import build_local_processor, load_config, load_model, random_model
 from vtcbench.schedules import Stage, describe, label, stages
 from vtcbench.shapes import TEST_PER_FAMILY, TEST_SEED
 from vtcbench.tasks.vtcshapes.utils import normalise
@@ -108,9 +102,12 @@ class Encoder:
     first prompts end in the same column); later turns are right-padded. Loss on answers and `</s>`.
     """
 
-    def __init__(self, tokenizer, image_tokens: int, system: str, prompt: Callable[[str, str], str | None] | None = None):
+    def __init__(
+        self, tokenizer, family: ModelFamily, image_tokens: int, system: str, prompt: Callable[[str, str], str | None] | None = None
+    ):
         self.tokenizer = tokenizer
-        self.prompt = prompt  # a method's own first prompt (voco), or None for vicuna_v1's
+        self.family = family
+        self.prompt = prompt  # a method's own first prompt (voco), or None for the family's
         self.image_tokens = image_tokens
         self.system = system
         self._cache: dict[tuple[str, bool], list[int]] = {}
@@ -119,10 +116,11 @@ class Encoder:
         if (text, first) not in self._cache:
             if first:
                 own = self.prompt(text, self.system) if self.prompt else None
-                prompt = (own or vicuna_v1_prompt(text, 1, system=self.system)).replace("<image>", "<image>" * self.image_tokens)
+                placeholder = self.family.image_placeholder()
+                prompt = (own or self.family.prompt(text, 1, system=self.system)).replace(placeholder, placeholder * self.image_tokens)
                 ids = self.tokenizer(prompt)["input_ids"]
             else:
-                ids = self.tokenizer(f"USER: {text} ASSISTANT:", add_special_tokens=False)["input_ids"]
+                ids = self.tokenizer(self.family.follow_up(text), add_special_tokens=False)["input_ids"]
             self._cache[text, first] = ids
         return self._cache[text, first]
 
@@ -239,7 +237,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     for stage in stage_list:
         stage.method.validate_for(facts.image_tokens, facts.n_layers)
     torch.manual_seed(config.seed)
-    system = system_prompt(model_config)
+    family = family_of(model_config)
+    system = family.system_prompt(model_config)
     if config.init is None:
         model = random_model(model_config, seed=config.seed, attn_implementation="sdpa").train()
         processor = build_local_processor(model_config, vocabulary(system))
@@ -247,15 +246,15 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
         model, processor = load_model(config.init, attn_implementation="sdpa")
         model.train()
     config.method.prepare_training(model, processor)  # voco adds its token; STF / TokenConcat install their projector
-    heads = AuxiliaryHeads(model_config.vision_config.hidden_size, model.get_input_embeddings(), processor.tokenizer)
-    encoder = Encoder(processor.tokenizer, facts.image_tokens, system, config.method.prompt)
+    heads = AuxiliaryHeads(facts.vision_hidden_size, model.get_input_embeddings(), processor.tokenizer)
+    encoder = Encoder(processor.tokenizer, family, facts.image_tokens, system, config.method.prompt)
     draw = training_conversations(config.seed, {s.scene.key() for s in held_out_split()})
     parameters = [*model.parameters(), *heads.colour.parameters(), *heads.content.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=config.steps, pct_start=0.1)
 
     features: list[torch.Tensor] = []
-    hook = model.model.multi_modal_projector.register_forward_hook(lambda _m, args, out: features.append((args[0], out)))
+    hook = family.projector(model).register_forward_hook(lambda _m, args, out: features.append((args[0], out)))
     log: list[dict] = []
     timing = {"method": 0.0, "vanilla": 0.0}
     start = time.perf_counter()
@@ -356,7 +355,7 @@ def evaluate(model, processor, samples: list[shapes.Sample], method: Method, bat
             continue
         inputs = processor(
             images=[Image.fromarray(s.scene.render()) for s in chunk],
-            text=[vicuna_v1_prompt(s.question, 1, system=system_prompt(model.config)) for s in chunk],
+            text=[family_of(model).prompt(s.question, 1, system=family_of(model).system_prompt(model.config)) for s in chunk],
             return_tensors="pt",
             padding=True,
         )
@@ -432,7 +431,7 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
         else ""
     )
     model_config = load_config(config.model)
-    vision, text = model_config.vision_config, model_config.text_config
+    facts, model_class = model_facts(model_config), family_of(model_config).model_class(model_config).__name__
     own = config.method.prompt("<question>", "")  # a method's own layout (voco), or None
     prompt_line = (
         f"with {config.method.name}'s layout: `{own.replace(chr(10), chr(92) + 'n')}`" if own
@@ -446,11 +445,11 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
     return f"""# {config.model}: a LLaVA trained by vtcbench on vtcshapes
 
 ## What it is
-- `LlavaForConditionalGeneration` (loads with transformers like llava-hf checkpoints): a
-  {vision.num_hidden_layers}-layer CLIP-style vision tower (hidden {vision.hidden_size}, {vision.image_size} px images, patch {vision.patch_size}, so
-  {(vision.image_size // vision.patch_size) ** 2} visual tokens), {projector}, and a {text.num_hidden_layers}-layer LLaMA decoder
-  (hidden {text.hidden_size}, {text.num_attention_heads} heads, MLP {text.intermediate_size}), {n_parameters / 1e6:.2f}M parameters in float32.
-  The tokenizer is word-level ({text.vocab_size} ids): the vicuna_v1 chat template's words
+- `{model_class}` (loads with transformers like llava-hf checkpoints): a
+  {facts.vision_n_layers}-layer CLIP-style vision tower (hidden {facts.vision_hidden_size}, {math.isqrt(facts.vision_n_tokens - 1) * facts.vision_patch_size} px images, patch {facts.vision_patch_size}, so
+  {facts.vision_n_tokens - 1} visual tokens), {projector}, and a {facts.n_layers}-layer LLaMA decoder
+  (hidden {facts.hidden_size}, {facts.n_heads} heads, MLP {facts.intermediate_size}), {n_parameters / 1e6:.2f}M parameters in float32.
+  The tokenizer is word-level ({facts.vocab_size} ids): the vicuna_v1 chat template's words
   and vtcshapes' words; anything else is `<unk>`.
 - Trained from {f"the weights of {config.init}" if config.init else "random initialisation, with no pretrained component,"} by `{command}`:
   {result.steps} steps of {config.batch_size} scenes drawn fresh from vtcshapes' generator (held-out

@@ -1,6 +1,6 @@
 """The one seam between vtcbench and transformers' calling conventions (docs/transformers-seam.md).
 
-The engine works through forward pre-hooks, so it depends on how transformers calls a LLaVA
+The engine works through forward pre-hooks, so it depends on how transformers calls a
 model's modules, and those conventions move inside a major release: the KV cache was handed
 over as `past_key_values` up to 5.23 and as `cache` from 5.24; the CLIP tower lost its
 `vision_model` wrapper (and with it the key layout `save_pretrained` writes) between 5.5 and
@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers.cache_utils import Cache
-from transformers.models.llama.modeling_llama import repeat_kv, rotate_half  # noqa: F401 (the engine's scoring)
 
 from vtcbench.errors import VtcbenchError
 
@@ -196,11 +195,6 @@ def rope_tables(kwargs: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return tables
 
 
-def rope(language_model: nn.Module, like: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin) for `position_ids`, from the language model's own rotary embedding."""
-    return language_model.rotary_emb(like, position_ids)
-
-
 def select_mask(mask: torch.Tensor | None, index: torch.Tensor, *, rows: bool) -> torch.Tensor | None:
     """Key columns `index` [batch, n] (and the same query rows, at prefill) of an attention mask.
 
@@ -235,42 +229,38 @@ def image_features(multimodal: nn.Module, pixel_values: torch.Tensor, **kwargs) 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
 
-# The llava-hf hub layout (`llava-hf/llava-1.5-7b-hf`), which every transformers release reads.
-# (module prefix as this release names it, key prefix in the hub layout); first match wins.
-_HUB_LAYOUT: tuple[tuple[str, str], ...] = (
-    ("model.language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),  # CLIPVisionModel with its wrapper (5.5)
-    ("model.vision_tower.", "vision_tower.vision_model."),  # without it (5.23+)
-)
+def hub_layout_state_dict(model: nn.Module, layout: tuple[tuple[str, str], ...]) -> dict[str, torch.Tensor]:
+    """The model's weights under the keys of its family's hub layout (`layout`: pairs of module
+    prefix in this release and key prefix on the hub, first match wins).
 
-
-def hub_layout_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under the keys of the llava-hf hub layout.
-
-    `save_pretrained` writes whatever layout the running release uses; 5.23 writes the CLIP
+    `save_pretrained` writes whatever layout the running release uses; 5.23 writes LLaVA's CLIP
     tower without `vision_model.`, which 5.5 does not read (it reports the keys unexpected and
     initialises the tower at random). The hub layout loads on every release.
     """
     state: dict[str, torch.Tensor] = {}
     for name, tensor in model.state_dict().items():
-        prefix = next((p for p in _HUB_LAYOUT if name.startswith(p[0])), None)
+        prefix = next((p for p in layout if name.startswith(p[0])), None)
         if prefix is None:
-            raise TransformersConventionError(f"the weight {name!r} has no place in the llava-hf checkpoint layout")
+            raise TransformersConventionError(f"the weight {name!r} has no place in the hub checkpoint layout")
         state[prefix[1] + name[len(prefix[0]) :]] = tensor.detach().contiguous().clone()
     return state
 
 
 def save_checkpoint(model: nn.Module, folder: Path) -> None:
-    """`save_pretrained` (config, generation config), with the weights in the hub layout."""
+    """`save_pretrained` (config, generation config), with the weights in the family's hub layout
+    (as `save_pretrained` writes them for a family that gives none)."""
     from safetensors.torch import save_file
+
+    from vtcbench.families import family_of
 
     folder = Path(folder)
     model.save_pretrained(folder)
+    layout = family_of(model).checkpoint_layout()
+    if layout is None:
+        return
     for written in folder.glob("model*.safetensors*"):  # the weights (and a shard index, if any)
         written.unlink()
-    save_file(hub_layout_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(hub_layout_state_dict(model, layout), str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def check_loaded_keys(loading_info: dict, source: str) -> None:

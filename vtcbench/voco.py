@@ -41,7 +41,7 @@ from torch import nn
 
 from vtcbench import transformers_seam as seam
 from vtcbench.errors import VtcbenchError
-from vtcbench.models import vicuna_v1_prompt
+from vtcbench.families import FAMILIES
 
 VOCO_TOKEN = "<voco>"  # the official code's token string (model_vqa_loader.py); id 32000 after LLaMA's vocabulary
 MASK_ATTENTION = ("eager", "sdpa")  # backends that take a custom 4-D additive mask
@@ -83,7 +83,7 @@ def add_voco_token(model: nn.Module, processor) -> int:
 
 def voco_prompt(question: str, voco_tokens: int, system: str) -> str:
     """`<image>\\n<voco>...\\n` then the vicuna_v1 prompt without its image (the official layout)."""
-    return f"<image>\n{VOCO_TOKEN * voco_tokens}\n" + vicuna_v1_prompt(question, 0, system=system)
+    return f"<image>\n{VOCO_TOKEN * voco_tokens}\n" + FAMILIES["llava"].prompt(question, 0, system=system)
 
 
 def check_attention(model: nn.Module) -> None:
@@ -343,13 +343,13 @@ def generate(
 
 def answer_batch(model: nn.Module, processor, method, questions: list[str], pictures: list, max_new_tokens: int) -> list[str]:
     """Greedy answers, one question per image, in the efficient form (`vtcbench generate`, training's evaluation)."""
-    from vtcbench.models import system_prompt
+    from vtcbench.families import family_of
 
     token = method.token_id(model, processor.tokenizer)
     tokenizer = processor.tokenizer
     rows = []
     for question, picture in zip(questions, pictures):
-        inputs = processor(images=[picture], text=[method.prompt(question, system_prompt(model.config))], return_tensors="pt")
+        inputs = processor(images=[picture], text=[method.prompt(question, family_of(model).system_prompt(model.config))], return_tensors="pt")
         inputs = inputs.to(model.device)
         rows.append(Row(inputs["input_ids"][0], inputs["pixel_values"].to(model.dtype), inputs.get("image_sizes")))
     new = generate(model, rows, voco_id=token, voco_tokens=method.voco_tokens, store=VocoCache(), max_new_tokens=max_new_tokens,

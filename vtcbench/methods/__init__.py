@@ -1,6 +1,27 @@
 """Compression methods, one file each, registered by name (see `base.py` for the protocol)."""
 
-from vtcbench.methods import avgpool, fastv, kmeans, llavolta, pdrop, random_drop, stf, tokenconcat, vanilla, vico, voco  # noqa: F401
-from vtcbench.methods.base import METHODS, Keep, LayerContext, Method, Replace, get_method, method_class, parse_set_options
+from vtcbench.methods import (  # noqa: F401
+    avgpool,
+    fastv,
+    kmeans,
+    llavolta,
+    pdrop,
+    random_drop,
+    stf,
+    tokenconcat,
+    vanilla,
+    vico,
+    voco,
+)
+from vtcbench.methods.base import (
+    METHODS,
+    Keep,
+    LayerContext,
+    Method,
+    Replace,
+    get_method,
+    method_class,
+    parse_set_options,
+)
 
 __all__ = ["METHODS", "Keep", "LayerContext", "Method", "Replace", "get_method", "method_class", "parse_set_options"]

@@ -15,7 +15,13 @@ from typing import ClassVar
 
 import torch
 
-from vtcbench.methods.base import Method, Where, check_grid_kernel, check_positive, register
+from vtcbench.methods.base import (
+    Method,
+    Where,
+    check_grid_kernel,
+    check_positive,
+    register,
+)
 
 
 @register

@@ -49,7 +49,8 @@ class Keep:
 class Replace:
     """Substitute the current image tokens with new ones (pooling, merging).
 
-    `hidden` [batch, k, d] are the new tokens, `position_ids` [batch, k] their RoPE positions and
+    `hidden` [batch, k, d] are the new tokens, `position_ids` [batch, k, rows] their RoPE positions
+    (one row for 1-D RoPE, three for M-RoPE: temporal, height, width) and
     `anchors` [batch, k] (ascending indices into the current image tokens) a representative
     original token of each, which fixes its place in the sequence and its attention-mask column.
     `groups` [batch, n] says which new token (0..k-1) each current image token was merged into
@@ -77,7 +78,7 @@ class LayerContext:
     layer: int
     hidden_states: torch.Tensor  # [batch, seq, d], the layer's input
     image_index: torch.Tensor  # [batch, n] sequence indices of the current image tokens (rows padded)
-    position_ids: torch.Tensor  # [batch, seq]
+    position_ids: torch.Tensor  # [batch, seq, rows]: one row for 1-D RoPE, the family's rows for M-RoPE
     n_image_per_sample: list[int]  # current image tokens of each sample
     n_image_original_per_sample: list[int]  # N0 of each sample: its image tokens before any compression
     n_layers: int
@@ -125,7 +126,9 @@ class LayerContext:
         return self.hidden_states.gather(1, index)
 
     def image_positions(self) -> torch.Tensor:
-        return self.position_ids.gather(1, self.image_index)
+        """Position rows of the current image tokens, [batch, n, rows]."""
+        index = self.image_index.unsqueeze(-1).expand(-1, -1, self.position_ids.shape[-1])
+        return self.position_ids.gather(1, index)
 
 
 @dataclass

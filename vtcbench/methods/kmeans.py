@@ -84,7 +84,7 @@ class KMeans(Method):
         members = one_hot.T.bool()  # [k, n]
         index = torch.arange(n, device=points.device)
         first = torch.where(members, index, n).min(dim=1).values
-        mean_pos = (one_hot.T @ positions.to(points.dtype)) / counts
+        mean_pos = (one_hot.T @ positions.to(points.dtype)) / counts[:, None]  # [k, rows]
         order = first.argsort()
         rank = order.argsort()  # a cluster's place among the centroids, in anchor order
         return centroids[order], mean_pos[order].floor().long(), first[order], rank[assign]

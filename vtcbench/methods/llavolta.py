@@ -65,8 +65,8 @@ class LLaVolta(Method):
         batch, n, dim = ctx.hidden_states.shape[0], ctx.n_image, ctx.hidden_states.shape[-1]
         groups = n // self.stride
         hidden = ctx.image_hidden().reshape(batch, groups, self.stride, dim).mean(dim=2)
-        positions = ctx.image_positions().reshape(batch, groups, self.stride)
-        pooled_positions = positions.sum(dim=-1).div(self.stride, rounding_mode="floor")
+        positions = ctx.image_positions().reshape(batch, groups, self.stride, -1)  # [batch, groups, stride, rows]
+        pooled_positions = positions.sum(dim=2).div(self.stride, rounding_mode="floor")
         anchors = torch.arange(0, n, self.stride, device=hidden.device).expand(batch, -1)
         groups = torch.arange(n, device=hidden.device).div(self.stride, rounding_mode="floor").expand(batch, -1)
         counts = None if ctx.uniform else tuple(ctx.keep_counts(lambda n_b, _: n_b // self.stride))

@@ -11,9 +11,9 @@ A trained projector replaces LLaVA's:
   into one token (the official `unfold`, channel order c*k^2 + dy*k + dx) -> Linear 16C -> GELU ->
   Linear d. With E fused tokens per window (Table 4), the k^2*C channels split into E tokens of
   k^2*C/E channels each, as the official `k_split_image_features` reshapes them.
-The multi-layer selection is transformers' own: `LlavaConfig.vision_feature_layer` as a list makes
+The multi-layer selection is transformers' own: the LLaVA config's feature layer as a list makes
 `get_image_features` concatenate those hidden states (CLS dropped) before the projector, so MBTF is
-the config plus this module. The prompt carries N*E/k^2 image tokens (engine `prepare`); `pre_llm`
+the config plus `vtcbench/projectors.py`. The prompt carries N*E/k^2 image tokens (engine `prepare`); `pre_llm`
 is the identity, because the projector already fused.
 
 Differences: the official code hard-codes 8 layers of a 24-layer tower; here the layer list is a
@@ -24,14 +24,11 @@ STF hidden width at 16C for E = 1; we keep 16C for every E.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
-from torch import nn
-
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import family_of, model_facts
 from vtcbench.methods.base import (
     Method,
     Where,
@@ -55,70 +52,6 @@ def default_feature_layers(depth: int, own_layer: int) -> tuple[int, ...]:
     return (own_layer, *(index for index in range(depth - stride, 0, -stride) if index != own))
 
 
-def unfold_tokens(features: torch.Tensor, kernel: int, fused_tokens: int = 1) -> torch.Tensor:
-    """[images, n, c] on a square grid -> [images, n*E/k^2, k^2*c/E]: each k x k window's tokens
-    concatenated with channel index c*k^2 + dy*k + dx (`Tensor.unfold`'s order, as the official
-    `split_image_features`), then split into E tokens of consecutive channels."""
-    images, n, channels = features.shape
-    side = math.isqrt(n)
-    grid = features.reshape(images, side, side, channels).unfold(1, kernel, kernel).unfold(2, kernel, kernel)
-    windows = grid.reshape(images, (side // kernel) ** 2, channels * kernel * kernel)
-    return windows.reshape(images, -1, channels * kernel * kernel // fused_tokens)
-
-
-class STFProjector(nn.Module):
-    """MBTF then STF, in place of LLaVA's projector: [images, n, L*C] -> [images, n*E/k^2, d]."""
-
-    def __init__(self, vision_hidden: int, text_hidden: int, n_feature_layers: int, kernel: int, fused_tokens: int):
-        super().__init__()
-        c = vision_hidden
-        self.kernel, self.fused_tokens = kernel, fused_tokens
-        self.mbtf = nn.Sequential(nn.Linear(n_feature_layers * c, 4 * c), nn.GELU(), nn.Linear(4 * c, c))
-        self.stf = nn.Sequential(nn.Linear(kernel * kernel * c // fused_tokens, 16 * c), nn.GELU(), nn.Linear(16 * c, text_hidden))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.stf(unfold_tokens(self.mbtf(features), self.kernel, self.fused_tokens))
-
-
-class ConcatProjector(nn.Module):
-    """TokenConcat (STF Table 5): k x k windows concatenated, then LLaVA's two-layer GELU MLP from
-    k^2*C: [images, n, C] -> [images, n/k^2, d]."""
-
-    def __init__(self, vision_hidden: int, text_hidden: int, kernel: int):
-        super().__init__()
-        self.kernel = kernel
-        self.fuse = nn.Sequential(nn.Linear(kernel * kernel * vision_hidden, text_hidden), nn.GELU(), nn.Linear(text_hidden, text_hidden))
-
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.fuse(unfold_tokens(features, self.kernel))
-
-
-def build_projector(config: Any) -> nn.Module:
-    """The projector a config's `vtcbench_projector` names (random weights), sized from the config."""
-    spec = config.vtcbench_projector
-    vision, text = config.vision_config.hidden_size, config.text_config.hidden_size
-    if spec["type"] == "stf":
-        layers = config.vision_feature_layer
-        n_layers = 1 if isinstance(layers, int) else len(layers)
-        return STFProjector(vision, text, n_layers, spec["kernel"], spec["fused_tokens"])
-    if spec["type"] == "tokenconcat":
-        return ConcatProjector(vision, text, spec["kernel"])
-    raise VtcbenchError(f"unknown vtcbench_projector type {spec['type']!r}; valid: stf, tokenconcat")
-
-
-def install_projector(model: nn.Module, method: Method) -> None:
-    """Give a LLaVA model (fresh, randomly initialised) the projector `method` was trained with:
-    the config records it (`vtcbench_projector`, and for STF the MBTF feature layers), and the
-    model's `multi_modal_projector` submodule is replaced. Training starts from this."""
-    config = model.config
-    config.vtcbench_projector = method.projector_spec()
-    if isinstance(method, STF):
-        config.vision_feature_layer = list(method.layers_for(config))
-    old = model.model.multi_modal_projector
-    weight = next(old.parameters())
-    model.model.multi_modal_projector = build_projector(config).to(device=weight.device, dtype=weight.dtype)
-
-
 class FusingMethod(Method):
     """A pre-LLM method whose trained projector fuses k x k windows (STF, TokenConcat)."""
 
@@ -137,7 +70,13 @@ class FusingMethod(Method):
 
     def prepare_training(self, model, processor) -> None:
         """Install this method's projector, from random weights (the paper trains it from scratch)."""
+        from vtcbench.projectors import install_projector
+
         install_projector(model, self)
+
+    def layers_for(self, config: Any) -> tuple[int, ...] | None:
+        """The vision feature layers the projector reads (None: the model's own single layer)."""
+        return None
 
     def check_model(self, model: Any) -> None:
         config = getattr(model, "config", model)
@@ -173,8 +112,8 @@ class STF(FusingMethod):
 
     def layers_for(self, config: Any) -> tuple[int, ...]:
         """MBTF's hidden-state indices for a model (checked against its tower's depth)."""
-        depth = config.vision_config.num_hidden_layers
-        layers = self.feature_layers or default_feature_layers(depth, config.vision_feature_layer)
+        depth = model_facts(config).vision_n_layers
+        layers = self.feature_layers or default_feature_layers(depth, family_of(config).feature_layers(config)[0])
         bad = [layer for layer in layers if not -depth - 1 <= layer <= depth]
         if bad:
             raise VtcbenchError(f"{self.name}: feature_layers {bad} outside the tower's hidden states; valid: {-depth - 1}..{depth}")
@@ -183,8 +122,9 @@ class STF(FusingMethod):
     def check_model(self, model: Any) -> None:
         super().check_model(model)
         config = getattr(model, "config", model)
-        if self.feature_layers and list(self.feature_layers) != list(config.vision_feature_layer):
+        trained = family_of(config).feature_layers(config)
+        if self.feature_layers and list(self.feature_layers) != list(trained):
             raise VtcbenchError(
                 f"{self.name}: feature_layers={','.join(map(str, self.feature_layers))} differ from this checkpoint's "
-                f"MBTF layers {config.vision_feature_layer}; omit the setting at inference"
+                f"MBTF layers {list(trained)}; omit the setting at inference"
             )

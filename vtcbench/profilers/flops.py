@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from vtcbench.errors import choices_error
+from vtcbench.families import ModelFacts
 from vtcbench.methods.base import Method
 from vtcbench.methods.stf import STF, FusingMethod, default_feature_layers
-from vtcbench.models import ModelFacts
 
 TERA = 1e12
 Convention = Literal["macs", "flops"]

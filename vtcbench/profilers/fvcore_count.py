@@ -28,8 +28,8 @@ from torch import nn
 
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import family_of
 from vtcbench.methods.base import Method
-from vtcbench.models import language_model
 
 
 class TraceFailed(VtcbenchError):
@@ -37,7 +37,7 @@ class TraceFailed(VtcbenchError):
 
 
 class _KeywordModel(nn.Module):
-    """Tracing passes positional tensors; LLaVA's forward takes keywords."""
+    """Tracing passes positional tensors; the model's forward takes keywords."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         super().__init__()
@@ -78,7 +78,7 @@ def fvcore_language_model_macs(model: nn.Module, inputs: dict, method: Method | 
                 f"({type(error).__name__}: {detail})"
             ) from error
     module_names = {module: name for name, module in wrapper.named_modules()}
-    return by_module[module_names[language_model(model)]] + by_module[module_names[model.get_output_embeddings()]]
+    return by_module[module_names[family_of(model).language_model(model)]] + by_module[module_names[model.get_output_embeddings()]]
 
 
 def _shapes(values) -> list[list[int]]:

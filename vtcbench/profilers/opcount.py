@@ -33,8 +33,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from vtcbench.engine import compress
 from vtcbench.errors import choices_error
+from vtcbench.families import family_of
 from vtcbench.methods.base import Method
-from vtcbench.models import language_model
 
 COUNTER = "torch.utils.flop_counter"
 TERA = 1e12
@@ -75,7 +75,7 @@ class OpCount:
 
 
 def count_ops(model: nn.Module, inputs: dict, method: Method | None = None) -> OpCount:
-    """Count one prefill forward of a LLaVA-family model: `use_cache=False`, logits of the last
+    """Count one prefill forward of a model of any family: `use_cache=False`, logits of the last
     position only (`logits_to_keep=1`, as generation computes them), under `torch.no_grad`.
 
     With a method, the forward runs under the compression engine (`engine.prepare` shortens the
@@ -101,10 +101,10 @@ def count_ops(model: nn.Module, inputs: dict, method: Method | None = None) -> O
             return 0
         return sum(flops.get(f"{root}.{names[module]}", {}).values()) // 2
 
-    multimodal = model.model
-    language = macs(language_model(model)) + macs(model.get_output_embeddings())
-    vision = macs(multimodal.vision_tower)
-    projector = macs(multimodal.multi_modal_projector)
+    family = family_of(model)
+    language = macs(family.language_model(model)) + macs(model.get_output_embeddings())
+    vision = macs(family.vision_tower(model))
+    projector = macs(family.projector(model))
     total = counter.get_total_flops() // 2
     return OpCount(
         language_model_macs=language,

@@ -16,8 +16,8 @@ from transformers import LogitsProcessorList
 
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import family_of, model_facts
 from vtcbench.methods.base import Method
-from vtcbench.models import language_model, model_facts
 from vtcbench.profilers.energy import EnergyMeter, EnergyReport
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.profilers.fvcore_count import TraceFailed, fvcore_language_model_macs
@@ -70,20 +70,21 @@ class ProfileRecord:
 def synthetic_inputs(model: torch.nn.Module, shape: Shape, *, seed: int = 0) -> dict:
     """A prompt of `text_tokens` non-image tokens (half before the image, the rest after, so the
     last prompt token is text) around the image placeholders, repeated `batch` times."""
-    config = model.config
+    config, family = model.config, family_of(model)
     facts = model_facts(model)
+    image_token = family.image_token_id(config)
     generator = torch.Generator().manual_seed(seed)
-    reserved = torch.tensor([config.image_token_index, config.pad_token_id or 0])
+    reserved = torch.tensor([image_token, config.pad_token_id or 0])
     text = torch.randint(10, facts.vocab_size, (shape.text_tokens * 2,), generator=generator)
     text = text[~torch.isin(text, reserved)][: shape.text_tokens - 1]
     before = (shape.text_tokens - 1) // 2
-    ids = torch.cat([torch.tensor([1]), text[:before], torch.full((shape.image_tokens,), config.image_token_index), text[before:]])
-    size = config.vision_config.image_size
-    pixel_values = torch.randn(shape.batch, 3, size, size, generator=generator)
+    ids = torch.cat([torch.tensor([1]), text[:before], torch.full((shape.image_tokens,), image_token), text[before:]])
+    pixels = family.synthetic_pixels(config, shape.batch, generator)
+    pixels["pixel_values"] = pixels["pixel_values"].to(model.dtype)
     return {
         "input_ids": ids.expand(shape.batch, -1).to(model.device),
         "attention_mask": torch.ones(shape.batch, ids.shape[0], dtype=torch.long, device=model.device),
-        "pixel_values": pixel_values.to(model.device, model.dtype),
+        **{key: value.to(model.device) for key, value in pixels.items()},
     }
 
 
@@ -94,10 +95,11 @@ class _PhaseHooks:
         self.timer = timer
         self.prefill_done = False
         self.handles = []
+        family = family_of(model)
         for module, name in (
-            (model.model.vision_tower, "vision_encoder"),
-            (model.model.multi_modal_projector, "projector"),
-            (language_model(model), "llm_prefill"),
+            (family.vision_tower(model), "vision_encoder"),
+            (family.projector(model), "projector"),
+            (family.language_model(model), "llm_prefill"),
         ):
             self.handles.append(module.register_forward_pre_hook(self._starter(name)))
             self.handles.append(module.register_forward_hook(self._stopper(name)))
@@ -201,7 +203,7 @@ def profile_training_step(
     at the end of the sequence whatever the method drops."""
     timer = PhaseTimer(model.device)
     samples: list[float] = []
-    is_image = (inputs["input_ids"][0] == model.config.image_token_index).nonzero()
+    is_image = (inputs["input_ids"][0] == family_of(model).image_token_id(model.config)).nonzero()
     answer = min(8, inputs["input_ids"].shape[1] - int(is_image[-1]) - 2)  # predict text from text
     if answer < 1:
         raise VtcbenchError("--train needs at least 2 text tokens after the image; raise --text-tokens")

@@ -18,8 +18,8 @@ import statistics
 
 import torch
 
+from vtcbench.families import family_of, model_facts
 from vtcbench.methods.base import Method
-from vtcbench.models import model_facts
 from vtcbench.profilers.latency import PhaseTimer
 from vtcbench.voco import Row, VocoCache, generate, kv_bytes
 
@@ -29,7 +29,8 @@ class _EncodingHooks:
 
     def __init__(self, model: torch.nn.Module, timer: PhaseTimer):
         self.handles = []
-        for module in (model.model.vision_tower, model.model.multi_modal_projector):
+        family = family_of(model)
+        for module in (family.vision_tower(model), family.projector(model)):
             self.handles.append(module.register_forward_pre_hook(lambda *_: timer.start("image_encoding")))
             self.handles.append(module.register_forward_hook(lambda *_: timer.stop("image_encoding")))
 
@@ -41,12 +42,13 @@ class _EncodingHooks:
 def _prompt(model: torch.nn.Module, voco_id: int, voco_tokens: int, text_tokens: int, seed: int) -> torch.Tensor:
     """BOS, the image placeholders, K VoCo tokens, `text_tokens` random text ids."""
     config = model.config
+    image_token = family_of(model).image_token_id(config)
     generator = torch.Generator().manual_seed(seed)
-    reserved = torch.tensor([config.image_token_index, config.pad_token_id or 0, voco_id])
+    reserved = torch.tensor([image_token, config.pad_token_id or 0, voco_id])
     text = torch.randint(10, model_facts(model).vocab_size, (text_tokens * 2,), generator=generator)
     text = text[~torch.isin(text, reserved)][:text_tokens]
     n_image = model_facts(model).image_tokens
-    return torch.cat([torch.tensor([1]), torch.full((n_image,), config.image_token_index), torch.full((voco_tokens,), voco_id), text])
+    return torch.cat([torch.tensor([1]), torch.full((n_image,), image_token), torch.full((voco_tokens,), voco_id), text])
 
 
 @torch.no_grad()
@@ -56,8 +58,8 @@ def profile_voco(
 ) -> dict:
     """Median milliseconds per phase for the first and the second question, and KV storage bytes."""
     facts = model_facts(model)
-    size = model.config.vision_config.image_size
-    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0)).to(model.device, model.dtype)
+    pixels = family_of(model).synthetic_pixels(model.config, 1, torch.Generator().manual_seed(0))["pixel_values"]
+    pixels = pixels.to(model.device, model.dtype)
     prompts = [_prompt(model, voco_id, method.voco_tokens, text_tokens, seed).to(model.device) for seed in (1, 2)]
     timer = PhaseTimer(model.device)
     hooks = _EncodingHooks(model, timer)

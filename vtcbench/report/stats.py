@@ -24,7 +24,11 @@ from typing import Any
 
 import numpy as np
 
-from vtcbench.report.aggregation import AGGREGATION_RESAMPLES, bootstrap_aggregates, task_aggregation
+from vtcbench.report.aggregation import (
+    AGGREGATION_RESAMPLES,
+    bootstrap_aggregates,
+    task_aggregation,
+)
 from vtcbench.results import sample_score
 
 RESAMPLES = 10_000

@@ -23,8 +23,25 @@ from typing import Any
 from vtcbench.errors import VtcbenchError, choices_error
 from vtcbench.report.aggregation import AGGREGATION_RESAMPLES
 from vtcbench.report.folders import Run, load_runs
-from vtcbench.report.model import HIGHER_IS_BETTER, Cell, Column, Report, Row, Score, Table
-from vtcbench.report.stats import AGGREGATE, BOOTSTRAP, NONE, RESAMPLES, STDERR, Estimate, estimate, paired_difference
+from vtcbench.report.model import (
+    HIGHER_IS_BETTER,
+    Cell,
+    Column,
+    Report,
+    Row,
+    Score,
+    Table,
+)
+from vtcbench.report.stats import (
+    AGGREGATE,
+    BOOTSTRAP,
+    NONE,
+    RESAMPLES,
+    STDERR,
+    Estimate,
+    estimate,
+    paired_difference,
+)
 from vtcbench.results import primary_metric
 
 LAYOUTS = ("auto", "efficiency", "inference", "compressors", "ablation", "sweep")
@@ -640,7 +657,8 @@ def _provenance_value(key: str, value: Any) -> str:
 
 def _full_total(model: str) -> float | None:
     """N*L of a model alias from its shipped config (no download); None for other models."""
-    from vtcbench.models import MODELS, load_config, model_facts
+    from vtcbench.families import model_facts
+    from vtcbench.models import MODELS, load_config
 
     if model not in MODELS:
         return None

@@ -1,0 +1,207 @@
+"""The model-family protocol (docs/architecture.md#model-families): everything vtcbench asks of a
+vision-language model's architecture, answered by one file per family.
+
+The engine, the profilers, the lmms-eval model, the sweep and training never name a family's
+modules, config fields or prompt format; they ask the family of the model in hand
+(`vtcbench.families.family_of`). A family answers:
+
+- where the parts are: the multimodal model (whose forward sees `input_ids`, pixels and the
+  cache), the language model (the decoder stack with `layers`, `norm`, `rotary_emb`), the vision
+  tower and the projector;
+- the image-token id and the architecture facts FLOPs need (`ModelFacts`);
+- its prompt (the conversation format its own lmms-eval model class builds) and an offline
+  processor for random-weight models;
+- its positions: 1-D RoPE ids `[batch, seq]`, or M-RoPE ids `[3, batch, seq]`; the engine keeps
+  position ids as `[rows, batch, seq]` and asks the family how to split what the layers are
+  handed and how to rebuild the RoPE tables for a gathered sequence;
+- the attention row used for scoring: the query of one token and the keys of a sequence, from a
+  decoder layer's input, through that family's norms, projections and rotary embedding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vtcbench.errors import VtcbenchError
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Architecture numbers needed for FLOPs and token bookkeeping, derivable from a config alone.
+
+    `image_tokens` is the visual tokens the language model sees for the family's nominal image
+    (LLaVA-1.5: the fixed grid; LLaVA-NeXT: the 5-crop maximum, newline tokens not counted; Qwen:
+    the image size the facts were computed for). `vision_encoder_macs` and `projector_macs` are
+    the family's own counts for that image (a tower's shape differs per family: CLIP's CLS and
+    crops, Qwen's windows and 2x2 merger).
+    """
+
+    family: str
+    n_layers: int
+    hidden_size: int
+    intermediate_size: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    image_token_index: int
+    image_tokens: int
+    vision_n_layers: int
+    vision_hidden_size: int
+    vision_intermediate_size: int
+    vision_n_heads: int
+    vision_n_tokens: int  # tokens per crop inside the vision tower (CLIP: including CLS)
+    vision_patch_size: int
+    vision_crops: int  # vision-tower forward passes per image (LLaVA-NeXT: 1 + tiles)
+    projector_in: int
+    projector_hidden: int
+    projector_out: int
+    vision_encoder_macs: int  # the tower on the nominal image, every crop
+    projector_macs: int  # the projector (merger) on the nominal image
+    image_size: tuple[int, int] | None = None  # (width, height) the facts describe, where the count depends on it
+
+
+class ModelFamily:
+    """One model family. Subclasses are registered in `vtcbench.families.FAMILIES`."""
+
+    name: ClassVar[str]
+    model_types: ClassVar[tuple[str, ...]]  # `config.model_type` values this family covers
+    description: ClassVar[str] = ""
+    #: rows of position ids: 1 (1-D RoPE, `[batch, seq]`) or 3 (M-RoPE, `[3, batch, seq]`)
+    position_rows: ClassVar[int] = 1
+    #: whether every image of the family has the same number of visual tokens (a fixed grid):
+    #: pre-LLM pooling of that grid and batching by image count rely on it
+    fixed_image_grid: ClassVar[bool] = True
+    #: whether the processor takes images of any size (dynamic resolution); `--image-size` needs it
+    dynamic_resolution: ClassVar[bool] = False
+    #: methods that cannot run on this family, each with the one-line reason
+    unsupported_methods: ClassVar[dict[str, str]] = {}
+
+    # -- loading -------------------------------------------------------------------------------
+    def model_class(self, config: Any) -> type:
+        raise NotImplementedError  # abstract: every family names its transformers class
+
+    def local_processor(self, config: Any, words: tuple[str, ...]) -> Any:
+        """A processor built offline for `config` (random-weight models have no hub files)."""
+        raise NotImplementedError  # abstract
+
+    # -- parts ---------------------------------------------------------------------------------
+    def multimodal(self, model: nn.Module) -> nn.Module:
+        """The module whose forward takes `input_ids`, the pixels and the cache (`model.model`)."""
+        return model.model
+
+    def language_model(self, model: nn.Module) -> nn.Module:
+        """The decoder stack: `layers` (a ModuleList), `norm`, `rotary_emb`."""
+        stack = getattr(self.multimodal(model), "language_model", None)
+        if not isinstance(getattr(stack, "layers", None), nn.ModuleList):
+            raise VtcbenchError(f"cannot find the language model decoder in {type(model).__name__}")
+        return stack
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError  # abstract
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError  # abstract
+
+    def set_projector(self, model: nn.Module, projector: nn.Module) -> None:
+        """Install a trained projector in place of the family's own (STF, TokenConcat)."""
+        raise VtcbenchError(f"the {self.name} family has no replaceable projector")
+
+    # -- ids and facts -------------------------------------------------------------------------
+    def image_token_id(self, config: Any) -> int:
+        raise NotImplementedError  # abstract
+
+    def video_token_id(self, config: Any) -> int | None:
+        return None
+
+    def facts(self, config: Any, image_size: tuple[int, int] | None = None) -> ModelFacts:
+        raise NotImplementedError  # abstract
+
+    def text_config(self, config: Any) -> Any:
+        return config.text_config
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def system_prompt(self, config: Any) -> str:
+        """The system sentence the model was evaluated with (a config may override it:
+        `vtcbench_system_prompt`, as vtc-tiny's, trained without one)."""
+        raise NotImplementedError  # abstract
+
+    def prompt(self, context: str, n_images: int, answer: str | None = None, system: str = "") -> str:
+        """The single-turn prompt its own evaluation builds, with `n_images` image placeholders."""
+        raise NotImplementedError  # abstract
+
+    def image_placeholder(self) -> str:
+        """What a prompt writes where one image goes (the processor expands it)."""
+        raise NotImplementedError  # abstract
+
+    def follow_up(self, question: str) -> str:
+        """A later user turn of a multi-turn training conversation, up to the answer."""
+        raise NotImplementedError  # abstract
+
+    def collate_pixels(self, pixels: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One batch's image inputs (`pixel_values` and the family's extra keys) from each
+        prompt's own processor output, as the family's batched processor call would give them."""
+        raise NotImplementedError  # abstract
+
+    # -- inputs for profiling ------------------------------------------------------------------
+    def synthetic_pixels(self, config: Any, batch: int, generator: torch.Generator) -> dict:
+        """Pixel inputs for `batch` images of the nominal size (random values), as the processor
+        would hand them to the model (extra keys such as a grid description included)."""
+        raise NotImplementedError  # abstract
+
+    def resize_config(self, config: Any, *, image_tokens: int | None, layers: int | None) -> None:
+        """Edit `config` in place for `vtcbench profile --random-weights`: `image_tokens` visual
+        tokens per image, `layers` decoder layers."""
+        raise NotImplementedError  # abstract
+
+    # -- positions -------------------------------------------------------------------------------
+    # The engine keeps positions as rows `[batch, seq, rows]` (one row for 1-D RoPE) so one
+    # gather serves every family; these convert from and to what transformers passes.
+    def positions_in(self, position_ids: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """The language model's `position_ids` (None: 0..length-1) as rows `[batch, length, rows]`."""
+        if position_ids is None:
+            position_ids = torch.arange(length, device=device)
+        return position_ids.expand(batch, -1)[..., None]
+
+    def positions_out(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows `[batch, seq, rows]` as the language model takes its `position_ids`."""
+        return rows[..., 0]
+
+    def layer_position_ids(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows as a decoder layer is handed its `position_ids`."""
+        return rows[..., 0]
+
+    def rope(self, language_model: nn.Module, like: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) for position rows, from the model's own rotary module."""
+        return language_model.rotary_emb(like, self.positions_out(rows))
+
+    # -- the scoring row -------------------------------------------------------------------------
+    def query_key(self, layer: nn.Module, hidden: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a decoder layer's input `hidden` [batch, seq, d]: the query of column `query`
+        [batch] as `[batch, heads, 1, head_dim]` and every key as `[batch, kv_heads, seq, head_dim]`,
+        both before RoPE (the norms and projections the layer's attention applies)."""
+        raise NotImplementedError  # abstract
+
+    def apply_rope(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on `[batch, heads, seq, head_dim]` with tables `[batch, 1, seq, head_dim]` (the
+        rotate-half form; a family with another layout overrides it)."""
+        half = states.shape[-1] // 2
+        rotated = torch.cat((-states[..., half:], states[..., :half]), dim=-1)
+        return states * cos + rotated * sin
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_layout(self) -> tuple[tuple[str, str], ...] | None:
+        """(module prefix in this transformers release, key prefix in the hub layout) pairs for
+        `transformers_seam.save_checkpoint`, or None to save as `save_pretrained` does."""
+        return None
+
+    # -- checks ----------------------------------------------------------------------------------
+    def check_method(self, method_name: str) -> None:
+        """Refuse a method this family cannot run, in one line, before weights load."""
+        reason = self.unsupported_methods.get(method_name)
+        if reason is not None:
+            raise VtcbenchError(f"{method_name} cannot run on the {self.name} family: {reason}")

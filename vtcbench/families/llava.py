@@ -1,0 +1,234 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP ViT tower, MLP projector, LLaMA decoder.
+
+Facts read from transformers 5.5-5.24 (`models/llava/modeling_llava.py`): the multimodal model is
+`model.model` with `vision_tower`, `multi_modal_projector` and `language_model` (a `LlamaModel`);
+image placeholders are `config.image_token_index`, expanded by the processor to one token per
+patch (`vision_feature_select_strategy="default"` drops CLS). 1-D RoPE; the decoder layer's
+attention has `q_proj`/`k_proj` after `input_layernorm`, no q/k norms. Prompts follow the LLaVA
+repo's `conv_vicuna_v1`, as lmms-eval's `llava_hf` builds them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vtcbench.families.base import ModelFacts, ModelFamily
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+IMAGE_PLACEHOLDER = "<image>"
+
+#: the llava-hf hub checkpoint layout (`llava-hf/llava-1.5-7b-hf`), which every transformers
+#: release reads: (module prefix as this release names it, key prefix in the hub layout), first match
+CHECKPOINT_LAYOUT: tuple[tuple[str, str], ...] = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),  # CLIPVisionModel with its wrapper (5.5)
+    ("model.vision_tower.", "vision_tower.vision_model."),  # without it (5.23+)
+)
+
+
+def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None, system: str = VICUNA_V1_SYSTEM) -> str:
+    """LLaVA's `conv_vicuna_v1`: system prompt, `USER: <image>\\n...`, `ASSISTANT:`."""
+    if IMAGE_PLACEHOLDER not in context and n_images:
+        context = "\n".join([IMAGE_PLACEHOLDER] * n_images) + "\n" + context
+    prompt = f"{system} USER: {context} ASSISTANT:" if system else f"USER: {context} ASSISTANT:"
+    return prompt if answer is None else f"{prompt} {answer}"
+
+
+def image_processor_classes() -> tuple[type, type]:
+    """(CLIP-style, LLaVA-NeXT) image processor classes.
+
+    transformers 5.x makes `CLIPImageProcessor` the torchvision backend and falls back (with a
+    warning) to `CLIPImageProcessorPil` when torchvision is missing; pick the PIL classes
+    explicitly in that case.
+    """
+    import transformers
+
+    if importlib.util.find_spec("torchvision") is None:
+        clip = getattr(transformers, "CLIPImageProcessorPil", None)
+        nxt = getattr(transformers, "LlavaNextImageProcessorPil", None)
+        if clip is not None and nxt is not None:
+            return clip, nxt
+    return transformers.CLIPImageProcessor, transformers.LlavaNextImageProcessor
+
+
+class LlavaFamily(ModelFamily):
+    name: ClassVar[str] = "llava"
+    model_types: ClassVar[tuple[str, ...]] = ("llava",)
+    description: ClassVar[str] = "LLaVA-1.5: CLIP tower, MLP projector, LLaMA decoder; a fixed grid of image tokens"
+
+    def model_class(self, config: Any) -> type:
+        from transformers import LlavaForConditionalGeneration
+
+        return LlavaForConditionalGeneration
+
+    # -- offline processor ---------------------------------------------------------------------
+    def _processor_parts(self, config: Any, words: tuple[str, ...]) -> tuple[dict, dict]:
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        from vtcbench.models import build_local_tokenizer
+
+        text, vision = config.text_config, config.vision_config
+        pad = getattr(config, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(text, "pad_token_id", None)
+        tokenizer = build_local_tokenizer(text.vocab_size, config.image_token_index, pad, words)
+        size = vision.image_size
+        image = dict(
+            size={"shortest_edge": size},
+            crop_size={"height": size, "width": size},
+            image_mean=list(OPENAI_CLIP_MEAN),
+            image_std=list(OPENAI_CLIP_STD),
+            do_convert_rgb=True,
+        )
+        processor = dict(
+            tokenizer=tokenizer,
+            patch_size=vision.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+            image_token=IMAGE_PLACEHOLDER,
+        )
+        return image, processor
+
+    def local_processor(self, config: Any, words: tuple[str, ...]) -> Any:
+        """An offline `LlavaProcessor`: `<image>` expands to exactly the model's image-token count
+        because the processor gets the patch size, the select strategy and
+        `num_additional_image_tokens=1` (CLIP's CLS, which "default" then drops)."""
+        from transformers import LlavaProcessor
+
+        image, processor = self._processor_parts(config, words)
+        clip, _ = image_processor_classes()
+        return LlavaProcessor(image_processor=clip(**image), **processor)
+
+    # -- parts -----------------------------------------------------------------------------------
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return self.multimodal(model).vision_tower
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        return self.multimodal(model).multi_modal_projector
+
+    def set_projector(self, model: nn.Module, projector: nn.Module) -> None:
+        self.multimodal(model).multi_modal_projector = projector
+
+    def feature_layers(self, config: Any) -> tuple[int, ...]:
+        """The tower's hidden-state indices the projector reads (a list: concatenated, MBTF)."""
+        layers = config.vision_feature_layer
+        return (layers,) if isinstance(layers, int) else tuple(layers)
+
+    def set_feature_layers(self, config: Any, layers: tuple[int, ...]) -> None:
+        config.vision_feature_layer = list(layers)
+
+    # -- ids and facts ---------------------------------------------------------------------------
+    def image_token_id(self, config: Any) -> int:
+        return config.image_token_index
+
+    def crops(self, config: Any) -> int:
+        """Vision-tower passes per image: one for LLaVA-1.5."""
+        return 1
+
+    def facts(self, config: Any, image_size: tuple[int, int] | None = None) -> ModelFacts:
+        text, vision = config.text_config, config.vision_config
+        n_heads = text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
+        per_side = vision.image_size // vision.patch_size
+        vision_tokens = per_side * per_side + 1  # + CLS
+        per_crop = vision_tokens - 1 if config.vision_feature_select_strategy == "default" else vision_tokens
+        crops = self.crops(config)
+        projector_in = vision.hidden_size * len(self.feature_layers(config))
+        n, d, m = vision_tokens, vision.hidden_size, vision.intermediate_size
+        patch_dim = 3 * vision.patch_size**2
+        # CLIP over every crop: patch embedding plus all layers (HF runs them all, even when the
+        # features come from layer -2); the two-layer MLP projector on every image token
+        vision_macs = crops * ((n - 1) * patch_dim * d + vision.num_hidden_layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m))
+        image_tokens = per_crop * crops
+        return ModelFacts(
+            family=self.name,
+            n_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            n_heads=n_heads,
+            n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+            head_dim=head_dim,
+            vocab_size=text.vocab_size,
+            image_token_index=config.image_token_index,
+            image_tokens=image_tokens,
+            vision_n_layers=vision.num_hidden_layers,
+            vision_hidden_size=vision.hidden_size,
+            vision_intermediate_size=vision.intermediate_size,
+            vision_n_heads=vision.num_attention_heads,
+            vision_n_tokens=vision_tokens,
+            vision_patch_size=vision.patch_size,
+            vision_crops=crops,
+            projector_in=projector_in,
+            projector_hidden=text.hidden_size,
+            projector_out=text.hidden_size,
+            vision_encoder_macs=vision_macs,
+            projector_macs=image_tokens * (projector_in * text.hidden_size + text.hidden_size * text.hidden_size),
+        )
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def system_prompt(self, config: Any) -> str:
+        return getattr(config, "vtcbench_system_prompt", VICUNA_V1_SYSTEM)
+
+    def prompt(self, context: str, n_images: int, answer: str | None = None, system: str = VICUNA_V1_SYSTEM) -> str:
+        return vicuna_v1_prompt(context, n_images, answer, system)
+
+    def image_placeholder(self) -> str:
+        return IMAGE_PLACEHOLDER
+
+    def follow_up(self, question: str) -> str:
+        """A later turn of a multi-turn conversation (after `</s>`), as vicuna_v1 writes it."""
+        return f"USER: {question} ASSISTANT:"
+
+    def collate_pixels(self, pixels: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """One batch's image inputs from each prompt's processor output: pixel values stacked;
+        LLaVA-NeXT's AnyRes crops zero-padded to the most crops, with `image_sizes` (which the
+        model reads to unpad them)."""
+        values = [p["pixel_values"] for p in pixels]
+        batch = {}
+        if "image_sizes" in pixels[0]:
+            crops = max(v.shape[1] for v in values)
+            values = [torch.nn.functional.pad(v, (0, 0, 0, 0, 0, 0, 0, crops - v.shape[1])) for v in values]
+            batch["image_sizes"] = torch.cat([p["image_sizes"] for p in pixels])
+        batch["pixel_values"] = torch.cat(values)
+        return batch
+
+    # -- profiling inputs --------------------------------------------------------------------------
+    def synthetic_pixels(self, config: Any, batch: int, generator: torch.Generator) -> dict:
+        size = config.vision_config.image_size
+        return {"pixel_values": torch.randn(batch, 3, size, size, generator=generator)}
+
+    def resize_config(self, config: Any, *, image_tokens: int | None, layers: int | None) -> None:
+        from vtcbench.errors import VtcbenchError
+
+        if image_tokens is not None:
+            side = math.isqrt(image_tokens)
+            if side * side != image_tokens:
+                raise VtcbenchError(f"--image-tokens {image_tokens} must be a square (the patch grid), e.g. 64, 144, 576")
+            config.vision_config.image_size = side * config.vision_config.patch_size
+        if layers is not None:
+            config.text_config.num_hidden_layers = layers
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def query_key(self, layer: nn.Module, hidden: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention = layer.self_attn
+        batch, length, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        rows = torch.arange(batch, device=hidden.device)
+        head_dim = attention.head_dim
+        q = attention.q_proj(normed[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        k = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+        return q, k
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def checkpoint_layout(self) -> tuple[tuple[str, str], ...]:
+        return CHECKPOINT_LAYOUT
