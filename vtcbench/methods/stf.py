@@ -156,6 +156,9 @@ class FusingMethod(Method):
 @register
 @dataclass
 class STF(FusingMethod):
+    """STF with MBTF (sections 3.3-3.4, Table 4; official code `visresearch/LLaVA-STF`,
+    `llava/model/llava_arch.py`): a trained projector fuses k x k windows into E tokens each."""
+
     kernel: int = 2
     fused_tokens: int = 1
     feature_layers: tuple[int, ...] = ()  # MBTF's CLIP layers when training; () = `default_feature_layers`

@@ -25,6 +25,10 @@ from vtcbench.methods.base import Method, Where, check_positive, register
 @register
 @dataclass
 class Voco(Method):
+    """VoCo-LLaMA (section 3.2, Eq. 2-3; official code `Yxxxb/VoCo-LLaMA`,
+    `llava/model/language_model/llava_llama_1stg.py`): the text reads the image only through K
+    trained VoCo tokens (mechanics and what follows the code: `vtcbench/voco.py`)."""
+
     voco_tokens: int = 2
 
     name: ClassVar[str] = "voco"
