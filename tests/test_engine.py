@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import KEEP_ALL, TINY_DEFAULTS, left_pad, pixels, prompt_ids
 from oracles import OraclePlan, oracle_greedy, oracle_logits, prompt_embeddings
+
 from vtcbench.engine import compress
 from vtcbench.methods import METHODS, get_method
-from vtcbench.transformers_seam import TransformersConventionError, cache_layer_lengths, returned_cache
+from vtcbench.transformers_seam import (
+    TransformersConventionError,
+    cache_layer_lengths,
+    returned_cache,
+)
 
 METHOD_NAMES = sorted(name for name, cls in METHODS.items() if not cls.needs_weights)  # trained-weight methods: tests/test_stf.py, test_voco.py
 

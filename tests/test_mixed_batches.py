@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import build_tiny_next, left_pad, pixels, prompt_ids
 from PIL import Image
 
-from conftest import build_tiny_next, left_pad, pixels, prompt_ids
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods import get_method

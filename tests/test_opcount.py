@@ -11,7 +11,9 @@ import json
 
 import pytest
 import torch
+import transformers
 from conftest import pixels, prompt_ids
+from packaging.version import Version
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import model_facts
@@ -33,6 +35,10 @@ CASES: dict[str, dict] = {
     "avgpool": {"kernel": 2},
 }
 SCORED = ("fastv", "pdrop", "vico", "kmeans")  # methods with a scoring cost of their own
+
+# fvcore's trace goes through transformers' mask code only from 5.24 (docs/flops.md#measured-counts);
+# on those versions a failed trace is a regression, not a reason to skip.
+FVCORE_TRACES = Version(transformers.__version__).release >= (5, 24)
 
 @pytest.fixture(scope="module")
 def wide():
@@ -123,10 +129,11 @@ def test_fvcore_trace_counts_the_language_model_like_the_dispatcher(wide, measur
     ids = prompt_ids(model, 10, 20, seed=0)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels(0, 112)}
     method = get_method(name, **CASES[name])
-    try:
-        macs = fvcore_language_model_macs(model, inputs, method)
-    except TraceFailed as error:  # transformers < 5.24 (docs/flops.md#measured-counts)
-        pytest.skip(str(error))
+    if not FVCORE_TRACES:
+        with pytest.raises(TraceFailed):  # the known failure, so a skip here still means "cannot trace"
+            fvcore_language_model_macs(model, inputs, method)
+        pytest.skip(f"fvcore cannot trace under transformers {transformers.__version__} (< 5.24, docs/flops.md#measured-counts)")
+    macs = fvcore_language_model_macs(model, inputs, method)
     assert macs == measured(name, attn)[0].language_model_macs
 
 

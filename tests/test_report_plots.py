@@ -11,6 +11,7 @@ import base64
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,6 +138,40 @@ def test_efficiency_plot_figures_carry_their_panels_and_words(results):
         assert "fastv" in figure.alt and "pdrop" in figure.alt and "vanilla" in figure.alt
         with Image.open(io.BytesIO(figure.png)) as image:
             assert image.size == (figure.width, figure.height)
+
+
+def _plotted(results: Path, **options) -> dict[str, str]:
+    """{task: the metric its efficiency plot draws}, read from the captions."""
+    figures = efficiency_plots(ReportOptions(results=results, **options))
+    return {m.group(1): m.group(2) for f in figures if (m := re.match(rf"(\w+) \({MODEL}\): (\w+)", f.caption))}
+
+
+def test_the_efficiency_plot_draws_the_headline_metric_not_the_first_column(results):
+    assert _plotted(results) == {"vtcshapes": "overall", "gqa": "exact_match"}
+    # --metrics lists color first; the plot still draws overall; gqa shows none of them: its primary metric
+    assert _plotted(results, metrics=("color", "count", "overall")) == {"vtcshapes": "overall", "gqa": "exact_match"}
+    # without overall among the columns (and the primary metric, overall, not shown): the first column
+    assert _plotted(results, metrics=("count", "color")) == {"vtcshapes": "count", "gqa": "exact_match"}
+    # --plot-metric picks a shown metric; a task without it keeps its default
+    chosen = _plotted(results, metrics=("color", "count", "overall"), plot_metric="count")
+    assert chosen == {"vtcshapes": "count", "gqa": "exact_match"}
+    assert _plotted(results, plot_metric="exact_match") == {"vtcshapes": "overall", "gqa": "exact_match"}
+
+
+def test_an_unknown_plot_metric_is_one_line_with_the_choices(results, tmp_path):
+    folder = tmp_path / "plots"
+    outcome = report(results, "--metrics", "color,overall", "--plot-metric", "colour", "--plots-dir", str(folder))
+    assert outcome.exit_code == 2, outcome.output
+    message = outcome.output.strip()
+    assert "\n" not in message
+    assert "'colour'" in message and "valid choices: color, exact_match, overall" in message
+    assert not folder.exists()  # refused before anything is written
+    # --plot-metric implies --plots (written to <results>/report-plots)
+    copy = tmp_path / "results"
+    shutil.copytree(results, copy, ignore=shutil.ignore_patterns("report-plots"))
+    outcome = report(copy, "--plot-metric", "overall")
+    assert outcome.exit_code == 0, outcome.output
+    assert len(list((copy / "report-plots").glob("efficiency__*.png"))) == 2
 
 
 def test_html_embeds_one_data_png_per_figure_and_nothing_external(results, tmp_path):

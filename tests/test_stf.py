@@ -7,13 +7,15 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vtcbench.cli import app
-from vtcbench.convert_stf import convert_stf
+from vtcbench.convert_stf import check_source, convert_stf, hf_config, image_processor
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
+from vtcbench.families.llava import image_processor_classes
 from vtcbench.methods import METHODS, get_method
 from vtcbench.methods.stf import PAPER_FEATURE_LAYERS, default_feature_layers
 from vtcbench.models import build_local_processor, load_config, load_model, random_model
@@ -158,6 +160,52 @@ def test_converted_checkpoint_equals_the_official_computation(converted):
     torch.testing.assert_close(model.get_input_embeddings().weight[VOCAB], llama.model.embed_tokens.weight.mean(0))
     torch.testing.assert_close(model.lm_head.weight[VOCAB], llama.lm_head.weight.mean(0))
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == VOCAB
+
+
+def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """LLaVA's `llava/mm_utils.py` `expand2square`: paste centred on a square of the long side."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    square = Image.new(image.mode, (side, side), background)
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
+@torch.no_grad()
+def test_converted_processor_pads_to_a_square_as_llava_stf_does(converted):
+    """The source says image_aspect_ratio: pad, so a non-square image becomes expand2square's square
+    (image-mean background), then CLIP's processor, not a centre crop."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    _, out = converted
+    model, processor = load_model(str(out))
+    assert model.config.vtcbench_image_aspect_ratio == "pad"
+    clip_cls, _ = image_processor_classes()
+    clip = clip_cls(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                    image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True)
+    background = tuple(int(x * 255) for x in clip.image_mean)
+    noise = torch.randint(0, 256, (30, 80, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    wide = Image.fromarray(noise.numpy())
+    for picture in (wide, wide.transpose(Image.Transpose.TRANSPOSE)):
+        got = processor(images=[picture], text=["<image>\nWhat is it?"], return_tensors="pt")["pixel_values"]
+        expected = clip(images=[expand2square(picture, background)], return_tensors="pt")["pixel_values"]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(got, clip(images=[picture], return_tensors="pt")["pixel_values"], atol=1e-2)
+    get_method("stf").check_loaded(model, processor)
+    with pytest.raises(VtcbenchError, match="processor does not"):  # a processor that would centre-crop
+        get_method("stf").check_loaded(model, build_local_processor(model.config))
+
+
+def test_the_source_image_aspect_ratio_decides_the_padding(tmp_path):
+    write_official(tmp_path / "official", *_official_parts())
+    llava, _, shapes = check_source(tmp_path / "official")
+    for aspect, pads in (("pad", True), ("square", False), (None, False)):
+        config = hf_config({**llava, "image_aspect_ratio": aspect}, shapes)
+        assert image_processor(config).do_pad is pads, aspect
+    with pytest.raises(VtcbenchError, match="'anyres' .* valid: pad, square"):
+        hf_config({**llava, "image_aspect_ratio": "anyres"}, shapes)
 
 
 def test_converted_folder_runs_stf_through_the_cli(converted):

@@ -79,7 +79,9 @@ def test_questions_and_answers_are_vocabulary_words_and_true_of_the_scene(held_o
 
 def test_objects_and_the_letter_never_touch_and_labels_cover_their_cells(held_out):
     """Each object is SPAN x SPAN cells (visual tokens), the letter one; one empty cell between any two."""
-    from vtcbench.api import EXAMPLE_SCENE  # the default image of `vtcbench generate` too
+    from vtcbench.api import (
+        EXAMPLE_SCENE,  # the default image of `vtcbench generate` too
+    )
 
     for scene in [EXAMPLE_SCENE, *(s.scene for s in held_out[:100])]:
         boxes = [(*divmod(cell, shapes.GRID), shapes.SPAN) for cell, _, _ in scene.objects]

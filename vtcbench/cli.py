@@ -607,6 +607,8 @@ def report(
     plots: Annotated[bool, typer.Option("--plots", help="also write PNG figures (accuracy vs. cost, retention pictures); "
                                         "embedded in --format html")] = False,
     plots_dir: Annotated[Path | None, typer.Option(help="folder of the PNGs (implies --plots; default <results>/report-plots)")] = None,
+    plot_metric: Annotated[str | None, typer.Option(help="metric of the efficiency plots, one the tables show (implies "
+                                                    "--plots; default: overall, else each task's primary metric)")] = None,
 ) -> None:
     """Comparison tables of run folders as in the papers, with 95% intervals and paired differences."""
     from vtcbench.errors import choices_error
@@ -614,10 +616,11 @@ def report(
 
     if fmt not in FORMATS:
         raise choices_error("format", fmt, FORMATS)
-    plots = plots or plots_dir is not None
+    plots = plots or plots_dir is not None or plot_metric is not None
     options = ReportOptions(
         results=results, layout=layout, runs=runs, methods=_comma_list(methods), tasks=_comma_list(tasks), sort=sort,
         delta_vs=delta_vs, reference=reference, allow_mixed=allow_mixed, metrics=_comma_list(metrics), seed=seed, plots=plots,
+        plot_metric=plot_metric,
     )
     built = build_report(options)
     if plots:

@@ -14,9 +14,15 @@ transformers' own LLaVA conversion, `<image>` becomes a new token id (the old vo
 embedding and LM-head rows the mean of the existing ones. Shards are converted one by one (a 7B
 checkpoint never sits in memory twice) into `OUT.partial`, renamed to OUT at the end.
 
+Images follow the source's `image_aspect_ratio`: with `pad` (LLaVA-STF's setting) LLaVA's
+`expand2square` pads each image to a square of its long side, centred, in the image mean's colour,
+before CLIP's resize and centre crop. The converted folder records it as
+`vtcbench_image_aspect_ratio` in config.json, and its processor does the padding itself
+(transformers' `LlavaImageProcessor` with `do_pad`, the same centred paste and colour), so every
+path that encodes images for the model (`vtcbench run`, `generate`, plain transformers) pads.
+
 Differences: the CLIP tower's config is read from its weights (width, depth, patch, image size;
-heads = width / 64, as every OpenAI CLIP ViT has); the image processor resizes and centre-crops
-as llava-hf's does, where LLaVA-1.5's own code pads to a square first.
+heads = width / 64, as every OpenAI CLIP ViT has). AnyRes (`image_aspect_ratio: anyres`) is refused.
 """
 
 from __future__ import annotations
@@ -121,6 +127,9 @@ def hf_config(llava: dict[str, Any], shapes: dict[str, tuple[int, ...]]):
     missing = [key for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads") if key not in llava]
     if missing:
         raise VtcbenchError(f"the LLaVA-STF config.json lacks {', '.join(missing)} (the language model's shape)")
+    aspect = llava.get("image_aspect_ratio") or "square"  # LLaVA's process_images: pad, anyres*, else none
+    if aspect.startswith("anyres"):
+        raise VtcbenchError(f"image_aspect_ratio {aspect!r} (LLaVA's AnyRes tiling) is not supported; valid: pad, square")
     vocab = llava["vocab_size"]
     text = {"model_type": "llama", "vocab_size": vocab + 1, **{k: llava[k] for k in TEXT_FIELDS if k in llava}}
     text["pad_token_id"] = llava.get("pad_token_id", 0)
@@ -136,6 +145,7 @@ def hf_config(llava: dict[str, Any], shapes: dict[str, tuple[int, ...]]):
         pad_token_id=text["pad_token_id"],
     )
     config.vtcbench_projector = {"type": "stf", "kernel": 2, "fused_tokens": 1}
+    config.vtcbench_image_aspect_ratio = "pad" if aspect == "pad" else "square"
     return config
 
 
@@ -151,33 +161,48 @@ def convert_tensor(key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] |
     return prefix[1] + key[len(prefix[0]) :], tensor.contiguous()
 
 
+def image_processor(config):
+    """CLIP's preprocessing at the tower's resolution (resize the short side, centre-crop, OpenAI
+    CLIP mean and std), after LLaVA's `expand2square` when the config says
+    `vtcbench_image_aspect_ratio: pad`: `LlavaImageProcessor(do_pad=True)` pads centred in
+    `tuple(int(x * 255) for x in image_mean)`, the official background colour."""
+    import importlib.util
+
+    import transformers
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    # without torchvision (the CPU install) transformers 5 falls back to the PIL backend with a warning
+    pil = importlib.util.find_spec("torchvision") is None and hasattr(transformers, "LlavaImageProcessorPil")
+    cls = transformers.LlavaImageProcessorPil if pil else transformers.LlavaImageProcessor
+    size = config.vision_config.image_size
+    return cls(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
+        do_pad=getattr(config, "vtcbench_image_aspect_ratio", "square") == "pad",
+    )
+
+
 def _processor(src: Path, config):
     """LLaVA's tokenizer from the source folder with `<image>` added, or (no tokenizer there) the
-    offline one; a CLIP image processor at the tower's resolution."""
+    offline one; `image_processor(config)` for the images."""
     from transformers import AutoTokenizer, LlavaProcessor
 
-    from vtcbench.families.llava import image_processor_classes
     from vtcbench.models import build_local_processor
 
     if not any((src / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        return build_local_processor(config)
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_index:
-        raise VtcbenchError(f"the tokenizer in {src} gives <image> id {tokenizer.convert_tokens_to_ids('<image>')}, not {config.image_token_index}")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token
-    tokenizer.padding_side = "left"
-    size = config.vision_config.image_size
-    clip_cls, _ = image_processor_classes()
-    image_processor = clip_cls(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
-    )
+        tokenizer = build_local_processor(config).tokenizer
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+        if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_index:
+            raise VtcbenchError(
+                f"the tokenizer in {src} gives <image> id {tokenizer.convert_tokens_to_ids('<image>')}, not {config.image_token_index}"
+            )
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.unk_token
+        tokenizer.padding_side = "left"
     return LlavaProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+        image_processor=image_processor(config), tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1, image_token="<image>",
     )
 

@@ -1,7 +1,7 @@
 """VoCo-LLaMA's mechanics (docs/methods.md#voco): prompt layout, attention mask, cache compression,
 and a store of compressed images reused across questions.
 
-Read from the official code (Yxxxb/VoCo-LLaMA):
+Read from the official code (Yxxxb/VoCo-LLaMA), which only masks:
 - Prompt (`llava/eval/model_vqa_loader.py`): `<image>\\n` + `<voco>` x K + `\\n` + the conversation
   prompt with its `<image>` removed; the tokenizer prepends BOS, so the sequence is BOS, image
   tokens, separator, K VoCo tokens, then the system prompt and the question.
@@ -12,20 +12,34 @@ Read from the official code (Yxxxb/VoCo-LLaMA):
   token: neither BOS, nor the image, nor the separator before the VoCo tokens. Padding stays masked.
 - Positions (`prepare_inputs_for_generation_llama`: `attention_mask.cumsum(-1) - 1`): one running
   count over the whole prompt, image tokens included; compression does not renumber the text.
+- No cache cut: the evaluation calls `model.generate(..., use_cache=True)` on the whole prompt, so
+  every KV entry (BOS, image, separator, VoCo tokens, text) stays and the mask alone hides the image
+  from the text. As released its decode does not run: for a one-token step the sdpa mask helper it
+  installs over transformers' (`cache_py/modeling_attn_mask_utils.py`) returns None, and
+  `LlamaModel.forward` then reads `attention_mask.dtype`.
 
-Two equivalent forms (the supplement, sections 2.1-2.3):
+From the paper: the supplement times two forward passes and caches the VoCo tokens' activations
+(section 2.3.1: "In such cases, it is possible to cache the VoCo tokens obtained from the first
+request."; 2.3.2: "However, when we cache images, we only need to consider the second forward time.").
+
+Two equivalent forms here:
 (a) `single_pass_logits` / `single_pass_generate`: the whole prompt in one forward under the mask
-    (how VoCo-LLaMA trains, and its reference inference);
+    (the official code's forward, in training and in its evaluation's prefill; the reference);
 (b) `generate`: a first forward over [BOS, image, separator, VoCo tokens]; every layer's cache
     then keeps only the VoCo tokens' entries (`transformers_seam.keep_cache_entries`); the text
-    and the answer run against that compressed cache with the positions of (a). Text tokens
+    and the answer run against that compressed cache with the positions of (a). This cut is
+    vtcbench's own, the paper's caching of the VoCo tokens, not the official code's: text tokens
     never see what (a) masks from them, so the logits agree. `VocoCache` keeps the compressed
     entries per image (keyed by a hash of the pixels and the prefix ids) so a second question
     about the same image skips the image encoder and the first forward (supplement 2.3.1).
 
-Differences from the official code: the mask is applied under eager and sdpa alike (the official
-`LlamaModel.forward` builds it in its sdpa branch only); the system sentence is the model's own
-(VoCo-LLaMA's adds "of the given image"); flash_attention_2 is refused (it takes no 4-D mask).
+Differences from the official code: the cache cut of (b) (the official code keeps every entry and
+only masks); the mask is applied under eager and sdpa alike (the official `LlamaModel.forward`
+builds it in its sdpa branch only); the system sentence is the model's own, where the official
+`voco_conv_vicuna_v1` (`llava/conversation.py`) begins "A chat between a curious user and an
+artificial intelligence assistant of the image." (the supplement's Listing 1 prints "A chat between
+a curious user and an artificial intelligence assistant of the given image."); flash_attention_2 is
+refused (it takes no 4-D mask).
 """
 
 from __future__ import annotations

@@ -27,6 +27,10 @@ from vtcbench.methods.base import (
 @register
 @dataclass
 class AvgPool(Method):
+    """STF's AvgPool baseline (section 4.3.3, Table 5), training-free: k x k average pooling of the
+    projector's output. No official code: the released LLaVA-STF builds only STF's own projectors
+    (`llava/model/multimodal_projector/builder.py`)."""
+
     kernel: int = 2
 
     name: ClassVar[str] = "avgpool"

@@ -22,6 +22,9 @@ from vtcbench.methods.base import ScoredDrop, check_ratio, register
 @register
 @dataclass
 class FastV(ScoredDrop):
+    """FastV (paper section 4; official code `pkunlp-icler/FastV`): from layer K keep the
+    round(N * (1 - R)) image tokens the last prompt token attends to most in layer K-1, positions kept."""
+
     layer: int = 2
     drop_ratio: float = 0.5
 

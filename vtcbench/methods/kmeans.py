@@ -30,6 +30,10 @@ from vtcbench.methods.base import (
 @register
 @dataclass
 class KMeans(Method):
+    """LLaVolta's k-means compressor (section 4, Table 3), training-free: image tokens replaced at
+    layer K by `clusters` centroids. No official code: LLaVolta's released
+    `llava/model/language_model/llava_llama.py` implements only average pooling (`avgpool1d`)."""
+
     layer: int = 2
     clusters: int = 72
     iters: int = 10

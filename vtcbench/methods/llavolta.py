@@ -33,6 +33,10 @@ from vtcbench.methods.base import (
 @register
 @dataclass
 class LLaVolta(Method):
+    """LLaVolta's visual context compressor (section 3.2, its compression ratio Eq. 3 and Table 5;
+    official code `Beckschen/LLaVolta`, `llava/model/language_model/llava_llama.py`): 1-D average
+    pooling with stride S over the image tokens at layer K."""
+
     layer: int = 2
     stride: int = 8
 

@@ -41,6 +41,9 @@ class StagedDrop(ScoredDrop):
 @register
 @dataclass
 class PyramidDrop(StagedDrop):
+    """PyramidDrop (section 3.2; official code `Cooperx521/PyramidDrop`): staged drops at the listed
+    layers, stage s keeping int(N0 * lambda^s), positions compacted."""
+
     layers: tuple[int, ...] = ()  # empty: the paper's 4 equal stages, L/4, L/2, 3L/4
     keep_ratio: float = 0.5
 

@@ -17,6 +17,10 @@ from vtcbench.methods.base import LayerContext, ScoredDrop, check_ratio, registe
 @register
 @dataclass
 class RandomDrop(ScoredDrop):
+    """LLaVolta's random-dropping compressor (section 4, Table 3): a seeded uniform draw at layer K,
+    positions kept. No official code: LLaVolta's released
+    `llava/model/language_model/llava_llama.py` implements only average pooling (`avgpool1d`)."""
+
     layer: int = 2
     drop_ratio: float = 0.5
     seed: int = 0

@@ -95,6 +95,9 @@ class FusingMethod(Method):
 @register
 @dataclass
 class STF(FusingMethod):
+    """STF with MBTF (sections 3.3-3.4, Table 4; official code `visresearch/LLaVA-STF`,
+    `llava/model/llava_arch.py`): a trained projector fuses k x k windows into E tokens each."""
+
     kernel: int = 2
     fused_tokens: int = 1
     feature_layers: tuple[int, ...] = ()  # MBTF's CLIP layers when training; () = `default_feature_layers`
@@ -118,6 +121,17 @@ class STF(FusingMethod):
         if bad:
             raise VtcbenchError(f"{self.name}: feature_layers {bad} outside the tower's hidden states; valid: {-depth - 1}..{depth}")
         return tuple(layers)
+
+    def check_loaded(self, model: Any, processor: Any) -> None:
+        """A converted LLaVA-STF model pads images to a square (`vtcbench_image_aspect_ratio: pad`,
+        `convert_stf.image_processor`); refuse a processor that would centre-crop them instead."""
+        if getattr(model.config, "vtcbench_image_aspect_ratio", None) == "pad" and not getattr(
+            getattr(processor, "image_processor", None), "do_pad", False
+        ):
+            raise VtcbenchError(
+                f"{self.name}: this checkpoint pads images to a square (vtcbench_image_aspect_ratio: pad) but its "
+                "processor does not (do_pad); reconvert it with `vtcbench convert-stf --overwrite`"
+            )
 
     def check_model(self, model: Any) -> None:
         super().check_model(model)

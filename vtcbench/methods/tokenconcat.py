@@ -19,6 +19,10 @@ from vtcbench.methods.stf import FusingMethod
 @register
 @dataclass
 class TokenConcat(FusingMethod):
+    """STF's TokenConcat baseline (section 4.3.3, Table 5): k x k windows concatenated, then a
+    trained projector. No official code: the released LLaVA-STF builds only STF's own projectors
+    (`llava/model/multimodal_projector/builder.py`)."""
+
     kernel: int = 2
 
     name: ClassVar[str] = "tokenconcat"

@@ -17,6 +17,10 @@ from vtcbench.methods.pdrop import StagedDrop
 @register
 @dataclass
 class ViCo(StagedDrop):
+    """ViCo's S-stage schedule (supplement section 2, Table 2): PyramidDrop with drops at
+    floor(L/S) * s. No official code in the supplement; the ranking and keep rule follow
+    PyramidDrop's official `Cooperx521/PyramidDrop`."""
+
     stages: int = 4
     keep_ratio: float = 0.5
 

@@ -3,11 +3,15 @@
 Paper section 3.2 (Eq. 2-3) and supplement sections 1.2-2.3; official code Yxxxb/VoCo-LLaMA
 (`llava/model/language_model/llava_llama_1stg.py`: `make_voco_mask_llava` and the sdpa branch of
 `LlamaModel.forward`; `llava/eval/model_vqa_loader.py`: the prompt). The mechanics live in
-`vtcbench/voco.py`: prompt `<image>\\n<voco>xK\\n` then the text; tokens after the last VoCo token
-see neither the image nor anything before the first VoCo token (BOS, separator); the VoCo tokens
-see everything before them; positions run over the whole prompt. Inference keeps only the VoCo
-tokens' KV entries after a first forward and answers against them (the supplement's "VoCo
-caching"), reusing a compressed image across questions.
+`vtcbench/voco.py`, which says what follows the paper and what follows the code. From the code:
+prompt `<image>\\n<voco>xK\\n` then the text; tokens after the last VoCo token see neither the image
+nor anything before the first VoCo token (BOS, separator); the VoCo tokens see everything before
+them; positions run over the whole prompt. The official code only masks: its evaluation generates
+over the whole prompt with every KV entry kept. vtcbench's inference instead keeps only the VoCo
+tokens' KV entries after a first forward and answers against them, reusing a compressed image
+across questions: vtcbench's own equivalent of the mask, after the supplement's two forward passes
+and its caching of the VoCo tokens (section 2.3.1: "In such cases, it is possible to cache the VoCo
+tokens obtained from the first request.").
 
 It needs trained weights: a checkpoint whose tokenizer has `<voco>` and whose model learnt to
 compress into it (`token_id`). No official checkpoint exists; `vtcbench train --method voco
@@ -25,6 +29,10 @@ from vtcbench.methods.base import Method, Where, check_positive, register
 @register
 @dataclass
 class Voco(Method):
+    """VoCo-LLaMA (section 3.2, Eq. 2-3; official code `Yxxxb/VoCo-LLaMA`,
+    `llava/model/language_model/llava_llama_1stg.py`): the text reads the image only through K
+    trained VoCo tokens (mechanics and what follows the code: `vtcbench/voco.py`)."""
+
     voco_tokens: int = 2
 
     name: ClassVar[str] = "voco"

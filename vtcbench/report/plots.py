@@ -1,7 +1,7 @@
 """Figures of a report (docs/report.md, "Plots"): accuracy against cost, and retention pictures.
 
-- `efficiency_plots`: per model and task, the task's primary metric against the compute on image
-  tokens (`tflops_image`, the papers' convention) and against the median prefill time, one point
+- `efficiency_plots`: per model and task, the task's headline metric (`--plot-metric`, else
+  `overall`, else the task's primary metric) against the compute on image tokens (`tflops_image`, the papers' convention) and against the median prefill time, one point
   per run with the 95% interval the tables print (stats.py, through tables.Context), and the
   Pareto front (higher metric at lower cost) as a step line, its points ringed (PyramidDrop
   Fig. 4).
@@ -23,9 +23,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from vtcbench.errors import choices_error
 from vtcbench.report.folders import Run
 from vtcbench.report.model import Figure
-from vtcbench.results import atomic_file
+from vtcbench.results import atomic_file, primary_metric
 
 DPI = 200
 EFFICIENCY_WIDTH = 6.5  # inches: a two-column paper's full width
@@ -72,14 +73,15 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 
 
 def efficiency_plots(source: Any, options: Any = None, *, pool: Sequence[Run] | None = None) -> list[Figure]:
-    """Per model and task, one figure with two panels: the task's primary metric against the
-    compute on image tokens (`tflops_image`, log scale when it spans more than 10x) and against
+    """Per model and task, one figure with two panels: the task's headline metric
+    (`_plotted_columns`) against the compute on image tokens (`tflops_image`, log scale when it spans more than 10x) and against
     the median prefill time (`prefill_ms_median`); a point per run with its 95% interval (the
     same intervals as the tables), the Pareto front as a step line with its points ringed.
 
     `source`: run folders (`folders.Run`), or a `ReportOptions` (read from its `results` with its
     `runs` / `methods` / `tasks` selection). `pool`: the runs the reference is looked up in
-    (default: `source`). Sweep folders are left out (their own curves.png plots them)."""
+    (default: `source`). Sweep folders are left out (their own curves.png plots them). A
+    `plot_metric` that no task column shows raises VtcbenchError (one line, the valid choices)."""
     from vtcbench.report.tables import Context, ReportOptions
 
     if isinstance(source, ReportOptions):
@@ -89,20 +91,39 @@ def efficiency_plots(source: Any, options: Any = None, *, pool: Sequence[Run] | 
         options = options or ReportOptions()
     runs = [run for run in runs if not run.is_sweep]
     pool = [run for run in (pool if pool is not None else runs) if not run.is_sweep]
-    figures = []
+    contexts = {}
     for model in sorted({run.model for run in runs}):
         rows = [run for run in runs if run.model == model]
-        context = Context(rows, [run for run in pool if run.model == model] or rows, options,
-                          options.reference or "vanilla")
+        contexts[model] = Context(rows, [run for run in pool if run.model == model] or rows, options,
+                                  options.reference or "vanilla")
+    shown = {column.metric.partition(",")[0] for context in contexts.values() for column in context.tasks}
+    if options.plot_metric is not None and options.plot_metric not in shown:
+        raise choices_error("plot metric", options.plot_metric, sorted(shown))
+    figures = []
+    for model, context in contexts.items():
         styles = {run.name: (_COLOURS[i % len(_COLOURS)], _MARKERS[i % len(_MARKERS)]) for i, run in enumerate(context.rows)}
-        first_column = {}  # one figure per task, of its first column's metric
-        for task in context.tasks:
-            first_column.setdefault(task.short, task)
-        for task in first_column.values():
+        for task in _plotted_columns(context, options.plot_metric):
             figure = _efficiency_figure(context, model, task, styles)
             if figure is not None:
                 figures.append(figure)
     return figures
+
+
+def _plotted_columns(context: Any, plot_metric: str | None) -> list[Any]:
+    """One column per task, the headline a reader expects rather than whichever `--metrics` listed
+    first: `plot_metric` where the task shows it, else `overall`, else the task's primary metric
+    (lmms-eval's first), else its first column."""
+    by_task: dict[str, list[Any]] = {}
+    for column in context.tasks:
+        by_task.setdefault(column.short, []).append(column)
+    chosen = []
+    for short, columns in by_task.items():
+        source = next(run for run in context.rows if context.task_name(run, short))
+        primary = primary_metric(source.summary["tasks"][context.task_name(source, short)]["metrics"])
+        names = {column.metric.partition(",")[0]: column for column in columns}
+        wanted = (plot_metric, "overall", (primary or "").partition(",")[0])
+        chosen.append(next((names[name] for name in wanted if name in names), columns[0]))
+    return chosen
 
 
 def _efficiency_figure(context: Any, model: str, task: Any, styles: dict[str, tuple[str, str]]) -> Figure | None:

@@ -68,6 +68,7 @@ class ReportOptions:
     seed: int = 0
     resamples: int = RESAMPLES
     plots: bool = False  # also draw the figures (plots.py) into Report.figures
+    plot_metric: str | None = None  # the efficiency plots' metric (default: overall, else the task's primary)
 
 
 def build_report(options: ReportOptions) -> Report:
