@@ -54,7 +54,7 @@ def _image(color=(200, 30, 30), size=(80, 60)) -> Image.Image:
 def test_shipped_config_facts(alias, layers, hidden, inter, heads, image_tokens):
     facts = model_facts(load_config(alias))
     assert (facts.n_layers, facts.hidden_size, facts.intermediate_size, facts.n_heads) == (layers, hidden, inter, heads)
-    assert facts.image_tokens == image_tokens == MODELS[alias].image_tokens
+    assert facts.image_tokens == image_tokens
     assert facts.family == MODELS[alias].family
     if alias != "tiny":
         assert (facts.vocab_size, facts.image_token_index, facts.head_dim) == (32064, 32000, 128)

@@ -86,7 +86,7 @@ def models() -> None:
             str(facts.hidden_size),
             str(facts.intermediate_size),
             f"{facts.n_heads}/{facts.n_kv_heads}",
-            str(spec.image_tokens),
+            str(facts.image_tokens),
             spec.description,
         )
     console.print(table)
@@ -151,12 +151,13 @@ def flops(
     set_: SetOption = None,
     image_tokens: Annotated[int | None, typer.Option(help="visual tokens per sample (default: the model's)")] = None,
     text_tokens: Annotated[int, typer.Option(help="text tokens in the prompt (full-sequence figure)")] = 64,
+    image_size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT of the image, for dynamic-resolution families (Qwen); default 1024x768")] = None,
     convention: Annotated[str, typer.Option(help="macs (PyramidDrop, ViCo: multiply-accumulates) | flops (calflops, STF: 2 per MAC)")] = "macs",
     fmt: FormatOption = "table",
 ) -> None:
     """Analytic FLOPs (multiply-accumulates, the papers' FLOPs; --convention flops: 2 per MAC), visual tokens per layer, compression ratio."""
     from vtcbench.api import method_from_options
-    from vtcbench.families import model_facts
+    from vtcbench.families import family_of, model_facts
     from vtcbench.models import load_config
     from vtcbench.profilers.flops import analytic_flops
 
@@ -164,9 +165,12 @@ def flops(
     _check_count("--image-tokens", image_tokens, 1)
     _check_count("--text-tokens", text_tokens, 1)
     compression = method_from_options(method, set_ or [])
+    config = load_config(model)
+    size = _image_size(image_size, family_of(config), model)
+    family_of(config).check_method(compression.name)
+    facts = model_facts(config, image_size=size)
     report = analytic_flops(
-        compression, model_facts(load_config(model)), model=model, image_tokens=image_tokens, text_tokens=text_tokens,
-        convention=convention,
+        compression, facts, model=model, image_tokens=image_tokens, text_tokens=text_tokens, convention=convention,
     )
     if fmt == "json":
         print(json.dumps(report.to_dict()))
@@ -176,6 +180,7 @@ def flops(
     table.add_column("quantity")
     table.add_column("value", justify="right")
     rows = [
+        *([("image (resized by the processor)", f"{facts.image_size[0]}x{facts.image_size[1]}")] if facts.image_size else []),
         ("visual tokens per layer", _format_counts(report.image_tokens_per_layer)),
         ("visual tokens summed over layers", f"{report.visual_token_total:,}"),
         ("compression ratio (N*L / total)", f"{report.compression_ratio:.0%}"),
@@ -710,6 +715,18 @@ def _format_value(value) -> str:
     if isinstance(value, (tuple, list)):
         return ",".join(map(str, value))
     return str(value)
+
+
+def _image_size(text: str | None, family, model: str) -> tuple[int, int] | None:
+    """`--image-size WIDTHxHEIGHT`, for a family whose token count follows the image's size."""
+    if text is None:
+        return None
+    if not family.dynamic_resolution:
+        raise VtcbenchError(f"--image-size: {model} ({family.name}) sees every image at a fixed size; use --image-tokens")
+    width, sep, height = text.lower().partition("x")
+    if not (sep and width.isdigit() and height.isdigit() and int(width) > 0 and int(height) > 0):
+        raise VtcbenchError(f"--image-size {text!r} is not WIDTHxHEIGHT in pixels, e.g. 1024x768")
+    return int(width), int(height)
 
 
 def _format_counts(counts: list[int]) -> str:

@@ -60,6 +60,9 @@ class Space:
     #: bool: slots added (at the front) to pad a shorter sample to the batch's longest; their mask
     #: columns are masked and they are never valid. None: no sample is padded by the engine
     filler: torch.Tensor | None = None
+    #: [n, batch, seq, d]: what the model adds to the output of its first n layers (Qwen3-VL's
+    #: DeepStack features at the visual tokens), taken over by the engine so it follows the tokens
+    additions: torch.Tensor | None = None
     mask: torch.Tensor | None = None  # the attention mask in this space (prefill)
     position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
     decode_memo: tuple = field(default=(), repr=False)  # (mask_in, position_ids_in, mask_out, pos_out, emb_out)
@@ -94,7 +97,7 @@ class _Request:
         """A stable key per sample (CRC-32 of its unpadded prompt ids), computed on first use:
         it copies the prompt to the host, so only methods that read it (random) pay for it."""
         if self._sample_keys is None:
-            self._sample_keys = [zlib.crc32(ids[ok].cpu().numpy().tobytes()) for ids, ok in zip(self.input_ids, self.valid)]
+            self._sample_keys = _sample_keys(self.input_ids, self.valid)
         return self._sample_keys
 
 
@@ -150,18 +153,19 @@ class CompressionEngine:
             raise VtcbenchError(
                 f"attention backend {attention!r} is not supported by the engine; valid: {', '.join(SUPPORTED_ATTENTION)}"
             )
+        self.family.check_method(self.method.name)
         if self.method.where == "cache":
             raise VtcbenchError(
                 f"{self.method.name} acts on the KV cache, not through the engine's hooks; "
                 "generate with vtcbench.voco.generate (as `vtcbench run` and `generate` do)"
             )
-        self.family.check_method(self.method.name)
         if self.method.where == "pre_llm" and not self.family.fixed_image_grid:
             raise VtcbenchError(
                 f"{self.method.name} pools a fixed image grid before the LLM; the {self.family.name} family "
                 "gives each image its own token count"
             )
-        self.method.validate_for(self.facts.image_tokens, self.n_layers)
+        if self.family.fixed_image_grid:  # otherwise each prefill checks its own images' counts
+            self.method.validate_for(self.facts.image_tokens, self.n_layers)
         hook = self._handles.append
         hook(self.multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
         if self.method.where == "pre_llm":
@@ -174,6 +178,8 @@ class CompressionEngine:
             first = first + 1 if 0 in self.plan else first
             for index in range(first, self.n_layers):
                 hook(self.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
+            for index in range(self.family.layer_additions(self.model.config)):
+                hook(self.layers[index].register_forward_hook(self._addition_hook(index)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -238,6 +244,8 @@ class CompressionEngine:
         attention_mask = kwargs.get("attention_mask")
         valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
         self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image)
+        if self.prompt_length is not None:  # a teacher-forced answer must not change a sample's key (random's draw)
+            self._request._sample_keys = _sample_keys(input_ids[:, : self.prompt_length], valid[:, : self.prompt_length])
         return
 
     def _check_pre_llm_prompt(self, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
@@ -259,6 +267,7 @@ class CompressionEngine:
             return args, self._language_model_decode(request, kwargs)
         embeds = seam.language_model_embeddings(kwargs)
         batch, length = embeds.shape[:2]
+        kwargs, additions = self.family.take_layer_additions(kwargs, embeds)
         attention_mask = kwargs.get("attention_mask")
         valid = request.image_mask.new_ones(batch, length) if attention_mask is None else attention_mask.bool()
         position_ids = self.family.positions_in(kwargs.get("position_ids"), batch, length, embeds.device)
@@ -273,6 +282,7 @@ class CompressionEngine:
             query=torch.full((batch,), query, device=embeds.device),
             image_counts=request.n_image,
             lengths=[length] * batch,
+            additions=additions,
         )
         if 0 in self.plan:
             if self.plan[0] == 0:
@@ -283,8 +293,9 @@ class CompressionEngine:
                 space, embeds = self._act(request, 0, space, embeds)
             request.lm_index, request.lm_filler = space.index0, space.filler
             kwargs = dict(kwargs, inputs_embeds=embeds, position_ids=self.family.positions_out(space.position_ids))
-            if attention_mask is not None or space.filler is not None:  # the model masks fillers as padding
-                kwargs["attention_mask"] = space.valid.to(torch.long if attention_mask is None else attention_mask.dtype)
+            # a padding mask always: fillers are padding, and without a mask transformers may read
+            # positions with gaps (kept tokens keep their ids) as packed sequences
+            kwargs["attention_mask"] = space.valid.to(torch.long if attention_mask is None else attention_mask.dtype)
             width = space.index0.shape[1]
             space = Space(
                 index0=torch.arange(width, device=embeds.device).expand(batch, -1),
@@ -295,6 +306,7 @@ class CompressionEngine:
                 query=space.query,
                 image_counts=space.image_counts,
                 lengths=[width] * batch,
+                additions=space.additions,
             )
         else:
             kwargs = dict(kwargs, position_ids=self.family.positions_out(position_ids))
@@ -354,6 +366,23 @@ class CompressionEngine:
 
         return hook
 
+    def _addition_hook(self, index: int):
+        """After layer `index` at prefill: add what the model would add there (DeepStack), for
+        the tokens of that layer's space."""
+
+        def hook(module, args, output):
+            request = self._request
+            if request is None or request.decoding or request.space0 is None:
+                return None
+            space = request.layer_space.get(index, request.space0)
+            if space.additions is None or index >= space.additions.shape[0]:
+                return None
+            hidden = seam.layer_output(output)
+            hidden = hidden + space.additions[index].to(hidden.dtype)
+            return hidden if isinstance(output, torch.Tensor) else (hidden, *output[1:])
+
+        return hook
+
     # -- prefill -----------------------------------------------------------------------------------
     def _act(self, request: _Request, layer: int, space: Space, hidden: torch.Tensor) -> tuple[Space, torch.Tensor]:
         """Run the method at `layer` and build the space (and hidden states) that follow.
@@ -400,12 +429,18 @@ class CompressionEngine:
         if filler is not None:
             is_image, valid = is_image & ~filler, valid & ~filler
         hidden = hidden.gather(1, order.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+        additions = None
+        if space.additions is not None:
+            additions = space.additions.gather(2, order[None, :, :, None].expand(space.additions.shape[0], -1, -1, space.additions.shape[-1]))
         rows = space.position_ids.shape[-1]
         position_ids = space.position_ids.gather(1, order[..., None].expand(-1, -1, rows))
         if isinstance(action, Replace):
             new_hidden, new_positions = (action.hidden, action.position_ids) if real is None else (action.hidden[real], action.position_ids[real])
             hidden = hidden.masked_scatter(is_image.unsqueeze(-1), new_hidden.to(hidden.dtype))
             position_ids = position_ids.masked_scatter(is_image[..., None].expand(-1, -1, rows), new_positions.to(position_ids.dtype))
+            if additions is not None:
+                merged = _merged_additions(space.additions, image_index, ctx.image_valid, action)
+                additions = additions.masked_scatter(is_image[None, ..., None].expand_as(additions), merged if real is None else merged[:, real])
         if self.compact:
             position_ids = ((valid.cumsum(dim=1) - 1) * valid).to(position_ids.dtype)[..., None]
         reference = request.space0 or space  # layer 0's space (or this one, when layer 0 acts)
@@ -420,6 +455,7 @@ class CompressionEngine:
             image_counts=counts,
             lengths=lengths,
             filler=filler,
+            additions=additions,
         )
         for applied, count in zip(self.applied_image_tokens_per_sample, counts):
             applied[layer:] = [count] * (self.n_layers - layer)
@@ -588,6 +624,24 @@ def _row_nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
     return (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]
 
 
+def _sample_keys(input_ids: torch.Tensor, valid: torch.Tensor) -> list[int]:
+    """CRC-32 of each sample's unpadded ids (host copies)."""
+    return [zlib.crc32(ids[ok].cpu().numpy().tobytes()) for ids, ok in zip(input_ids, valid)]
+
+
+def _merged_additions(additions: torch.Tensor, image_index: torch.Tensor, image_valid: torch.Tensor, action: Replace) -> torch.Tensor:
+    """[n, batch, k, d]: each new token's additions, the mean of its members' (as pooling and
+    k-means average the hidden states), from `action.groups`."""
+    if action.groups is None:
+        raise VtcbenchError("a method that merges tokens must say which tokens each new one merged (Replace.groups) on a model with DeepStack features")
+    n, _, _, width = additions.shape
+    members = additions.gather(2, image_index[None, :, :, None].expand(n, -1, -1, width))
+    k = action.hidden.shape[1]
+    weights = torch.nn.functional.one_hot(action.groups.clamp(0, k - 1), k).to(additions.dtype) * image_valid[..., None]
+    sums = torch.einsum("lbnd,bnk->lbkd", members, weights)
+    return sums / weights.sum(dim=1).clamp(min=1)[None, :, :, None]
+
+
 def _pad_right(flags: torch.Tensor, width: int) -> torch.Tensor:
     """Bool flags [batch, n] extended with False to `width` columns (the tokens after the prompt)."""
     return torch.nn.functional.pad(flags, (0, width - flags.shape[1]), value=False)
@@ -632,7 +686,7 @@ def query_attention(
     batch = hidden.shape[0]
     rows = torch.arange(batch, device=hidden.device)
     q, key = family.query_key(layer, hidden, query)
-    cos, sin = (table.expand(batch, -1, -1).unsqueeze(1) for table in position_embeddings)  # as apply_rotary_pos_emb
+    cos, sin = (table.expand(batch, -1, -1).unsqueeze(1) for table in family.scoring_tables(layer, position_embeddings))  # as apply_rotary_pos_emb
     query_cos, query_sin = (table[rows, :, query][:, :, None] for table in (cos, sin))
     q = family.apply_rope(q, query_cos, query_sin)
     key = family.apply_rope(key, cos, sin)

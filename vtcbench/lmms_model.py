@@ -80,6 +80,7 @@ class _Encoded:
     request_index: int
     input_ids: torch.Tensor  # [seq]
     pixels: dict[str, torch.Tensor]  # the processor's image inputs (pixel_values, and e.g. image_sizes); {} without images
+    token_inputs: dict[str, torch.Tensor]  # other per-token inputs [seq] (Qwen's mm_token_type_ids), padded like input_ids
     image_tokens: int
 
 
@@ -211,9 +212,11 @@ class VtcbenchLMM(lmms):
     def _encode(self, prompt: str, visuals: list[Image.Image], index: int) -> _Encoded:
         encoded = self.processor(images=visuals, text=prompt, return_tensors="pt") if visuals else self.tokenizer(prompt, return_tensors="pt")
         input_ids = encoded["input_ids"][0]
-        pixels = {key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask")}
+        extra = {key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask")}
+        per_token = {key for key, value in extra.items() if value.shape == encoded["input_ids"].shape}
         image_tokens = int(image_token_mask(input_ids, self.family.image_token_id(self.model.config)).sum())
-        return _Encoded(index, input_ids, pixels, image_tokens)
+        pixels = {key: value for key, value in extra.items() if key not in per_token}
+        return _Encoded(index, input_ids, pixels, {key: extra[key][0] for key in per_token}, image_tokens)
 
     def _collate(self, items: list[_Encoded]) -> dict:
         """Left-pad into one batch; the family joins the image inputs (LLaVA-NeXT pads AnyRes crops)."""
@@ -225,6 +228,11 @@ class VtcbenchLMM(lmms):
             input_ids[row, length - item.input_ids.shape[0] :] = item.input_ids
             attention_mask[row, length - item.input_ids.shape[0] :] = 1
         batch = {"input_ids": input_ids.to(self._device), "attention_mask": attention_mask.to(self._device)}
+        for key in items[0].token_inputs:
+            padded = torch.zeros((len(items), length), dtype=items[0].token_inputs[key].dtype)
+            for row, item in enumerate(items):
+                padded[row, length - item.input_ids.shape[0] :] = item.token_inputs[key]
+            batch[key] = padded.to(self._device)
         pixels = [item.pixels for item in items if item.pixels]
         if pixels:
             joined = self.family.collate_pixels(pixels)

@@ -50,8 +50,8 @@ class ModelSpec:
     config_file: str  # file name inside vtcbench/model_configs/
     family: str  # a key of vtcbench.families.FAMILIES
     description: str
-    image_tokens: int  # visual tokens per image used for FLOPs (llava-next: 5 crops, newlines not counted)
     packaged: bool = False  # weights ship in WEIGHTS_DIR/<alias> (no hub)
+    toy: bool = False  # a random-weight model of its family for tests (the family test matrix runs each)
 
     @property
     def source(self) -> str | None:
@@ -62,47 +62,39 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     spec.alias: spec
     for spec in (
-        ModelSpec(
-            "llava-1.5-7b",
-            "llava-hf/llava-1.5-7b-hf",
-            "llava-1.5-7b-hf.json",
-            "llava",
-            "LLaVA-1.5 7B: CLIP ViT-L/14-336 + Vicuna-7B, 576 image tokens",
-            576,
-        ),
-        ModelSpec(
-            "llava-1.5-13b",
-            "llava-hf/llava-1.5-13b-hf",
-            "llava-1.5-13b-hf.json",
-            "llava",
-            "LLaVA-1.5 13B: CLIP ViT-L/14-336 + Vicuna-13B, 576 image tokens",
-            576,
-        ),
-        ModelSpec(
-            "llava-next-7b",
-            "llava-hf/llava-v1.6-vicuna-7b-hf",
-            "llava-v1.6-vicuna-7b-hf.json",
-            "llava_next",
-            "LLaVA-NeXT (v1.6) Vicuna-7B: AnyRes up to 4+1 crops of 576 tokens",
-            2880,
-        ),
-        ModelSpec(
-            "vtc-tiny",
-            None,
-            "vtc-tiny.json",
-            "llava",
-            "vtcbench's own LLaVA trained on vtcshapes (3-layer CLIP, 6-layer LLaMA, 64 image tokens), shipped",
-            64,
-            packaged=True,
-        ),
-        ModelSpec(
-            "tiny",
-            None,
-            "tiny.json",
-            "llava",
-            "toy LLaVA (2-layer CLIP, 4-layer GQA LLaMA), random weights only, for tests",
-            64,
-        ),
+        ModelSpec("llava-1.5-7b", "llava-hf/llava-1.5-7b-hf", "llava-1.5-7b-hf.json", "llava",
+                  "LLaVA-1.5 7B: CLIP ViT-L/14-336 + Vicuna-7B, 576 image tokens"),
+        ModelSpec("llava-1.5-13b", "llava-hf/llava-1.5-13b-hf", "llava-1.5-13b-hf.json", "llava",
+                  "LLaVA-1.5 13B: CLIP ViT-L/14-336 + Vicuna-13B, 576 image tokens"),
+        ModelSpec("llava-next-7b", "llava-hf/llava-v1.6-vicuna-7b-hf", "llava-v1.6-vicuna-7b-hf.json", "llava_next",
+                  "LLaVA-NeXT (v1.6) Vicuna-7B: AnyRes up to 4+1 crops of 576 tokens"),
+        ModelSpec("qwen2-vl-2b", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2-VL-2B-Instruct.json", "qwen2_vl",
+                  "Qwen2-VL 2B Instruct: native-resolution ViT + 2x2 patch merging, Qwen2 decoder with M-RoPE"),
+        ModelSpec("qwen2-vl-7b", "Qwen/Qwen2-VL-7B-Instruct", "Qwen2-VL-7B-Instruct.json", "qwen2_vl",
+                  "Qwen2-VL 7B Instruct: native-resolution ViT + 2x2 patch merging, Qwen2 decoder with M-RoPE"),
+        ModelSpec("qwen2.5-vl-3b", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL-3B-Instruct.json", "qwen2_vl",
+                  "Qwen2.5-VL 3B Instruct: windowed-attention ViT + 2x2 patch merging, M-RoPE decoder"),
+        ModelSpec("qwen2.5-vl-7b", "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen2.5-VL-7B-Instruct.json", "qwen2_vl",
+                  "Qwen2.5-VL 7B Instruct: windowed-attention ViT + 2x2 patch merging, M-RoPE decoder"),
+        ModelSpec("qwen2.5-vl-32b", "Qwen/Qwen2.5-VL-32B-Instruct", "Qwen2.5-VL-32B-Instruct.json", "qwen2_vl",
+                  "Qwen2.5-VL 32B Instruct: windowed-attention ViT + 2x2 patch merging, M-RoPE decoder"),
+        ModelSpec("qwen2.5-vl-72b", "Qwen/Qwen2.5-VL-72B-Instruct", "Qwen2.5-VL-72B-Instruct.json", "qwen2_vl",
+                  "Qwen2.5-VL 72B Instruct: windowed-attention ViT + 2x2 patch merging, M-RoPE decoder"),
+        ModelSpec("qwen3-vl-4b", "Qwen/Qwen3-VL-4B-Instruct", "Qwen3-VL-4B-Instruct.json", "qwen3_vl",
+                  "Qwen3-VL 4B Instruct: ViT with DeepStack features, interleaved M-RoPE, q/k norms"),
+        ModelSpec("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", "Qwen3-VL-8B-Instruct.json", "qwen3_vl",
+                  "Qwen3-VL 8B Instruct: ViT with DeepStack features, interleaved M-RoPE, q/k norms"),
+        ModelSpec("vtc-tiny", None, "vtc-tiny.json", "llava",
+                  "vtcbench's own LLaVA trained on vtcshapes (3-layer CLIP, 6-layer LLaMA, 64 image tokens), shipped",
+                  packaged=True),
+        ModelSpec("tiny", None, "tiny.json", "llava",
+                  "toy LLaVA (2-layer CLIP, 4-layer GQA LLaMA), random weights only, for tests", toy=True),
+        ModelSpec("tiny-qwen2-vl", None, "tiny-qwen2-vl.json", "qwen2_vl",
+                  "toy Qwen2-VL (2-block ViT, 4-layer M-RoPE decoder), random weights only, for tests", toy=True),
+        ModelSpec("tiny-qwen2.5-vl", None, "tiny-qwen2.5-vl.json", "qwen2_vl",
+                  "toy Qwen2.5-VL (4-block windowed ViT, 4-layer M-RoPE decoder), random weights only, for tests", toy=True),
+        ModelSpec("tiny-qwen3-vl", None, "tiny-qwen3-vl.json", "qwen3_vl",
+                  "toy Qwen3-VL (DeepStack on 2 layers, 4-layer decoder), random weights only, for tests", toy=True),
     )
 }
 

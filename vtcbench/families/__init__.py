@@ -12,8 +12,12 @@ from vtcbench.errors import choices_error
 from vtcbench.families.base import ModelFacts, ModelFamily
 from vtcbench.families.llava import LlavaFamily
 from vtcbench.families.llava_next import LlavaNextFamily
+from vtcbench.families.qwen2_vl import Qwen2VLFamily
+from vtcbench.families.qwen3_vl import Qwen3VLFamily
 
-FAMILIES: dict[str, ModelFamily] = {family.name: family for family in (LlavaFamily(), LlavaNextFamily())}
+FAMILIES: dict[str, ModelFamily] = {
+    family.name: family for family in (LlavaFamily(), LlavaNextFamily(), Qwen2VLFamily(), Qwen3VLFamily())
+}
 _BY_MODEL_TYPE: dict[str, ModelFamily] = {t: family for family in FAMILIES.values() for t in family.model_types}
 MODEL_TYPES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
 

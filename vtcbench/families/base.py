@@ -179,12 +179,37 @@ class ModelFamily:
         """(cos, sin) for position rows, from the model's own rotary module."""
         return language_model.rotary_emb(like, self.positions_out(rows))
 
+    # -- what the language model adds inside its layer loop --------------------------------------
+    def layer_additions(self, config: Any) -> int:
+        """How many of the first decoder layers get something added to their output inside the
+        language model's own loop (Qwen3-VL's DeepStack); 0 for most families."""
+        return 0
+
+    def take_layer_additions(self, kwargs: dict, embeds: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+        """The language model's kwargs without those additions, and the additions as
+        `[layers, batch, seq, d]` (zero where nothing is added), for the engine to apply to the
+        tokens that survive; `(kwargs, None)` when there are none."""
+        return kwargs, None
+
     # -- the scoring row -------------------------------------------------------------------------
     def query_key(self, layer: nn.Module, hidden: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From a decoder layer's input `hidden` [batch, seq, d]: the query of column `query`
         [batch] as `[batch, heads, 1, head_dim]` and every key as `[batch, kv_heads, seq, head_dim]`,
-        both before RoPE (the norms and projections the layer's attention applies)."""
-        raise NotImplementedError  # abstract
+        both before RoPE. Default: a LLaMA-style block (`input_layernorm`, then `q_proj`/`k_proj`,
+        biases included where the family has them); a family with q/k norms overrides it."""
+        attention = layer.self_attn
+        batch, length, _ = hidden.shape
+        normed = layer.input_layernorm(hidden)
+        rows = torch.arange(batch, device=hidden.device)
+        head_dim = attention.head_dim
+        q = attention.q_proj(normed[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        k = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
+        return q, k
+
+    def scoring_tables(self, layer: nn.Module, tables: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables a layer was handed, as `[batch, seq, head_dim]` (a family whose rotary
+        module leaves merging to the attention merges them here)."""
+        return tables
 
     def apply_rope(self, states: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on `[batch, heads, seq, head_dim]` with tables `[batch, 1, seq, head_dim]` (the

@@ -218,17 +218,6 @@ class LlavaFamily(ModelFamily):
         if layers is not None:
             config.text_config.num_hidden_layers = layers
 
-    # -- scoring ---------------------------------------------------------------------------------
-    def query_key(self, layer: nn.Module, hidden: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        attention = layer.self_attn
-        batch, length, _ = hidden.shape
-        normed = layer.input_layernorm(hidden)
-        rows = torch.arange(batch, device=hidden.device)
-        head_dim = attention.head_dim
-        q = attention.q_proj(normed[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
-        k = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
-        return q, k
-
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint_layout(self) -> tuple[tuple[str, str], ...]:
         return CHECKPOINT_LAYOUT

@@ -38,17 +38,16 @@ def layer_macs(n: int, facts: ModelFacts, *, grouped_query: bool = True) -> int:
 
 
 def vision_encoder_macs(facts: ModelFacts) -> int:
-    """CLIP-style ViT over every crop: patch embedding plus all layers (HF runs them all, even
-    when the features come from layer -2)."""
-    n, d, m = facts.vision_n_tokens, facts.vision_hidden_size, facts.vision_intermediate_size
-    patch_dim = 3 * facts.vision_patch_size**2
-    per_crop = (n - 1) * patch_dim * d + facts.vision_n_layers * (4 * n * d * d + 2 * n * n * d + 2 * n * d * m)
-    return facts.vision_crops * per_crop
+    """The vision tower on the facts' image, as its family counts it (CLIP: patch embedding plus
+    every layer of every crop, as HF runs them all even when the features come from layer -2;
+    Qwen: patch embedding, windowed and full-attention blocks, DeepStack mergers)."""
+    return facts.vision_encoder_macs
 
 
 def projector_macs(facts: ModelFacts) -> int:
-    """The two-layer MLP projector on every image token before any compression."""
-    return facts.image_tokens * (facts.projector_in * facts.projector_hidden + facts.projector_hidden * facts.projector_out)
+    """The projector (LLaVA's two-layer MLP, Qwen's 2x2 merger) on every image token before any
+    compression."""
+    return facts.projector_macs
 
 
 def fused_projector_macs(method: FusingMethod, facts: ModelFacts, n_image: int) -> int:

@@ -103,8 +103,9 @@ def count_ops(model: nn.Module, inputs: dict, method: Method | None = None) -> O
 
     family = family_of(model)
     language = macs(family.language_model(model)) + macs(model.get_output_embeddings())
-    vision = macs(family.vision_tower(model))
-    projector = macs(family.projector(model))
+    tower, projector_module = family.vision_tower(model), family.projector(model)
+    projector = macs(projector_module)
+    vision = macs(tower) - (projector if any(m is projector_module for m in tower.modules()) else 0)  # Qwen's merger is inside its tower
     total = counter.get_total_flops() // 2
     return OpCount(
         language_model_macs=language,

@@ -1,0 +1,217 @@
+"""Every family x every in-LLM method x {eager, sdpa}, on each family's toy model (`ModelSpec.toy`).
+
+A new family is picked up with no edit here: register its toy alias. The invariants:
+keep-all equals vanilla; a batch of images of different sizes (so different visual-token counts
+on dynamic-resolution families) and prompts of different lengths equals each prompt alone, with
+each sample's applied counts equal to the method's analytic plan; cached greedy decode equals
+an uncached rerun of the whole sequence at every step; methods a family cannot run are refused
+before anything runs. The oracles (FastV, PyramidDrop, LLaVolta run by hand on the gathered
+M-RoPE positions and DeepStack features) are at the end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracles import OraclePlan, mrope_oracle_greedy
+from PIL import Image
+
+from vtcbench.engine import compress
+from vtcbench.errors import VtcbenchError
+from vtcbench.families import family_of
+from vtcbench.methods import METHODS, get_method
+from vtcbench.models import MODELS, load_model
+
+TOYS = sorted(alias for alias, spec in MODELS.items() if spec.toy)
+ATTENTION = ("eager", "sdpa")
+# (width, height): 16, 12, 4 and 24 (Qwen3-VL: 20) visual tokens on the Qwen toys; 64 each on LLaVA's
+SIZES = [(112, 112), (84, 112), (56, 56), (168, 112)]
+QUESTIONS = ["what color is it ?", "how many are there in the picture , please ?", "why ?", "is it big ?"]
+NEW_TOKENS = 3
+# every in-LLM method on the 4-layer toys: first legal action layer and a later one
+CASES = {
+    "fastv-first": ("fastv", {"layer": 1, "drop_ratio": 0.5}),
+    "fastv": ("fastv", {"layer": 2, "drop_ratio": 0.7}),
+    "pdrop": ("pdrop", {"layers": (1, 3), "keep_ratio": 0.5}),
+    "vico": ("vico", {"stages": 4, "keep_ratio": 0.5}),
+    "llavolta-first": ("llavolta", {"layer": 0, "stride": 2}),
+    "llavolta": ("llavolta", {"layer": 2, "stride": 2}),
+    "random-first": ("random", {"layer": 0, "drop_ratio": 0.5}),
+    "random": ("random", {"layer": 2, "drop_ratio": 0.3}),
+    "kmeans": ("kmeans", {"layer": 1, "clusters": 4, "iters": 3}),
+}
+KEEP_ALL = {
+    "fastv": {"layer": 1, "drop_ratio": 0.0},
+    "pdrop": {"layers": (1, 3), "keep_ratio": 1.0},
+    "vico": {"stages": 4, "keep_ratio": 1.0},
+    "llavolta": {"layer": 0, "stride": 1},
+    "random": {"layer": 2, "drop_ratio": 0.0},
+}
+IN_LLM = sorted(name for name, cls in METHODS.items() if cls.where == "in_llm")
+
+
+def test_the_matrix_covers_every_family_and_in_llm_method():
+    covered = {family_of(MODELS[alias].family).name for alias in TOYS}
+    assert covered >= {"llava", "qwen2_vl", "qwen3_vl"}
+    assert {name for name, _ in CASES.values()} == set(IN_LLM)
+
+
+_models: dict = {}
+
+
+def toy(alias: str, attn: str):
+    if (alias, attn) not in _models:
+        _models[alias, attn] = load_model(alias, random_weights=True, attn_implementation=attn)
+    return _models[alias, attn]
+
+
+def _image(size: tuple[int, int], seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def _inputs(model, processor, indices: list[int]) -> dict:
+    family = family_of(model)
+    texts = [family.prompt(QUESTIONS[i], 1, system=family.system_prompt(model.config)) for i in indices]
+    images = [_image(SIZES[i], seed=i) for i in indices]
+    return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+
+
+def _generate(model, inputs: dict, method, new_tokens: int = NEW_TOKENS):
+    with torch.no_grad(), compress(model, method) as engine:
+        out = model.generate(
+            **inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            output_logits=True, return_dict_in_generate=True,
+        )
+    return out.sequences[:, -new_tokens:], torch.stack(out.logits, dim=1), engine.applied_image_tokens_per_sample
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("name", sorted(KEEP_ALL))
+@pytest.mark.parametrize("alias", TOYS)
+def test_keep_all_equals_vanilla(alias, name, attn):
+    model, processor = toy(alias, attn)
+    inputs = _inputs(model, processor, [0, 1, 2, 3])
+    tokens, logits, counts = _generate(model, inputs, get_method("vanilla"))
+    kept_tokens, kept_logits, kept_counts = _generate(model, inputs, get_method(name, **KEEP_ALL[name]))
+    assert torch.equal(kept_tokens, tokens)
+    torch.testing.assert_close(kept_logits, logits, atol=1e-4, rtol=1e-4)
+    assert kept_counts == counts
+
+
+@pytest.mark.parametrize("attn", ATTENTION)
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("alias", TOYS)
+def test_mixed_batch_equals_each_prompt_alone_with_the_planned_counts(alias, case, attn):
+    model, processor = toy(alias, attn)
+    name, params = CASES[case]
+    method = get_method(name, **params)
+    tokens, logits, counts = _generate(model, _inputs(model, processor, [0, 1, 2, 3]), method)
+    image_token = family_of(model).image_token_id(model.config)
+    for row in range(4):
+        alone = _inputs(model, processor, [row])
+        alone_tokens, alone_logits, alone_counts = _generate(model, alone, method)
+        assert tokens[row].tolist() == alone_tokens[0].tolist(), row
+        torch.testing.assert_close(logits[row, 0], alone_logits[0, 0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits[row], alone_logits[0], atol=1e-4, rtol=1e-4)
+        n_image = int((alone["input_ids"] == image_token).sum())
+        assert counts[row] == alone_counts[0] == method.image_tokens_per_layer(n_image, len(counts[row]))
+    if name != "kmeans":  # (k-means keeps `clusters` whatever the count)
+        assert len({tuple(c) for c in counts}) > 1 or family_of(model).fixed_image_grid
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("alias", TOYS)
+def test_cached_decode_equals_an_uncached_rerun_at_every_step(alias, case):
+    """The prompt plus the tokens generated so far, run whole without a cache under the method
+    (the query stays the last prompt token), predicts each next token with the same logits."""
+    model, processor = toy(alias, "sdpa")
+    name, params = CASES[case]
+    method = get_method(name, **params)
+    inputs = _inputs(model, processor, [1])
+    tokens, logits, _ = _generate(model, inputs, method, new_tokens=4)
+    prompt_length = inputs["input_ids"].shape[1]
+    for step in range(4):
+        ids = torch.cat([inputs["input_ids"], tokens[:, :step]], dim=1)
+        rerun = dict(inputs, input_ids=ids, attention_mask=torch.ones_like(ids))
+        if "mm_token_type_ids" in inputs:
+            rerun["mm_token_type_ids"] = torch.nn.functional.pad(inputs["mm_token_type_ids"], (0, step))
+        with torch.no_grad(), compress(model, method) as engine:
+            engine.prompt_length = prompt_length
+            last = model(**rerun, use_cache=False).logits[0, -1]
+        torch.testing.assert_close(last, logits[0, step], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("alias", TOYS)
+def test_methods_a_family_cannot_run_are_refused_in_one_line(alias):
+    model, _ = toy(alias, "sdpa")
+    family = family_of(model)
+    for name, reason in family.unsupported_methods.items():
+        with pytest.raises(VtcbenchError, match=f"{name} cannot run on the {family.name} family"), compress(model, get_method(name)):
+            pass
+        assert "\n" not in reason
+
+
+# -- oracles on the M-RoPE families ------------------------------------------------------------------
+
+MROPE_TOYS = [alias for alias in TOYS if family_of(MODELS[alias].family).position_rows > 1]
+ORACLE_CASES = {
+    "fastv": ({"layer": 2, "drop_ratio": 0.5}, lambda n: OraclePlan("fastv", {2: n - n // 2}, "keep")),
+    "pdrop": ({"layers": (1, 3), "keep_ratio": 0.5}, lambda n: OraclePlan("pdrop", {1: n // 2, 3: n // 4}, "compact")),
+    "llavolta": ({"layer": 2, "stride": 2}, lambda n: OraclePlan("llavolta", {2: 2}, "pooled")),
+    "llavolta-layer0": ({"layer": 0, "stride": 4}, lambda n: OraclePlan("llavolta", {0: 4}, "pooled")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ORACLE_CASES))
+@pytest.mark.parametrize("alias", MROPE_TOYS)
+def test_mrope_methods_equal_an_oracle_on_the_gathered_3d_positions(alias, case):
+    """Greedy decoding with compressed caches equals the oracle rerunning the surviving tokens,
+    with their original M-RoPE rows (pooled: the floor of the mean per row) and, on Qwen3-VL,
+    DeepStack features added to exactly the surviving (or pooled) visual tokens."""
+    params, plan = ORACLE_CASES[case]
+    model, processor = toy(alias, "eager")
+    inputs = _inputs(model, processor, [0])
+    image_token = family_of(model).image_token_id(model.config)
+    n_image = int((inputs["input_ids"] == image_token).sum())
+    tokens, logits, _ = _generate(model, inputs, get_method(case.split("-")[0], **params), new_tokens=4)
+    expected_tokens, expected_logits = mrope_oracle_greedy(model, inputs, image_token, plan(n_image), 4)
+    assert tokens[0].tolist() == expected_tokens
+    torch.testing.assert_close(logits[0], torch.stack(expected_logits), atol=1e-4, rtol=1e-4)
+
+
+# -- FLOPs: analytic equals measured on every family -----------------------------------------------------
+
+FLOPS_CASES = {
+    "vanilla": {},
+    "fastv": {"layer": 2, "drop_ratio": 0.5},
+    "pdrop": {"layers": (1, 3), "keep_ratio": 0.5},
+    "llavolta": {"layer": 2, "stride": 2},
+    "random": {"layer": 0, "drop_ratio": 0.5},
+    "kmeans": {"layer": 1, "clusters": 4},
+}
+
+
+@pytest.mark.parametrize("name", sorted(FLOPS_CASES))
+@pytest.mark.parametrize("alias", TOYS)
+def test_analytic_flops_equal_the_measured_count_per_part(alias, name):
+    """Vision tower (Qwen2.5-VL's windows, Qwen3-VL's DeepStack mergers), projector (merger) and
+    language model (grouped-query projections, LM head, the method's scoring) agree with torch's
+    flop counter within 1%, at the image's own size."""
+    from vtcbench.families import model_facts
+    from vtcbench.profilers.flops import analytic_flops
+    from vtcbench.profilers.opcount import count_ops
+
+    model, processor = toy(alias, "sdpa")
+    inputs = _inputs(model, processor, [3])
+    method = get_method(name, **FLOPS_CASES[name])
+    n_image = int((inputs["input_ids"] == family_of(model).image_token_id(model.config)).sum())
+    facts = model_facts(model, image_size=SIZES[3] if family_of(model).dynamic_resolution else None)
+    assert facts.image_tokens == n_image
+    report = analytic_flops(method, facts, model=alias, text_tokens=inputs["input_ids"].shape[1] - n_image)
+    count = count_ops(model, inputs, method)
+    assert count.tflops("vision_tower") == pytest.approx(report.tflops_vision_encoder, rel=0.01)
+    assert count.tflops("projector") == pytest.approx(report.tflops_projector, rel=0.01)
+    language = report.tflops_total + report.tflops_lm_head + report.tflops_method_overhead
+    assert count.tflops("language_model") == pytest.approx(language, rel=0.01)
+    assert count.other_macs == 0

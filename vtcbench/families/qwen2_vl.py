@@ -1,0 +1,254 @@
+"""Qwen2-VL and Qwen2.5-VL (`Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`):
+a native-resolution ViT whose 2x2 patch merger is the projector, and a Qwen2 decoder with M-RoPE.
+
+Facts read from transformers 5.24 (`models/qwen2_5_vl/modeling_qwen2_5_vl.py`, the same layout in
+`qwen2_vl`) and checked on 5.5:
+- parts: `model.model` is the multimodal model with `visual` (the tower; its `merger` is the
+  projector, inside it) and `language_model` (the text model: `layers`, `norm`, `rotary_emb`);
+- image tokens are `config.image_token_id` between `vision_start`/`vision_end`; an image of grid
+  (t, h, w) patches gives t*h*w / merge^2 tokens (`image_grid_thw`), so every image has its own
+  count (dynamic resolution);
+- positions: `get_rope_index` gives M-RoPE ids `[3, batch, seq]` (temporal, height, width) on
+  the whole prompt; `generate` hands the text model `[4, batch, seq]`, row 0 the text positions
+  (used for masks; the layers receive it as `position_ids`), rows 1-3 the M-RoPE ids, and at
+  decode adds `rope_deltas` to the step, never reading the (possibly pruned) cache length. The
+  text model's rotary module merges the three sections into ordinary `[batch, seq, head_dim]`
+  tables, so attention applies the usual rotate-half RoPE;
+- attention: `input_layernorm`, then `q_proj`/`k_proj` with biases, no q/k norms.
+
+Methods keep M-RoPE's original ids (as DART's and EffiVLM's Qwen ports do): the engine gathers
+all rows of the kept tokens; `compact` (PyramidDrop's renumbering) has no M-RoPE form, so it
+keeps the ids too; a pooled or merged token takes, per row, the floor of the mean of its
+members' ids (LLaVolta's rule applied to each axis).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from vtcbench.errors import VtcbenchError
+from vtcbench.families.base import ModelFacts, ModelFamily
+from vtcbench.families.qwen_processor import (
+    DEFAULT_SYSTEM,
+    IMAGE_PLACEHOLDER,
+    build_local_qwen_processor,
+    pixel_bounds,
+    qwen_chat_prompt,
+)
+
+#: the image `ModelFacts` describe when none is given: a 1024x768 photo (resized by the processor)
+NOMINAL_IMAGE: tuple[int, int] = (1024, 768)
+
+_PRE_LLM_GRID = "it pools a fixed square grid of image tokens; Qwen's dynamic resolution gives each image its own grid"
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The Qwen image processor's resize (transformers `qwen2_vl.image_processing_qwen2_vl.smart_resize`):
+    both sides multiples of `factor` (patch x merge), the area within [min_pixels, max_pixels],
+    the aspect ratio kept as closely as that allows."""
+    if max(height, width) / min(height, width) > 200:
+        raise VtcbenchError(f"an image of {width}x{height} has an aspect ratio over 200, which the Qwen processor refuses")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+class Qwen2VLFamily(ModelFamily):
+    name: ClassVar[str] = "qwen2_vl"
+    model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl", "qwen2_5_vl")
+    description: ClassVar[str] = "Qwen2-VL / Qwen2.5-VL: native-resolution ViT, 2x2 merger, Qwen2 decoder with M-RoPE"
+    position_rows: ClassVar[int] = 3
+    fixed_image_grid: ClassVar[bool] = False
+    dynamic_resolution: ClassVar[bool] = True
+    unsupported_methods: ClassVar[dict[str, str]] = {
+        "avgpool": _PRE_LLM_GRID,
+        "stf": "its trained projector replaces LLaVA's MLP over a fixed CLIP grid; Qwen's merger has no such checkpoint",
+        "tokenconcat": "its trained projector replaces LLaVA's MLP over a fixed CLIP grid; Qwen's merger has no such checkpoint",
+        "voco": "VoCo-LLaMA's prompt, mask and checkpoints are LLaVA's (vicuna_v1 with <voco> tokens)",
+    }
+
+    def model_class(self, config: Any) -> type:
+        import transformers
+
+        names = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+        return getattr(transformers, names[config.model_type])
+
+    def local_processor(self, config: Any, words: tuple[str, ...]) -> Any:
+        return build_local_qwen_processor(config, words)
+
+    # -- parts -----------------------------------------------------------------------------------
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return self.multimodal(model).visual
+
+    def projector(self, model: nn.Module) -> nn.Module:
+        return self.multimodal(model).visual.merger
+
+    # -- ids and facts ---------------------------------------------------------------------------
+    def image_token_id(self, config: Any) -> int:
+        return config.image_token_id
+
+    def video_token_id(self, config: Any) -> int | None:
+        return config.video_token_id
+
+    def image_grid(self, config: Any, image_size: tuple[int, int] | None = None) -> tuple[int, int, int]:
+        """(t, h, w) patches of one image of `image_size` (width, height) after the processor's
+        resize; default: the config's `vtcbench_image_size`, else `NOMINAL_IMAGE`."""
+        vision = config.vision_config
+        width, height = image_size or tuple(getattr(config, "vtcbench_image_size", NOMINAL_IMAGE))
+        factor = vision.patch_size * vision.spatial_merge_size
+        low, high = pixel_bounds(config)
+        h_bar, w_bar = smart_resize(height, width, factor, low, high)
+        return 1, h_bar // vision.patch_size, w_bar // vision.patch_size
+
+    def _vision_widths(self, vision: Any) -> tuple[int, int, int]:
+        """(embedding width, MLP width, MLP matrices) of a tower block."""
+        if hasattr(vision, "embed_dim"):  # Qwen2-VL: fc1 / GELU / fc2 at mlp_ratio
+            return vision.embed_dim, int(vision.embed_dim * vision.mlp_ratio), 2
+        return vision.hidden_size, vision.intermediate_size, 3  # Qwen2.5-VL: gated SwiGLU
+
+    def _attention_spans(self, vision: Any, grid: tuple[int, int, int]) -> list[list[int]]:
+        """Per tower block, the token count of each attention window (full attention: the image).
+
+        Qwen2.5-VL attends inside windows of `window_size` pixels except at `fullatt_block_indexes`
+        (transformers `vision_utils.get_vision_window_index`): the merged grid is cut into windows
+        of window_size / merge / patch merged units, each holding merge^2 patches per unit."""
+        t, h, w = grid
+        merge = vision.spatial_merge_size
+        full = [t * h * w]
+        if not hasattr(vision, "window_size"):
+            return [full] * vision.depth
+        units = vision.window_size // merge // vision.patch_size
+        rows, cols = h // merge, w // merge
+        windows = [
+            min(units, rows - r) * min(units, cols - c) * merge * merge
+            for _ in range(t) for r in range(0, rows, units) for c in range(0, cols, units)
+        ]
+        return [full if block in vision.fullatt_block_indexes else windows for block in range(vision.depth)]
+
+    def vision_macs(self, config: Any, grid: tuple[int, int, int]) -> tuple[int, int]:
+        """(tower without the merger, merger) multiply-accumulates for one image of `grid` patches."""
+        vision = config.vision_config
+        d, m, matrices = self._vision_widths(vision)
+        n = math.prod(grid)
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        blocks = sum(4 * n * d * d + sum(2 * s * s * d for s in spans) + matrices * n * d * m for spans in self._attention_spans(vision, grid))
+        merged, width = n // vision.spatial_merge_size**2, d * vision.spatial_merge_size**2
+        out = getattr(vision, "out_hidden_size", None) or vision.hidden_size
+        merger = merged * (width * width + width * out)  # LayerNorm, Linear(width, width), GELU, Linear(width, out)
+        deepstack = merger * len(getattr(vision, "deepstack_visual_indexes", ()))  # Qwen3-VL: one merger per level, in the tower
+        return n * patch_dim * d + blocks + deepstack, merger
+
+    def facts(self, config: Any, image_size: tuple[int, int] | None = None) -> ModelFacts:
+        text, vision = config.text_config, config.vision_config
+        grid = self.image_grid(config, image_size)
+        n_heads = text.num_attention_heads
+        d, m, _ = self._vision_widths(vision)
+        tower, merger = self.vision_macs(config, grid)
+        width = d * vision.spatial_merge_size**2
+        out = getattr(vision, "out_hidden_size", None) or vision.hidden_size
+        t, h, w = grid
+        return ModelFacts(
+            family=self.name,
+            n_layers=text.num_hidden_layers,
+            hidden_size=text.hidden_size,
+            intermediate_size=text.intermediate_size,
+            n_heads=n_heads,
+            n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // n_heads,
+            vocab_size=text.vocab_size,
+            image_token_index=self.image_token_id(config),
+            image_tokens=t * h * w // vision.spatial_merge_size**2,
+            vision_n_layers=vision.depth,
+            vision_hidden_size=d,
+            vision_intermediate_size=m,
+            vision_n_heads=vision.num_heads,
+            vision_n_tokens=t * h * w,
+            vision_patch_size=vision.patch_size,
+            vision_crops=1,
+            projector_in=width,
+            projector_hidden=width,
+            projector_out=out,
+            vision_encoder_macs=tower,
+            projector_macs=merger,
+            image_size=(w * vision.patch_size, h * vision.patch_size),
+        )
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def system_prompt(self, config: Any) -> str:
+        return getattr(config, "vtcbench_system_prompt", DEFAULT_SYSTEM)
+
+    def prompt(self, context: str, n_images: int, answer: str | None = None, system: str = DEFAULT_SYSTEM) -> str:
+        return qwen_chat_prompt(context, n_images, answer, system)
+
+    def image_placeholder(self) -> str:
+        return IMAGE_PLACEHOLDER
+
+    def follow_up(self, question: str) -> str:
+        return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+    def collate_pixels(self, pixels: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Patches of every image in one sequence, with one grid row per image (the layout the
+        processor gives a batch): `pixel_values` and `image_grid_thw` concatenated."""
+        return {key: torch.cat([p[key] for p in pixels]) for key in pixels[0]}
+
+    # -- profiling inputs --------------------------------------------------------------------------
+    def synthetic_pixels(self, config: Any, batch: int, generator: torch.Generator) -> dict:
+        vision = config.vision_config
+        grid = self.image_grid(config)
+        patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        n = math.prod(grid)
+        return {
+            "pixel_values": torch.randn(batch * n, patch_dim, generator=generator),
+            "image_grid_thw": torch.tensor([grid] * batch),
+        }
+
+    def resize_config(self, config: Any, *, image_tokens: int | None, layers: int | None) -> None:
+        if image_tokens is not None:
+            side = math.isqrt(image_tokens)
+            if side * side != image_tokens:
+                raise VtcbenchError(f"--image-tokens {image_tokens} must be a square (the merged grid), e.g. 64, 256, 1024")
+            vision = config.vision_config
+            pixels = side * vision.spatial_merge_size * vision.patch_size
+            config.vtcbench_image_size = (pixels, pixels)
+        if layers is not None:
+            config.text_config.num_hidden_layers = layers
+
+    # -- positions -------------------------------------------------------------------------------
+    def positions_in(self, position_ids: torch.Tensor | None, batch: int, length: int, device: torch.device) -> torch.Tensor:
+        """`[4, batch, seq]` (text row, then M-RoPE rows) or `[3, batch, seq]` as rows
+        `[batch, seq, rows]`; 2-D or missing ids (a prompt without images) are one row."""
+        if position_ids is None or position_ids.ndim == 2:
+            return super().positions_in(position_ids, batch, length, device)
+        return position_ids.expand(-1, batch, -1).permute(1, 2, 0)
+
+    def positions_out(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows[..., 0] if rows.shape[-1] == 1 else rows.permute(2, 0, 1)
+
+    def layer_position_ids(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """The text row when the model carries one (`[4, batch, seq]`); None otherwise, as the text
+        model hands its layers."""
+        return rows[..., 0] if rows.shape[-1] == 4 else None
+
+    def scoring_tables(self, layer: nn.Module, tables: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers 5.5's rotary module returns `[3, batch, seq, head_dim]` and the attention
+        merges the sections (`apply_multimodal_rotary_pos_emb`); 5.24's merges them itself."""
+        if tables[0].ndim != 4:
+            return tables
+        sections = list(layer.self_attn.config.rope_parameters["mrope_section"]) * 2
+        return tuple(torch.cat([part[i % 3] for i, part in enumerate(t.split(sections, dim=-1))], dim=-1) for t in tables)
+
+    def rope(self, language_model: nn.Module, like: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mrope = rows[..., -3:] if rows.shape[-1] >= 3 else rows.expand(-1, -1, 3)
+        return language_model.rotary_emb(like, mrope.permute(2, 0, 1))
