@@ -30,7 +30,7 @@ def check_method_for_model(method: Method, model: str) -> None:
     """Model-dependent checks (layer beyond depth, stride not dividing the tokens, the trained
     weights a method needs), no weights."""
     config = load_config(model)
-    family_of(config).check_method(method.name)
+    family_of(config).check_method(method)
     method.check_model(config)
     facts = model_facts(config)
     method.validate_for(facts.image_tokens, facts.n_layers)
@@ -67,6 +67,7 @@ def answer(
         model_name, random_weights=random_weights, dtype=dtype, attn_implementation=attn_implementation, device=device
     )
     picture = Image.open(image).convert("RGB") if image else example_image()
+    family_of(model).check_image_size(*picture.size)
     if method.where == "cache":
         return _answer_voco(model, processor, method, question, picture, max_new_tokens)
     family = family_of(model)

@@ -55,15 +55,21 @@ def user_errors(command):
 @user_errors
 def methods() -> None:
     """List the compression methods: where they act, their defaults, what they do."""
+    from vtcbench.families import FAMILIES
     from vtcbench.methods import METHODS
+    from vtcbench.methods.base import MROPE_POSITIONS
 
     table = Table(title="compression methods")
-    for column in ("name", "acts", "positions", "defaults", "needs weights", "description"):
-        table.add_column(column, no_wrap=column not in ("description", "needs weights"))
+    for column in ("name", "acts", "positions", "M-RoPE positions", "families", "defaults", "needs weights", "description"):
+        table.add_column(column, no_wrap=column not in ("description", "needs weights", "M-RoPE positions"))
     for name, cls in sorted(METHODS.items()):
         defaults = ", ".join(f"{f.name}={_format_value(f.default)}" for f in dataclasses.fields(cls)) or "-"
-        positions = cls.position_policy if cls.where == "in_llm" else "-"
-        table.add_row(name, cls.where.replace("_", "-"), positions, defaults, cls.needs_weights or "-", cls.description)
+        in_llm = cls.where == "in_llm"
+        families = ", ".join(family for family, f in FAMILIES.items() if f.refusal(cls) is None)
+        table.add_row(
+            name, cls.where.replace("_", "-"), cls.position_policy if in_llm else "-",
+            MROPE_POSITIONS[cls.position_policy] if in_llm else "-", families, defaults, cls.needs_weights or "-", cls.description,
+        )
     console.print(table)
 
 
@@ -167,7 +173,7 @@ def flops(
     compression = method_from_options(method, set_ or [])
     config = load_config(model)
     size = _image_size(image_size, family_of(config), model)
-    family_of(config).check_method(compression.name)
+    family_of(config).check_method(compression)
     facts = model_facts(config, image_size=size)
     report = analytic_flops(
         compression, facts, model=model, image_tokens=image_tokens, text_tokens=text_tokens, convention=convention,

@@ -153,16 +153,11 @@ class CompressionEngine:
             raise VtcbenchError(
                 f"attention backend {attention!r} is not supported by the engine; valid: {', '.join(SUPPORTED_ATTENTION)}"
             )
-        self.family.check_method(self.method.name)
+        self.family.check_method(self.method)
         if self.method.where == "cache":
             raise VtcbenchError(
                 f"{self.method.name} acts on the KV cache, not through the engine's hooks; "
                 "generate with vtcbench.voco.generate (as `vtcbench run` and `generate` do)"
-            )
-        if self.method.where == "pre_llm" and not self.family.fixed_image_grid:
-            raise VtcbenchError(
-                f"{self.method.name} pools a fixed image grid before the LLM; the {self.family.name} family "
-                "gives each image its own token count"
             )
         if self.family.fixed_image_grid:  # otherwise each prefill checks its own images' counts
             self.method.validate_for(self.facts.image_tokens, self.n_layers)

@@ -153,6 +153,17 @@ class ModelFamily:
         would hand them to the model (extra keys such as a grid description included)."""
         raise NotImplementedError  # abstract
 
+    def image_span(self, config: Any, n_tokens: int) -> list[int]:
+        """The token ids one image of `n_tokens` visual tokens occupies in a prompt."""
+        return [self.image_token_id(config)] * n_tokens
+
+    def token_inputs(self, config: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-token inputs besides the ids and the mask that the model reads (none by default)."""
+        return {}
+
+    def check_image_size(self, width: int, height: int) -> None:
+        """Refuse, in one line, an image the family's processor cannot take (default: any size)."""
+
     def resize_config(self, config: Any, *, image_tokens: int | None, layers: int | None) -> None:
         """Edit `config` in place for `vtcbench profile --random-weights`: `image_tokens` visual
         tokens per image, `layers` decoder layers."""
@@ -225,8 +236,16 @@ class ModelFamily:
         return None
 
     # -- checks ----------------------------------------------------------------------------------
-    def check_method(self, method_name: str) -> None:
+    def refusal(self, method: Any) -> str | None:
+        """Why this family cannot run `method` (a method or its class), or None."""
+        if method.name in self.unsupported_methods:
+            return self.unsupported_methods[method.name]
+        if method.where == "pre_llm" and not self.fixed_image_grid:
+            return "it works on a fixed grid of image tokens before the LLM; this family gives each image its own count"
+        return None
+
+    def check_method(self, method: Any) -> None:
         """Refuse a method this family cannot run, in one line, before weights load."""
-        reason = self.unsupported_methods.get(method_name)
+        reason = self.refusal(method)
         if reason is not None:
-            raise VtcbenchError(f"{method_name} cannot run on the {self.name} family: {reason}")
+            raise VtcbenchError(f"{method.name} cannot run on the {self.name} family: {reason}")

@@ -23,7 +23,6 @@ class LlavaNextFamily(LlavaFamily):
     model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
     description: ClassVar[str] = "LLaVA-NeXT: LLaVA's parts with AnyRes crops; each image has its own token count"
     fixed_image_grid: ClassVar[bool] = False
-    unsupported_methods: ClassVar[dict[str, str]] = {}
 
     def model_class(self, config: Any) -> type:
         from transformers import LlavaNextForConditionalGeneration

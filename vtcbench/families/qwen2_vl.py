@@ -43,15 +43,12 @@ from vtcbench.families.qwen_processor import (
 #: the image `ModelFacts` describe when none is given: a 1024x768 photo (resized by the processor)
 NOMINAL_IMAGE: tuple[int, int] = (1024, 768)
 
-_PRE_LLM_GRID = "it pools a fixed square grid of image tokens; Qwen's dynamic resolution gives each image its own grid"
-
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The Qwen image processor's resize (transformers `qwen2_vl.image_processing_qwen2_vl.smart_resize`):
     both sides multiples of `factor` (patch x merge), the area within [min_pixels, max_pixels],
     the aspect ratio kept as closely as that allows."""
-    if max(height, width) / min(height, width) > 200:
-        raise VtcbenchError(f"an image of {width}x{height} has an aspect ratio over 200, which the Qwen processor refuses")
+    Qwen2VLFamily().check_image_size(width, height)
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
@@ -73,9 +70,6 @@ class Qwen2VLFamily(ModelFamily):
     fixed_image_grid: ClassVar[bool] = False
     dynamic_resolution: ClassVar[bool] = True
     unsupported_methods: ClassVar[dict[str, str]] = {
-        "avgpool": _PRE_LLM_GRID,
-        "stf": "its trained projector replaces LLaVA's MLP over a fixed CLIP grid; Qwen's merger has no such checkpoint",
-        "tokenconcat": "its trained projector replaces LLaVA's MLP over a fixed CLIP grid; Qwen's merger has no such checkpoint",
         "voco": "VoCo-LLaMA's prompt, mask and checkpoints are LLaVA's (vicuna_v1 with <voco> tokens)",
     }
 
@@ -213,6 +207,19 @@ class Qwen2VLFamily(ModelFamily):
             "pixel_values": torch.randn(batch * n, patch_dim, generator=generator),
             "image_grid_thw": torch.tensor([grid] * batch),
         }
+
+    def image_span(self, config: Any, n_tokens: int) -> list[int]:
+        return [config.vision_start_token_id, *[config.image_token_id] * n_tokens, config.vision_end_token_id]
+
+    def token_inputs(self, config: Any, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`mm_token_type_ids` (1 image, 2 video, 0 text), which `get_rope_index` reads."""
+        types = (input_ids == config.image_token_id).int() + 2 * (input_ids == config.video_token_id).int()
+        return {"mm_token_type_ids": types}
+
+    def check_image_size(self, width: int, height: int) -> None:
+        """The processor's one refusal: an aspect ratio over 200 (`smart_resize`); tiny images are upscaled."""
+        if max(width, height) / max(1, min(width, height)) > 200:
+            raise VtcbenchError(f"an image of {width}x{height} has an aspect ratio over 200, which the Qwen processor refuses")
 
     def resize_config(self, config: Any, *, image_tokens: int | None, layers: int | None) -> None:
         if image_tokens is not None:

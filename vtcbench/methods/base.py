@@ -31,6 +31,13 @@ from vtcbench.errors import VtcbenchError, choices_error
 
 Where = Literal["none", "in_llm", "pre_llm", "cache"]  # cache: acts on the KV cache after a masked prefill (voco)
 PositionPolicy = Literal["keep", "compact", "pooled"]
+#: what each policy does on M-RoPE (Qwen-VL: temporal, height, width ids), where the engine keeps
+#: every row of a token's ids; a compacted 3-D numbering has no meaning, so compact keeps the ids
+MROPE_POSITIONS: dict[str, str] = {
+    "keep": "original 3-D ids",
+    "compact": "original 3-D ids (no compacted M-RoPE)",
+    "pooled": "floor of the members' mean, per axis",
+}
 
 
 @dataclass(frozen=True)

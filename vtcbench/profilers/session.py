@@ -8,6 +8,7 @@ for time to first token and per-token decode. Nothing inside the model is change
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 
@@ -78,13 +79,14 @@ def synthetic_inputs(model: torch.nn.Module, shape: Shape, *, seed: int = 0) -> 
     text = torch.randint(10, facts.vocab_size, (shape.text_tokens * 2,), generator=generator)
     text = text[~torch.isin(text, reserved)][: shape.text_tokens - 1]
     before = (shape.text_tokens - 1) // 2
-    ids = torch.cat([torch.tensor([1]), text[:before], torch.full((shape.image_tokens,), image_token), text[before:]])
+    image = torch.tensor(family.image_span(config, shape.image_tokens))
+    ids = torch.cat([torch.tensor([1]), text[:before], image, text[before:]]).expand(shape.batch, -1)
     pixels = family.synthetic_pixels(config, shape.batch, generator)
     pixels["pixel_values"] = pixels["pixel_values"].to(model.dtype)
     return {
-        "input_ids": ids.expand(shape.batch, -1).to(model.device),
-        "attention_mask": torch.ones(shape.batch, ids.shape[0], dtype=torch.long, device=model.device),
-        **{key: value.to(model.device) for key, value in pixels.items()},
+        "input_ids": ids.to(model.device),
+        "attention_mask": torch.ones_like(ids, device=model.device),
+        **{key: value.to(model.device) for key, value in {**pixels, **family.token_inputs(config, ids)}.items()},
     }
 
 
@@ -253,8 +255,9 @@ def profile(
         model, method, inputs, shape.new_tokens, warmup=warmup, iterations=iterations, min_seconds=min_seconds
     )
     facts = model_facts(model)
-    flops = analytic_flops(method, facts, model=model_name, image_tokens=shape.image_tokens, text_tokens=shape.text_tokens)
-    first = {key: value[:1] for key, value in inputs.items()}  # op counts are per sample, like `flops`
+    text_tokens = inputs["input_ids"].shape[1] - shape.image_tokens  # with a family's image delimiters (Qwen's vision start/end)
+    flops = analytic_flops(method, facts, model=model_name, image_tokens=shape.image_tokens, text_tokens=text_tokens)
+    first = synthetic_inputs(model, dataclasses.replace(shape, batch=1))  # op counts are per sample, like `flops`
     record = ProfileRecord(
         model=model_name,
         method=method.name,
