@@ -216,3 +216,58 @@ def test_analytic_flops_equal_the_measured_count_per_part(alias, name):
     language = report.tflops_total + report.tflops_lm_head + report.tflops_method_overhead
     assert count.tflops("language_model") == pytest.approx(language, rel=0.01)
     assert count.other_macs == 0
+
+
+# -- through the CLI -----------------------------------------------------------------------------------------
+
+
+def _cli(*args: str):
+    from typer.testing import CliRunner
+
+    from vtcbench.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
+def _predictions(folder) -> dict:
+    import json
+    from pathlib import Path
+
+    (run_folder,) = Path(folder).iterdir()
+    lines = (run_folder / "samples.jsonl").read_text().splitlines()
+    return {(r["doc_id"], r["request_index"]): (r["prediction"], r["image_tokens_per_layer"]) for r in map(json.loads, lines)}
+
+
+@pytest.mark.parametrize("alias", [alias for alias in TOYS if MODELS[alias].family != "llava"])
+def test_run_batch_of_4_equals_batch_of_1(alias, tmp_path):
+    """`vtcbench run` through lmms-eval: vtcshapes' images at the family's own resolution, fastv
+    in batches of 4 (left-padded, visual-token counts per sample) equals one prompt at a time."""
+    common = ("run", "--model", alias, "--random-weights", "--method", "fastv", "--set", "layer=1", "--tasks", "vtcshapes",
+              "--limit", "8")
+    for batch in ("1", "4"):
+        result = _cli(*common, "--batch-size", batch, "--out", str(tmp_path / batch))
+        assert result.exit_code == 0, result.output
+    single, batched = _predictions(tmp_path / "1"), _predictions(tmp_path / "4")
+    assert batched == single and len(single) == 8
+    assert any(prediction for prediction, _ in single.values())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("run", "--model", "tiny-qwen2.5-vl", "--random-weights", "--method", "avgpool", "--tasks", "vtcshapes"),
+         "avgpool cannot run on the qwen2_vl family: "),
+        (("run", "--model", "tiny-qwen3-vl", "--random-weights", "--method", "voco", "--tasks", "vtcshapes"),
+         "voco cannot run on the qwen3_vl family: "),
+        (("flops", "--model", "qwen2.5-vl-7b", "--image-size", "2000x5"), "aspect ratio over 200"),
+        (("flops", "--model", "qwen2.5-vl-7b", "--image-size", "big"), "not WIDTHxHEIGHT"),
+        (("flops", "--model", "llava-1.5-7b", "--image-size", "640x480"), "fixed size"),
+        (("flops", "--model", "qwen3-vl-8b", "--method", "stf"), "stf cannot run on the qwen3_vl family"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_nothing_written(args, message, tmp_path):
+    out = tmp_path / "out"
+    result = _cli(*args, *(("--out", str(out)) if args[0] == "run" else ()))
+    assert result.exit_code == 2, result.output
+    assert message in result.output and result.output.strip().count("\n") == 0, result.output
+    assert not out.exists()

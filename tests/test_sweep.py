@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from vtcbench.cli import app
 from vtcbench.families import model_facts
-from vtcbench.models import load_config
+from vtcbench.models import MODELS, load_config
 from vtcbench.runner import RunConfig, run
 from vtcbench.sweep import (
     Cell,
@@ -32,10 +32,13 @@ def _sweep(tmp_path: Path, **options) -> tuple[Path, list[dict]]:
     return result.folder, cells
 
 
-def _separate_run(tmp_path: Path, cell: Cell, criterion: str, task: str, batch_size: int) -> dict[int, object]:
+def _separate_run(
+    tmp_path: Path, cell: Cell, criterion: str, task: str, batch_size: int, model: str = "vtc-tiny"
+) -> dict[int, object]:
     method = cell.method(criterion, seed=0)
-    result = run(RunConfig(model="vtc-tiny", method=method.name, params=method.params(), tasks=[task], limit=LIMIT,
-                           batch_size=batch_size, out=tmp_path / "runs", show_progress=False))
+    result = run(RunConfig(model=model, method=method.name, params=method.params(), tasks=[task], limit=LIMIT,
+                           batch_size=batch_size, out=tmp_path / "runs", show_progress=False,
+                           random_weights=MODELS[model].toy))
     by_doc: dict[int, list] = {}
     for line in (result.folder / "samples.jsonl").read_text().splitlines():
         record = json.loads(line)
@@ -43,12 +46,14 @@ def _separate_run(tmp_path: Path, cell: Cell, criterion: str, task: str, batch_s
     return {doc: [p for _, p in sorted(answers)] for doc, answers in by_doc.items()}
 
 
-def _assert_cells_equal_runs(tmp_path: Path, cells: list[dict], criterion: str, task: str, batch_size: int = 1) -> int:
+def _assert_cells_equal_runs(
+    tmp_path: Path, cells: list[dict], criterion: str, task: str, batch_size: int = 1, model: str = "vtc-tiny"
+) -> int:
     compared = 0
     for cell_id in dict.fromkeys(c["cell"] for c in cells):
         first = next(c for c in cells if c["cell"] == cell_id)
         cell = Cell(first["layer"], first["ratio"])
-        expected = _separate_run(tmp_path, cell, criterion, task, batch_size)
+        expected = _separate_run(tmp_path, cell, criterion, task, batch_size, model)
         got = {c["doc_id"]: c["prediction"] for c in cells if c["cell"] == cell_id}
         got = {doc: p if isinstance(p, list) and p and isinstance(p[0], list) else [p] for doc, p in got.items()}
         assert got == expected, f"cell {cell_id} ({criterion})"
@@ -72,6 +77,14 @@ def test_cells_equal_separate_runs(tmp_path, criterion, layers, ratios, batch_si
     n_cells = 1 + len(layers) * len([r for r in ratios if r < 1])
     assert _assert_cells_equal_runs(tmp_path, cells, criterion, "vtcshapes", batch_size) == n_cells
     assert len(cells) == n_cells * LIMIT
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2.5-vl", "tiny-qwen3-vl"])
+def test_cells_equal_separate_runs_on_mrope_families(tmp_path, model):
+    """Branches resumed on M-RoPE positions (and, on Qwen3-VL, with DeepStack added to the
+    surviving tokens after layers 0 and 1, before and after the branch point) equal their runs."""
+    _, cells = _sweep(tmp_path, model=model, random_weights=True, criterion="attention", layers=[1, 2], ratios=[0.5], batch_size=2)
+    assert _assert_cells_equal_runs(tmp_path, cells, "attention", "vtcshapes", 2, model) == 3
 
 
 @pytest.mark.full_grid
