@@ -11,6 +11,9 @@ returns; we recompute the same row from layer K-1's input (`input_layernorm`, `q
 `k_proj`, RoPE, `repeat_kv`), so FastV also runs under sdpa and flash_attention_2. In a batch
 each sample keeps round(N_b * (1 - R)) of its own N_b image tokens, as it would alone (the
 official code runs one sample at a time; LLaVA-NeXT samples differ in N_b).
+
+On M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) the kept tokens keep all three original ids
+(temporal, height, width), as the official Qwen ports of token dropping do.
 """
 
 from dataclasses import dataclass

@@ -8,6 +8,10 @@ rule) and it takes the place of its earliest member in the sequence.
 Choices the paper leaves open: initial centroids are the tokens at evenly spaced raster indices
 (deterministic, so batch equals single); an empty cluster is re-seeded with the token farthest
 from its centroid, so every sample yields exactly `clusters` tokens.
+
+On M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) a merged token takes, per axis (temporal, height,
+width), the floor of the mean of its members' ids, the rule above applied to each row; on
+Qwen3-VL it also receives the mean of its members' DeepStack features.
 """
 
 from dataclasses import dataclass

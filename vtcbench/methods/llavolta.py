@@ -11,6 +11,10 @@ Difference: the official code pools inside its patched forward; here the engine 
 pooled tokens at layer K's input, and during decode the KV caches of layers >= K hold the pooled
 tokens. In a batch each sample's own image span is pooled (the stride must divide every sample's
 count), so samples with different counts (LLaVA-NeXT) keep different numbers.
+
+On M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) a merged token takes, per axis (temporal, height,
+width), the floor of the mean of its members' ids, the rule above applied to each row; on
+Qwen3-VL it also receives the mean of its members' DeepStack features.
 """
 
 from dataclasses import dataclass

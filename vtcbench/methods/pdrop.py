@@ -12,6 +12,10 @@ Difference: with left padding, compaction renumbers only the real tokens (paddin
 so a batched prompt gets the same positions as it would alone. During decode, new tokens
 continue from the compacted length of each stage (what an uncached rerun would give them). In a
 batch each sample keeps int(N0_b * lambda^s) of its own N0_b (LLaVA-NeXT samples differ in N0_b).
+
+On M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) positions are not compacted: a 3-D numbering has
+no compacted form, so the kept tokens keep their original ids (as the Qwen ports of
+PyramidDrop-style methods do); this is a difference from the LLaVA rule above.
 """
 
 from dataclasses import dataclass

@@ -4,6 +4,9 @@ At the start of layer K keep round(N * (1 - R)) image tokens chosen uniformly at
 positions kept. The draw is seeded by `seed` and by a hash of each sample's prompt tokens, so a
 sample gets the same draw alone or in a batch (of any mix of image-token counts) and on every
 rerun.
+
+On M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) the kept tokens keep all three original ids
+(temporal, height, width), as the official Qwen ports of token dropping do.
 """
 
 from dataclasses import dataclass

@@ -4,6 +4,10 @@ Supplement section on the schedule: PyramidDrop's ranking and keep rule with S e
 the drops happen at layers floor(L/S) * s for s = 1..S-1 (S=4 on 32 layers gives 8, 16, 24) and
 stage s keeps int(N0 * lambda^s). Everything else (own-layer scoring, compacted positions)
 follows PyramidDrop; see `pdrop.py`.
+
+On M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) positions are not compacted: a 3-D numbering has
+no compacted form, so the kept tokens keep their original ids (as the Qwen ports of
+PyramidDrop-style methods do); this is a difference from the LLaVA rule above.
 """
 
 from dataclasses import dataclass
