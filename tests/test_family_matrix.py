@@ -271,3 +271,61 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(args, message, tmp_pat
     assert result.exit_code == 2, result.output
     assert message in result.output and result.output.strip().count("\n") == 0, result.output
     assert not out.exists()
+
+
+# -- training on a Qwen model ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alias", ["tiny-qwen2.5-vl", "vtc-tiny-qwen"])
+def test_the_merged_unit_order_is_the_towers_window_order(alias):
+    """Training's auxiliary losses read the merger's input and output, which Qwen2.5-VL's tower
+    holds in window order: `unit_order` must be the permutation the tower undoes after its merger."""
+    from vtcbench.models import load_config, random_model
+
+    config = load_config(alias)
+    model = random_model(config)
+    family = family_of(model)
+    grid = family.image_grid(config, (224, 168))
+    pre = []
+    handle = family.projector(model).register_forward_hook(lambda module, args, out: pre.append(out))
+    patches = torch.randn(int(np.prod(grid)), 3 * 2 * 14 * 14)
+    with torch.no_grad():
+        final = family.vision_tower(model)(patches, grid_thw=torch.tensor([grid]))
+    handle.remove()
+    final = getattr(final, "pooler_output", final)
+    final = final[0] if isinstance(final, (tuple, list)) else final
+    order = family.unit_order(config, grid)
+    assert not torch.equal(order, torch.arange(len(order)))  # the toy's windows do permute
+    torch.testing.assert_close(pre[0][order.argsort()], final)
+
+
+def test_train_a_qwen_model_and_load_it_back(tmp_path):
+    """`vtcbench train --model vtc-tiny-qwen` (2 steps) writes a folder that loads offline, with
+    its processor (no video processor without torchvision), and answers through the engine."""
+    from vtcbench.training import TrainConfig, train
+
+    result = train(TrainConfig(out=tmp_path / "qwen", model="vtc-tiny-qwen", steps=2, batch_size=4, test_per_family=2))
+    assert set(result.accuracy["vanilla"]) >= {"color", "count", "overall"}
+    model, processor = load_model(str(tmp_path / "qwen"))
+    assert family_of(model).name == "qwen2_vl"
+    image = Image.fromarray(np.zeros((112, 112, 3), dtype=np.uint8))
+    inputs = processor(images=[image], text=[family_of(model).prompt("what ?", 1)], return_tensors="pt")
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == 64  # 112 px scenes seen at 224 px
+    tokens, _, counts = _generate(model, dict(inputs), get_method("fastv"), new_tokens=2)
+    assert counts[0] == [64, 64, 32, 32, 32, 32]
+
+
+def test_keep_indices_on_qwen_record_the_merged_grid(tmp_path):
+    """Retention pictures on Qwen: the kept ranks index the merged 2x2 grid of the image, in raster order."""
+    import json
+
+    result = _cli("run", "--model", "tiny-qwen2.5-vl", "--random-weights", "--method", "fastv", "--set", "layer=1",
+                  "--tasks", "vtcshapes", "--limit", "2", "--keep-indices", "2", "--out", str(tmp_path))
+    assert result.exit_code == 0, result.output
+    (folder,) = tmp_path.iterdir()
+    records = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines()]
+    for record in records:
+        rows, cols = record["image_grid"]
+        assert rows * cols == record["image_tokens"] == 16  # vtcshapes' 112 px scene: 8x8 patches, 4x4 merged
+        assert record["kept_image_tokens"]["0"] == list(range(16)) and len(record["kept_image_tokens"]["1"]) == 8
+        assert (folder / record["retention_image"]).is_file()

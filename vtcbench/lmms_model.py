@@ -16,7 +16,6 @@ lmms-eval owns the benchmarks (prompts, splits, metrics); this class answers its
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -245,7 +244,8 @@ class VtcbenchLMM(lmms):
     def _generate_batch(self, jobs: list[Job]):
         max_new_tokens, until = generation_settings(jobs[0].request)
         items = self._encode_jobs(jobs)
-        recorded = [self._records_kept(job) for job in jobs]
+        grids = [self.family.token_grid(item.pixels, item.image_tokens) if self._records_kept(job) else None for job, item in zip(jobs, items)]
+        recorded = [grid is not None for grid in grids]
         engine = self._engines[id(self.method)]
         engine.record_kept = any(recorded)
         answer = self._timed_generate(self.method, items, max_new_tokens, until)
@@ -267,26 +267,25 @@ class VtcbenchLMM(lmms):
                 record["first_token_kl"] = _kl(reference.first_logits[row], answer.first_logits[row])
             if recorded[row]:
                 record.update(self._kept_record(
-                    jobs[row], engine.original_image_tokens[row],
+                    jobs[row], grids[row],
                     {layer: kept[row] for layer, kept in engine.kept_image_tokens.items()},
                     {layer: merged[row] for layer, merged in engine.merged_image_tokens.items()},
                 ))
             yield item.request_index, text, record
 
     def _records_kept(self, job: Job) -> bool:
-        """Whether this request's kept image tokens are recorded: one image, a fixed grid
-        (LLaVA-1.5; AnyRes crops have none), among the first `keep_indices` documents."""
-        return int(job.request.doc_id) < self.keep_indices and len(job.visuals) == 1 and self.family.fixed_image_grid
+        """Whether this request's kept image tokens are recorded: one image, among the first
+        `keep_indices` documents (and its tokens must form one grid: `family.token_grid`)."""
+        return int(job.request.doc_id) < self.keep_indices and len(job.visuals) == 1
 
-    def _kept_record(self, job: Job, n_image: int, kept: dict[int, list[int]], merged: dict[int, list[list[int]]]) -> dict:
+    def _kept_record(self, job: Job, grid: tuple[int, int], kept: dict[int, list[int]], merged: dict[int, list[list[int]]]) -> dict:
         """The kept image tokens per layer where they change (and, where tokens were merged, the
         original tokens in each new one), the token grid, and the image (saved in the run folder)
         for a retention picture."""
-        side = math.isqrt(n_image)  # LLaVA-1.5's square grid of patches (after a pre-LLM pooling: the pooled one)
         relative = Path("retention") / f"{job.request.task_name}__{int(job.request.doc_id)}.png"
         self.run.save_image(relative, job.visuals[0])
         record = {"kept_image_tokens": {str(layer): indices for layer, indices in sorted(kept.items())},
-                  "image_grid": [side, side], "retention_image": str(relative)}
+                  "image_grid": list(grid), "retention_image": str(relative)}
         if merged:
             record["merged_image_tokens"] = {str(layer): groups for layer, groups in sorted(merged.items())}
         return record

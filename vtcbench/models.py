@@ -87,6 +87,9 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("vtc-tiny", None, "vtc-tiny.json", "llava",
                   "vtcbench's own LLaVA trained on vtcshapes (3-layer CLIP, 6-layer LLaMA, 64 image tokens), shipped",
                   packaged=True),
+        ModelSpec("vtc-tiny-qwen", None, "vtc-tiny-qwen.json", "qwen2_vl",
+                  "vtcbench's own Qwen2.5-VL trained on vtcshapes (3-block windowed ViT, 6-layer M-RoPE decoder, "
+                  "64 image tokens at 224 px), shipped", packaged=True),
         ModelSpec("tiny", None, "tiny.json", "llava",
                   "toy LLaVA (2-layer CLIP, 4-layer GQA LLaMA), random weights only, for tests", toy=True),
         ModelSpec("tiny-qwen2-vl", None, "tiny-qwen2-vl.json", "qwen2_vl",
@@ -324,7 +327,7 @@ def load_model(
     if random_weights:
         config = load_config(name)
         model = _random_model(config, torch_dtype, attn_implementation, seed, torch_device)
-        processor = _cached_processor(source) if source is not None else None
+        processor = _cached_processor(source, config) if source is not None else None
         if processor is None:
             processor = build_local_processor(config)
     else:
@@ -336,7 +339,7 @@ def load_model(
                 f"or train them: vtcbench train --model {spec.alias} --out {spec.source}"
             )
         assert source is not None
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
         from vtcbench.transformers_seam import check_loaded_keys
 
@@ -346,7 +349,7 @@ def load_model(
                 model, loading_info = _model_class(config).from_pretrained(
                     source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
                 )
-            processor = AutoProcessor.from_pretrained(source)
+            processor = family_of(config).load_processor(source, config)
         except OSError as exc:  # covers LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP errors
             if spec is None and Path(source).is_dir():
                 raise VtcbenchError(f"cannot load model folder {name!r}: {_first_line(exc)}") from exc
@@ -421,12 +424,10 @@ def _random_model(config, torch_dtype: torch.dtype, attn_implementation: str, se
         return model
 
 
-def _cached_processor(source: str):
+def _cached_processor(source: str, config):
     """The real processor if it is already on disk (cache or folder), else None; never downloads."""
-    from transformers import AutoProcessor
-
     try:
-        return AutoProcessor.from_pretrained(source, local_files_only=True)
+        return family_of(config).load_processor(source, config, local_files_only=True)
     except (OSError, ValueError):  # not cached (or incomplete): build one locally
         return None
 

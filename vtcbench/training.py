@@ -38,7 +38,7 @@ from vtcbench.shapes import TEST_PER_FAMILY, TEST_SEED
 from vtcbench.tasks.vtcshapes.utils import normalise
 from vtcbench.transformers_seam import save_checkpoint
 
-TRAINABLE_MODELS: tuple[str, ...] = ("vtc-tiny",)  # models whose vocabulary covers vtcshapes
+TRAINABLE_MODELS: tuple[str, ...] = ("vtc-tiny", "vtc-tiny-qwen")  # models whose vocabulary covers vtcshapes
 DEFAULT_STEPS = 2400
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
@@ -94,6 +94,16 @@ def pixels(scenes: list[shapes.Scene]) -> torch.Tensor:
     return ((images - CLIP_MEAN) / CLIP_STD).permute(0, 3, 1, 2).contiguous()
 
 
+def image_inputs(scenes: list[shapes.Scene], image_processor=None) -> dict[str, torch.Tensor]:
+    """The model's image inputs for rendered scenes: LLaVA's CLIP pixels computed directly (the
+    processor's result at 112 px, as vtc-tiny was trained), or what a family's own image
+    processor makes of them (Qwen: resized to the model's resolution, patches and their grid)."""
+    if image_processor is None:
+        return {"pixel_values": pixels(scenes)}
+    images = [Image.fromarray(scene.render()) for scene in scenes]
+    return dict(image_processor(images=images, return_tensors="pt"))
+
+
 class Encoder:
     """Conversations -> teacher-forced batches in the vicuna_v1 multi-turn format:
     `<system> USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>...`.
@@ -103,10 +113,12 @@ class Encoder:
     """
 
     def __init__(
-        self, tokenizer, family: ModelFamily, image_tokens: int, system: str, prompt: Callable[[str, str], str | None] | None = None
+        self, tokenizer, family: ModelFamily, image_tokens: int, system: str, prompt: Callable[[str, str], str | None] | None = None,
+        image_processor=None,
     ):
         self.tokenizer = tokenizer
         self.family = family
+        self.image_processor = image_processor  # None: LLaVA's CLIP pixels (`pixels`)
         self.prompt = prompt  # a method's own first prompt (voco), or None for the family's
         self.image_tokens = image_tokens
         self.system = system
@@ -116,8 +128,8 @@ class Encoder:
         if (text, first) not in self._cache:
             if first:
                 own = self.prompt(text, self.system) if self.prompt else None
-                placeholder = self.family.image_placeholder()
-                prompt = (own or self.family.prompt(text, 1, system=self.system)).replace(placeholder, placeholder * self.image_tokens)
+                token = self.family.image_token()
+                prompt = (own or self.family.prompt(text, 1, system=self.system)).replace(token, token * self.image_tokens)
                 ids = self.tokenizer(prompt)["input_ids"]
             else:
                 ids = self.tokenizer(self.family.follow_up(text), add_special_tokens=False)["input_ids"]
@@ -157,7 +169,7 @@ class Encoder:
             inputs={
                 "input_ids": torch.tensor(ids),
                 "attention_mask": torch.tensor(mask),
-                "pixel_values": pixels([turns[0].scene for turns in conversations]),
+                **image_inputs([turns[0].scene for turns in conversations], self.image_processor),
             },
             prompt_length=width,
             targets=torch.tensor(target_rows),
@@ -186,8 +198,10 @@ class AuxiliaryHeads(nn.Module):
     def loss(self, tower: torch.Tensor, image_tokens: torch.Tensor, batch: Batch) -> torch.Tensor:
         ce = nn.functional.cross_entropy
         tower = tower[..., : self.colour.in_features]  # MBTF's input: the model's own feature layer comes first
-        classify = ce(self.colour(tower).flatten(0, 1), batch.colour.flatten()) + ce(
-            self.content(tower).flatten(0, 1), batch.content.flatten()
+        per_cell = tower.shape[1] // batch.colour.shape[1]  # patches per cell (Qwen: a 2x2 unit per cell)
+        colour_labels, content_labels = (labels.repeat_interleave(per_cell, dim=1) for labels in (batch.colour, batch.content))
+        classify = ce(self.colour(tower).flatten(0, 1), colour_labels.flatten()) + ce(
+            self.content(tower).flatten(0, 1), content_labels.flatten()
         )
         if image_tokens.shape[1] != batch.colour.shape[1]:  # a fusing projector (STF): no token per cell to align
             return classify
@@ -247,7 +261,10 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
         model.train()
     config.method.prepare_training(model, processor)  # voco adds its token; STF / TokenConcat install their projector
     heads = AuxiliaryHeads(facts.vision_hidden_size, model.get_input_embeddings(), processor.tokenizer)
-    encoder = Encoder(processor.tokenizer, family, facts.image_tokens, system, config.method.prompt)
+    encoder = Encoder(
+        processor.tokenizer, family, facts.image_tokens, system, config.method.prompt,
+        None if family.fixed_image_grid else processor.image_processor,
+    )
     draw = training_conversations(config.seed, {s.scene.key() for s in held_out_split()})
     parameters = [*model.parameters(), *heads.colour.parameters(), *heads.content.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, betas=(0.9, 0.98), weight_decay=0.01)
@@ -264,6 +281,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
             end = stage_list[index + 1].first_step if index + 1 < len(stage_list) else config.steps
             for step in range(stage.first_step, end):
                 batch = encoder(draw(config.batch_size))
+                batch.inputs.update(family.token_inputs(model_config, batch.inputs["input_ids"]))
                 timed = config.time_every > 0 and step % config.time_every == 0
                 if timed:  # the same batch without compression, gradients discarded
                     timing["vanilla"] += _timed_step(model, heads, get_method("vanilla"), batch, features, config)
@@ -328,7 +346,8 @@ def _step(model, heads, method: Method, batch: Batch, features: list, config: Tr
             engine.prompt_length = batch.prompt_length
             logits = model(**engine.prepare(batch.inputs), logits_to_keep=after + 1).logits
     lm = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
-    aux = heads.loss(*features[0], batch)
+    tower, image_tokens = family_of(model).training_features(model.config, *features[0], batch.colour.shape[0])
+    aux = heads.loss(tower, image_tokens, batch)
     (lm + config.aux_weight * aux).backward()
     return lm.item(), aux.item()
 

@@ -85,6 +85,12 @@ class ModelFamily:
     def model_class(self, config: Any) -> type:
         raise NotImplementedError  # abstract: every family names its transformers class
 
+    def load_processor(self, source: str, config: Any, **kwargs: Any) -> Any:
+        """The processor saved with a checkpoint (hub snapshot or folder)."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, **kwargs)
+
     def local_processor(self, config: Any, words: tuple[str, ...]) -> Any:
         """A processor built offline for `config` (random-weight models have no hub files)."""
         raise NotImplementedError  # abstract
@@ -134,13 +140,18 @@ class ModelFamily:
         """The single-turn prompt its own evaluation builds, with `n_images` image placeholders."""
         raise NotImplementedError  # abstract
 
-    def image_placeholder(self) -> str:
-        """What a prompt writes where one image goes (the processor expands it)."""
+    def image_token(self) -> str:
+        """The text of the token the processor repeats once per visual token (`<image>`)."""
         raise NotImplementedError  # abstract
 
     def follow_up(self, question: str) -> str:
         """A later user turn of a multi-turn training conversation, up to the answer."""
         raise NotImplementedError  # abstract
+
+    def token_grid(self, pixels: dict[str, torch.Tensor], n_image: int) -> tuple[int, int] | None:
+        """(rows, columns) of one image's visual tokens in raster order (retention pictures), or
+        None where they form no single grid."""
+        return None
 
     def collate_pixels(self, pixels: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One batch's image inputs (`pixel_values` and the family's extra keys) from each
@@ -168,6 +179,12 @@ class ModelFamily:
         """Edit `config` in place for `vtcbench profile --random-weights`: `image_tokens` visual
         tokens per image, `layers` decoder layers."""
         raise NotImplementedError  # abstract
+
+    def training_features(self, config: Any, tower: torch.Tensor, tokens: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projector's input and output as training's auxiliary losses read them:
+        `[batch, patches, width]` and `[batch, image tokens, d]`, both in raster order of the image
+        (several patches per token are consecutive). Default: as the projector sees them."""
+        return tower, tokens
 
     # -- positions -------------------------------------------------------------------------------
     # The engine keeps positions as rows `[batch, seq, rows]` (one row for 1-D RoPE) so one

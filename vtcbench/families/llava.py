@@ -182,12 +182,17 @@ class LlavaFamily(ModelFamily):
     def prompt(self, context: str, n_images: int, answer: str | None = None, system: str = VICUNA_V1_SYSTEM) -> str:
         return vicuna_v1_prompt(context, n_images, answer, system)
 
-    def image_placeholder(self) -> str:
+    def image_token(self) -> str:
         return IMAGE_PLACEHOLDER
 
     def follow_up(self, question: str) -> str:
         """A later turn of a multi-turn conversation (after `</s>`), as vicuna_v1 writes it."""
         return f"USER: {question} ASSISTANT:"
+
+    def token_grid(self, pixels: dict[str, torch.Tensor], n_image: int) -> tuple[int, int] | None:
+        """The square patch grid (after a pre-LLM pooling, the pooled one)."""
+        side = math.isqrt(n_image)
+        return (side, side) if side * side == n_image else None
 
     def collate_pixels(self, pixels: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One batch's image inputs from each prompt's processor output: pixel values stacked;

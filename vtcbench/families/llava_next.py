@@ -38,6 +38,10 @@ class LlavaNextFamily(LlavaFamily):
             image_processor=next_cls(image_grid_pinpoints=[list(p) for p in config.image_grid_pinpoints], **image), **processor
         )
 
+    def token_grid(self, pixels: dict[str, torch.Tensor], n_image: int) -> tuple[int, int] | None:
+        """AnyRes crops and newline tokens form no single grid."""
+        return None
+
     def crops(self, config: Any) -> int:
         size = config.vision_config.image_size
         tiles = max(math.ceil(h / size) * math.ceil(w / size) for h, w in config.image_grid_pinpoints)

@@ -34,8 +34,8 @@ from vtcbench.errors import VtcbenchError
 from vtcbench.families.base import ModelFacts, ModelFamily
 from vtcbench.families.qwen_processor import (
     DEFAULT_SYSTEM,
-    IMAGE_PLACEHOLDER,
     build_local_qwen_processor,
+    load_qwen_processor,
     pixel_bounds,
     qwen_chat_prompt,
 )
@@ -78,6 +78,9 @@ class Qwen2VLFamily(ModelFamily):
 
         names = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
         return getattr(transformers, names[config.model_type])
+
+    def load_processor(self, source: str, config: Any, **kwargs: Any) -> Any:
+        return load_qwen_processor(source, config.model_type, **kwargs)
 
     def local_processor(self, config: Any, words: tuple[str, ...]) -> Any:
         return build_local_qwen_processor(config, words)
@@ -179,6 +182,34 @@ class Qwen2VLFamily(ModelFamily):
             image_size=(w * vision.patch_size, h * vision.patch_size),
         )
 
+    def unit_order(self, config: Any, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Which merged unit (2x2 patches, raster order) each of the tower's merged positions holds.
+
+        Qwen2.5-VL's tower runs its blocks and its merger on units permuted into windows
+        (transformers `vision_utils.get_vision_window_index`, reproduced here) and undoes the
+        permutation only after the merger; Qwen2-VL and Qwen3-VL keep raster order."""
+        vision = config.vision_config
+        t, h, w = grid
+        merge = vision.spatial_merge_size
+        rows, cols = h // merge, w // merge
+        if not hasattr(vision, "window_size"):
+            return torch.arange(t * rows * cols)
+        units = vision.window_size // merge // vision.patch_size
+        index = torch.arange(t * rows * cols).reshape(t, rows, cols)
+        pad_h, pad_w = units - rows % units, units - cols % units
+        padded = torch.nn.functional.pad(index, (0, pad_w, 0, pad_h), value=-100)
+        windows = padded.reshape(t, (rows + pad_h) // units, units, (cols + pad_w) // units, units).permute(0, 1, 3, 2, 4)
+        flat = windows.reshape(-1)
+        return flat[flat != -100]
+
+    def training_features(self, config: Any, tower: torch.Tensor, tokens: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The merger's input `[batch x patches, width]` and output `[batch x units, d]` (every
+        image the nominal size), back in raster order: a unit's 4 patches stay consecutive."""
+        raster = self.unit_order(config, self.image_grid(config)).argsort().to(tower.device)
+        units = tokens.shape[0] // batch
+        tower = tower.reshape(batch, units, -1, tower.shape[-1])[:, raster].flatten(1, 2)
+        return tower, tokens.reshape(batch, units, -1)[:, raster]
+
     # -- prompts ---------------------------------------------------------------------------------
     def system_prompt(self, config: Any) -> str:
         return getattr(config, "vtcbench_system_prompt", DEFAULT_SYSTEM)
@@ -186,11 +217,17 @@ class Qwen2VLFamily(ModelFamily):
     def prompt(self, context: str, n_images: int, answer: str | None = None, system: str = DEFAULT_SYSTEM) -> str:
         return qwen_chat_prompt(context, n_images, answer, system)
 
-    def image_placeholder(self) -> str:
-        return IMAGE_PLACEHOLDER
+    def image_token(self) -> str:
+        return "<|image_pad|>"
 
     def follow_up(self, question: str) -> str:
         return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"
+
+    def token_grid(self, pixels: dict[str, torch.Tensor], n_image: int) -> tuple[int, int] | None:
+        """The merged grid of a still image: (h, w) patches / merge (its 2x2 units in raster order)."""
+        t, h, w = (int(v) for v in pixels["image_grid_thw"][0])
+        merge = math.isqrt(t * h * w // n_image)
+        return None if t != 1 or (h // merge) * (w // merge) != n_image else (h // merge, w // merge)
 
     def collate_pixels(self, pixels: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Patches of every image in one sequence, with one grid row per image (the layout the

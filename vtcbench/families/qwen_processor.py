@@ -229,9 +229,13 @@ def image_processor_class():
 
 
 def pixel_bounds(config) -> tuple[int, int]:
-    """(min_pixels, max_pixels) used when the caller gives none: the hub defaults, or 4..64 merged tokens
-    for the toy configs."""
+    """(min_pixels, max_pixels) used when the caller gives none: the config's own
+    (`vtcbench_pixel_bounds`: vtc-tiny-qwen sees vtcshapes' 112 px scenes at 224 px, 64 tokens),
+    the hub defaults, or 4..64 merged tokens for the toy configs."""
     family = _family(config)
+    own = getattr(config, "vtcbench_pixel_bounds", None)
+    if own is not None:
+        return int(own[0]), int(own[1])
     text = getattr(config, "text_config", config)
     if text.hidden_size < TOY_HIDDEN:
         vision = config.vision_config
@@ -359,3 +363,23 @@ def qwen_chat_prompt(question: str, n_images: int, answer: str | None = None, sy
     if answer is not None:
         text += f"{answer}<|im_end|>\n"
     return text
+
+
+def load_qwen_processor(source: str, model_type: str, **kwargs):
+    """A saved Qwen processor (hub snapshot or folder). Without torchvision no Qwen video processor
+    can be built, so `AutoProcessor` fails on every Qwen folder; then the image processor, the
+    tokenizer and the chat template are loaded on their own into the image-only processor."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    if _has_torchvision():
+        return AutoProcessor.from_pretrained(source, **kwargs)
+    import transformers
+
+    processor_cls = {
+        "qwen2_vl": transformers.Qwen2VLProcessor,
+        "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+        "qwen3_vl": transformers.Qwen3VLProcessor,
+    }[model_type]
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
+    return _image_only(processor_cls)(image_processor, tokenizer, chat_template=tokenizer.chat_template)
