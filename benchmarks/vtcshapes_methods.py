@@ -1,4 +1,5 @@
-"""The README's method table: each method on vtcshapes with the shipped vtc-tiny, through
+"""The README's method tables: each method on vtcshapes with a shipped model (vtc-tiny, or
+vtc-tiny-qwen with --model), through
 `vtcbench run` (lmms-eval, the held-out split), one run folder per method under --out.
 
 Methods run at their defaults (docs/methods.md), scaled to vtc-tiny's 6 layers where a
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vtcbench.methods import get_method
 from vtcbench.runner import RunConfig, run
 from vtcbench.shapes import FAMILIES
 
@@ -20,16 +22,22 @@ METHODS = ("vanilla", "fastv", "pdrop", "llavolta", "random", "avgpool")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--model", default="vtc-tiny", help="vtc-tiny or vtc-tiny-qwen (pre-LLM avgpool runs on vtc-tiny only)")
+    parser.add_argument("--methods", default=None, help=f"default: {','.join(METHODS)} (without avgpool on a Qwen model)")
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--keep-indices", type=int, default=0, help="record kept tokens of the first N questions")
     args = parser.parse_args()
 
+    from vtcbench.families import family_of
+    from vtcbench.models import load_config
+
+    family = family_of(load_config(args.model))
+    methods = args.methods.split(",") if args.methods else [m for m in METHODS if family.refusal(get_method(m)) is None]
     rows = []
-    for method in args.methods.split(","):
+    for method in methods:
         config = RunConfig(
-            model="vtc-tiny", method=method, tasks=["vtcshapes"], out=args.out, batch_size=args.batch_size,
+            model=args.model, method=method, tasks=["vtcshapes"], out=args.out, batch_size=args.batch_size,
             keep_indices=args.keep_indices, show_progress=False,
         )
         summary = run(config).summary
