@@ -48,7 +48,7 @@ KEEP_ALL = {
     "llavolta": {"layer": 0, "stride": 1},
     "random": {"layer": 2, "drop_ratio": 0.0},
 }
-IN_LLM = sorted(name for name, cls in METHODS.items() if cls.where == "in_llm")
+IN_LLM = sorted(name for name, cls in METHODS.items() if cls.kind.in_llm)
 
 
 def test_the_matrix_covers_every_family_and_in_llm_method():

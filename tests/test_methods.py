@@ -8,12 +8,13 @@ import pytest
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods import METHODS, get_method, parse_set_options
+from vtcbench.methods.kinds import KINDS
 
 
 def test_every_method_documents_itself():
     for name, cls in METHODS.items():
         assert cls.description, name
-        assert cls.where in {"none", "in_llm", "pre_llm", "cache"}
+        assert cls.kind in KINDS
 
 
 # A paper section, table or equation; an official code file or repository; or an explicit "none".

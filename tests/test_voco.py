@@ -322,7 +322,8 @@ def test_lmms_model_answers_through_the_compressed_cache(voco_model, tmp_path):
     one, three = lmm("one", 1), lmm("three", 3)
     answers = one.generate_until(requests("generate_until"))
     assert three.generate_until(requests("generate_until")) == answers
-    assert one._voco.store.hits == 1 and len(one._voco.store.images) == 2  # docs 0 and 2 share an image
+    store = one._sessions[id(one.method)].store
+    assert store.hits == 1 and len(store.images) == 2  # docs 0 and 2 share an image
     for doc, answer in zip(docs, answers):
         inputs = dict(processor(images=[doc["image"]], text=[voco_prompt(doc["question"], K, system)], return_tensors="pt"))
         new = single_pass_generate(model, inputs, token, K, max_new_tokens=3)

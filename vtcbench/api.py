@@ -8,9 +8,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from vtcbench.engine import compress
-from vtcbench.families import family_of, model_facts
-from vtcbench.methods import Method, get_method, parse_set_options
+from vtcbench.families import family_of
+from vtcbench.methods import Method, check_before_loading, get_method, parse_set_options
 from vtcbench.models import load_config, load_model
 from vtcbench.shapes import Scene
 
@@ -28,12 +27,8 @@ def method_from_options(name: str, set_options: list[str]) -> Method:
 
 def check_method_for_model(method: Method, model: str) -> None:
     """Model-dependent checks (layer beyond depth, stride not dividing the tokens, the trained
-    weights a method needs), no weights."""
-    config = load_config(model)
-    family_of(config).check_method(method)
-    method.check_model(config)
-    facts = model_facts(config)
-    method.validate_for(facts.image_tokens, facts.n_layers)
+    weights a method needs) from the model's config, no weights: `check_before_loading`."""
+    check_before_loading(method, load_config(model))
 
 
 #: the default image: one of each shape (2x2 cells) and the letter K, none touching
@@ -62,30 +57,13 @@ def answer(
     attn_implementation: str = "sdpa",
     device: str = "cpu",
 ) -> Answer:
-    """Greedy answer to one question about one image with `method` applied."""
+    """Greedy answer to one question about one image with `method` applied, the way its kind
+    answers (`method.kind.session`: under the engine, or from VoCo-LLaMA's compressed cache)."""
     model, processor = load_model(
         model_name, random_weights=random_weights, dtype=dtype, attn_implementation=attn_implementation, device=device
     )
     picture = Image.open(image).convert("RGB") if image else example_image()
     family_of(model).check_image_size(*picture.size)
-    if method.where == "cache":
-        return _answer_voco(model, processor, method, question, picture, max_new_tokens)
-    family = family_of(model)
-    prompt = family.prompt(question, 1, system=family.system_prompt(model.config))
-    inputs = processor(images=[picture], text=[prompt], return_tensors="pt").to(device)
-    with compress(model, method) as engine:
-        prepared = engine.prepare(inputs)
-        output = model.generate(**prepared, max_new_tokens=max_new_tokens, do_sample=False)
-        counts = engine.applied_image_tokens_per_layer
-    text = processor.tokenizer.decode(output[0, prepared["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    method.check_loaded(model, processor)
+    ((text, counts),) = method.kind.session(model, processor, method).answer([question], [picture], max_new_tokens)
     return Answer(text=text, image_tokens_per_layer=counts)
-
-
-
-def _answer_voco(model, processor, method: Method, question: str, picture: Image.Image, max_new_tokens: int) -> Answer:
-    """VoCo-LLaMA's efficient form: compress the image into the VoCo tokens' cache, then answer against it."""
-    from vtcbench.voco import answer_batch
-
-    (text,) = answer_batch(model, processor, method, [question], [picture], max_new_tokens)
-    facts = model_facts(model)
-    return Answer(text=text, image_tokens_per_layer=method.image_tokens_per_layer(facts.image_tokens, facts.n_layers))

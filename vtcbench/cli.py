@@ -64,10 +64,10 @@ def methods() -> None:
         table.add_column(column, no_wrap=column not in ("description", "needs weights", "M-RoPE positions"))
     for name, cls in sorted(METHODS.items()):
         defaults = ", ".join(f"{f.name}={_format_value(f.default)}" for f in dataclasses.fields(cls)) or "-"
-        in_llm = cls.where == "in_llm"
+        in_llm = cls.kind.in_llm
         families = ", ".join(family for family, f in FAMILIES.items() if f.refusal(cls) is None)
         table.add_row(
-            name, cls.where.replace("_", "-"), cls.position_policy if in_llm else "-",
+            name, cls.kind.name.replace("_", "-"), cls.position_policy if in_llm else "-",
             MROPE_POSITIONS[cls.position_policy] if in_llm else "-", families, defaults, cls.needs_weights or "-", cls.description,
         )
     console.print(table)
@@ -225,10 +225,9 @@ def profile(
     """Latency per phase, memory, energy and FLOPs of one method on synthetic inputs (no dataset)."""
     from vtcbench.api import method_from_options
     from vtcbench.families import family_of, model_facts
-    from vtcbench.methods import get_method
+    from vtcbench.methods import check_before_loading
     from vtcbench.models import load_config, load_model, random_model
     from vtcbench.profilers.session import Shape
-    from vtcbench.profilers.session import profile as run_profile
 
     _check_format(fmt)
     for option, value, minimum in (
@@ -237,54 +236,32 @@ def profile(
     ):
         _check_count(option, value, minimum)
     compression = method_from_options(method, set_ or [])
-    if train and not compression.trainable:
-        raise VtcbenchError(f"--train: {method} cannot be trained (its selection has no gradient path); "
-                            "trainable: " + ", ".join(n for n, c in sorted(_methods().items()) if c.trainable))
     device, dtype = _device_and_dtype(device, dtype)
     config = load_config(model)
-    compression.check_model(config)
     facts = model_facts(config)
     if not random_weights and (layers is not None or image_tokens not in (None, facts.image_tokens)):
         raise VtcbenchError("--layers and a different --image-tokens change the architecture; add --random-weights")
     family_of(config).resize_config(config, image_tokens=None if image_tokens == facts.image_tokens else image_tokens, layers=layers)
-    facts = model_facts(config)
-    compression.validate_for(facts.image_tokens, facts.n_layers)
-    if compression.where == "cache" and train:
-        raise VtcbenchError(f"--train: {method} trains with its masked single pass; time it with `vtcbench train --method {method}`")
+    facts = check_before_loading(compression, config, train=train)
     processor = None
     if random_weights:
         loaded = random_model(config, dtype=dtype, attn_implementation=attn, device=device)
     else:
         loaded, processor = load_model(model, dtype=dtype, attn_implementation=attn, device=device)
-    if compression.where == "cache":
-        _profile_voco(loaded, model, compression, processor, text_tokens, new_tokens, iterations, warmup, fmt)
-        return
     shape = Shape(image_tokens=facts.image_tokens, text_tokens=text_tokens, new_tokens=new_tokens, batch=batch)
-    record = run_profile(
-        loaded, model, compression, shape, warmup=warmup, iterations=iterations, min_seconds=min_seconds,
-        train=train, vanilla=get_method("vanilla"),
-    )
+    record = compression.kind.profile(loaded, model, compression, processor, shape, warmup=warmup, iterations=iterations,
+                                      min_seconds=min_seconds, train=train)
     if fmt == "json":
         print(json.dumps(record.to_dict(), default=str))
         return
     _print_profile(record)
 
 
-def _profile_voco(loaded, model: str, compression, processor, text_tokens: int, new_tokens: int, iterations: int,
-                  warmup: int, fmt: str) -> None:
+def _print_voco_profile(profiled) -> None:
     """VoCo-LLaMA's profile: two questions about one image (the second reuses the compressed image)."""
-    from vtcbench.families import model_facts
-    from vtcbench.profilers.voco import profile_voco
-
-    # random weights have no trained VoCo token: the last vocabulary id stands in (timings do not depend on it)
-    token = model_facts(loaded).vocab_size - 1 if processor is None else compression.token_id(loaded, processor.tokenizer)
-    record = profile_voco(loaded, model, compression, voco_id=token, text_tokens=text_tokens, new_tokens=new_tokens,
-                          iterations=iterations, warmup=warmup)
-    if fmt == "json":
-        print(json.dumps(record))
-        return
-    table = Table(title=f"voco {_format_params(record['params'])} on {model} ({record['device']}, {record['dtype']}, "
-                        f"median ms of {iterations})")
+    record = profiled.to_dict()
+    table = Table(title=f"voco {_format_params(record['params'])} on {record['model']} ({record['device']}, {record['dtype']}, "
+                        f"median ms of {record['iterations']})")
     table.add_column("phase")
     for column in ("1st question (image compressed)", "2nd question (cached image)"):
         table.add_column(column, justify="right")
@@ -323,35 +300,26 @@ def run(
     keep_indices: Annotated[int, typer.Option(help="record the kept image tokens of the first N documents per task (retention pictures)")] = 0,
 ) -> None:
     """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
-    from vtcbench.api import check_method_for_model, method_from_options
     from vtcbench.methods import parse_set_options
-    from vtcbench.runner import RunConfig
+    from vtcbench.runner import RunConfig, check_run
     from vtcbench.runner import run as run_evaluation
-    from vtcbench.tasks import resolve_tasks
 
     _quiet_lmms_eval_logging()
     for option, value in (("--limit", limit), ("--batch-size", batch_size), ("--num-processes", num_processes)):
         _check_count(option, value, 1)
     _check_count("--keep-indices", keep_indices, 0)
-    compression = method_from_options(method, set_ or [])
-    check_method_for_model(compression, model)
-    if compression.where == "cache" and (fidelity or keep_indices):
-        raise VtcbenchError(f"{method} keeps no image tokens and answers from its own prompt; drop --fidelity and --keep-indices")
-    task_names = [t.strip() for t in tasks.split(",") if t.strip()]
-    resolve_tasks(task_names, allow_judge=allow_judge, allow_submission=allow_submission)
-    if data_dir is not None and not data_dir.is_dir():
-        raise VtcbenchError(f"--data-dir {str(data_dir)!r} is not a folder")
+    config = RunConfig(
+        model=model, method=method, params=parse_set_options(set_ or []), tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
+        attn_implementation=attn, overwrite=overwrite, allow_judge=allow_judge, allow_submission=allow_submission,
+        fidelity=fidelity, keep_indices=keep_indices, show_progress=sys.stderr.isatty(),
+    )
     if num_processes > 1:  # input checked once, here; then every process runs this same command
+        check_run(config)
         _relaunch_data_parallel(num_processes)
         return
     device, dtype = _device_and_dtype(device, dtype)
-    config = RunConfig(
-        model=model, method=method, params=parse_set_options(set_ or []), tasks=task_names,
-        limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
-        dtype=dtype, attn_implementation=attn, device=device, overwrite=overwrite, allow_judge=allow_judge,
-        allow_submission=allow_submission, fidelity=fidelity, keep_indices=keep_indices, show_progress=sys.stderr.isatty(),
-    )
-    result = run_evaluation(config)
+    result = run_evaluation(dataclasses.replace(config, device=device, dtype=dtype))  # checks everything before it loads
     if result.summary:  # rank 0 (or the only process)
         _print_summary(result)
 
@@ -665,13 +633,13 @@ def tasks() -> None:
     console.print(table)
 
 
-def _methods() -> dict:
-    from vtcbench.methods import METHODS
-
-    return METHODS
-
-
 def _print_profile(record) -> None:
+    """A profile as tables: `generate`'s phases under the engine, or VoCo-LLaMA's two questions."""
+    from vtcbench.profilers.voco import VocoProfile
+
+    if isinstance(record, VocoProfile):
+        _print_voco_profile(record)
+        return
     shape = record.shape
     title = (f"{record.method} {_format_params(record.params)} on {record.model}: {shape.image_tokens} image + "
              f"{shape.text_tokens} text tokens, {shape.new_tokens} new, batch {shape.batch}, {record.iterations} iterations")

@@ -114,6 +114,13 @@ class CompressionEngine:
         self.n_layers = len(self.layers)
         self.facts = self.family.facts(model.config)
         self.image_token_id = self.family.image_token_id(model.config)
+        # the method against this model, once per engine: its family, its kind, and (where every
+        # image has one grid) its hyperparameters; a prefill checks each new visual-token count once
+        self.family.check_method(method)
+        method.kind.check_engine(method)
+        self._validated: set[int] = set()
+        if self.family.fixed_image_grid:
+            self._validate(self.facts.image_tokens)
         #: M-RoPE has no compacted form: a `compact` method keeps original positions there
         self.compact = method.position_policy == "compact" and self.family.position_rows == 1
         self.plan = method.plan(self.n_layers)
@@ -153,18 +160,9 @@ class CompressionEngine:
             raise VtcbenchError(
                 f"attention backend {attention!r} is not supported by the engine; valid: {', '.join(SUPPORTED_ATTENTION)}"
             )
-        self.family.check_method(self.method)
-        if self.method.where == "cache":
-            raise VtcbenchError(
-                f"{self.method.name} acts on the KV cache, not through the engine's hooks; "
-                "generate with vtcbench.voco.generate (as `vtcbench run` and `generate` do)"
-            )
-        if self.family.fixed_image_grid:  # otherwise each prefill checks its own images' counts
-            self.method.validate_for(self.facts.image_tokens, self.n_layers)
         hook = self._handles.append
         hook(self.multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
-        if self.method.where == "pre_llm":
-            hook(self.family.projector(self.model).register_forward_hook(self._on_projector))
+        self._handles.extend(self.method.kind.engine_hooks(self))
         if self.plan:
             hook(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
             first = min([*self.plan, *self.score_layers])
@@ -185,27 +183,16 @@ class CompressionEngine:
 
     # -- inputs ------------------------------------------------------------------------------------
     def prepare(self, inputs: dict) -> dict:
-        """Shrink each image's run of placeholder tokens to what a pre-LLM method outputs.
+        """The inputs as the method's kind needs them (`MethodKind.prepare`): unchanged for in-LLM
+        methods; a pre-LLM method (pooling before the LLM) makes the prompt itself shorter, so
+        the prompt must carry the pooled count of `<image>` tokens."""
+        return self.method.kind.prepare(self, inputs)
 
-        In-LLM methods need no change. A pre-LLM method (pooling before the LLM) makes the prompt
-        itself shorter, so the prompt must carry the pooled count of `<image>` tokens.
-        """
-        if self.method.where != "pre_llm":
-            return dict(inputs)
-        per_image = self.facts.image_tokens
-        kept = self.method.pre_llm_tokens(per_image)
-        input_ids = inputs["input_ids"]
-        is_image = image_token_mask(input_ids, self.image_token_id)
-        rank_in_image = (is_image.cumsum(dim=1) - 1) % per_image
-        keep = ~is_image | (rank_in_image < kept)
-        counts = keep.sum(dim=1)
-        if not bool((counts == counts[0]).all()):
-            raise VtcbenchError("every prompt in a batch must hold the same number of images")
-        out = dict(inputs)
-        for key in ("input_ids", "attention_mask", "labels"):
-            if key in inputs and inputs[key] is not None:
-                out[key] = inputs[key][keep].reshape(input_ids.shape[0], -1)
-        return out
+    def _validate(self, n_image: int) -> None:
+        """`method.validate_for` at this visual-token count, once per count."""
+        if n_image not in self._validated:
+            self.method.validate_for(n_image, self.n_layers)
+            self._validated.add(n_image)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _on_multimodal(self, module, args, kwargs):
@@ -224,8 +211,7 @@ class CompressionEngine:
         self.applied_image_tokens_per_sample = [[n] * self.n_layers for n in n_image]
         if not any(n_image):
             return
-        if self.method.where == "pre_llm":
-            self._check_pre_llm_prompt(image_mask, kwargs.get("pixel_values"))
+        self.method.kind.check_prefill(self, image_mask, kwargs.get("pixel_values"))
         if self.record_kept:
             self.kept_image_tokens = {0: [list(range(n)) for n in n_image]}
             self.merged_image_tokens = {}
@@ -235,24 +221,13 @@ class CompressionEngine:
         if not all(n_image):
             raise VtcbenchError(f"{self.method.name} needs image tokens in every prompt of a batch, or in none; got {n_image}")
         for n in sorted(set(n_image)):
-            self.method.validate_for(n, self.n_layers)
+            self._validate(n)
         attention_mask = kwargs.get("attention_mask")
         valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
         self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image)
         if self.prompt_length is not None:  # a teacher-forced answer must not change a sample's key (random's draw)
             self._request._sample_keys = _sample_keys(input_ids[:, : self.prompt_length], valid[:, : self.prompt_length])
         return
-
-    def _check_pre_llm_prompt(self, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
-        pooled = self.method.pre_llm_tokens(self.facts.image_tokens)
-        if pixel_values is not None and int(image_mask.sum()) != pixel_values.shape[0] * pooled:
-            raise VtcbenchError(
-                f"{self.method.name} shortens the prompt to {pooled} image tokens per image; "
-                "pass the inputs through engine.prepare(inputs) first"
-            )
-
-    def _on_projector(self, module, args, output):
-        return self.method.pre_llm(output)
 
     def _on_language_model(self, module, args, kwargs):
         request = self._request

@@ -2,10 +2,13 @@
 
 lmms-eval owns the benchmarks (prompts, splits, metrics); this class answers its requests:
 - prompts in the model family's original evaluation format (`family.prompt`: LLaVA-1.5 and
-  LLaVA-NeXT-Vicuna were evaluated with LLaVA's `conv_vicuna_v1` conversation);
-- greedy decoding, batched: requests are grouped by task and generation kwargs (LLaVA-1.5: and
-  by the number of images, which a pre-LLM method's shortened prompt needs equal), left-padded,
-  and run under the engine, which handles different visual-token counts per prompt (AnyRes);
+  LLaVA-NeXT-Vicuna were evaluated with LLaVA's `conv_vicuna_v1` conversation), or the method's
+  own (VoCo-LLaMA's): the method's kind writes them (`MethodKind.prompt`);
+- greedy decoding, batched: requests are grouped by task, generation kwargs and what the kind
+  needs equal in a batch (`MethodKind.batch_key`; LLaVA-1.5: the number of images, which a
+  pre-LLM method's shortened prompt needs equal), and answered by the kind's session
+  (`vtcbench/generation.py`): under the engine, which handles different visual-token counts per
+  prompt (AnyRes), or from VoCo-LLaMA's compressed cache;
 - every finished request is appended to the run folder at once (prediction, visual tokens per
   layer, prefill and decode time, tokens generated) and read back on resume instead of recomputed;
 - a generation error propagates: no request is silently scored as "" (lmms-eval's own
@@ -34,14 +37,10 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
-from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
-from vtcbench.engine import compress
-from vtcbench.errors import VtcbenchError
 from vtcbench.families import family_of
+from vtcbench.generation import Kept, Prompt, Session, collate, decode, encode
 from vtcbench.methods.base import Method, get_method
-from vtcbench.models import image_token_mask
-from vtcbench.profilers.latency import PhaseTimer, TokenMarker
 from vtcbench.results import RunFolder
 
 VANILLA = get_method("vanilla")
@@ -53,6 +52,7 @@ class _Generated:
     timing: dict
     first_logits: torch.Tensor | None  # [batch, vocab], the first answer token's logits (--fidelity only)
     image_tokens_per_layer: list[list[int]]  # per row
+    kept: Kept | None = None  # the kept image tokens, when recorded
 
 
 def _normalise(answer: str) -> str:
@@ -75,12 +75,8 @@ class Job:
 
 
 @dataclass
-class _Encoded:
+class _Encoded(Prompt):
     request_index: int
-    input_ids: torch.Tensor  # [seq]
-    pixels: dict[str, torch.Tensor]  # the processor's image inputs (pixel_values, and e.g. image_sizes); {} without images
-    token_inputs: dict[str, torch.Tensor]  # other per-token inputs [seq] (Qwen's mm_token_type_ids), padded like input_ids
-    image_tokens: int
 
 
 class VtcbenchLMM(lmms):
@@ -106,14 +102,12 @@ class VtcbenchLMM(lmms):
         self._device = model.device
         self.family = family_of(model)
         self._system = self.family.system_prompt(model.config)
-        # one engine per method, built once and entered per batch (its hooks live only inside `with`)
-        self._engines = {id(m): compress(model, m) for m in (method, VANILLA)}
-        self._voco = _VocoState(method, model, self.tokenizer) if method.where == "cache" else None
+        # one session per method (its kind's), for the whole run: the engine's, or VoCo's with its
+        # store of compressed images, which later questions about an image reuse
+        self._sessions: dict[int, Session] = {id(m): m.kind.session(model, processor, m) for m in (method, VANILLA)}
 
     def _prompt(self, context: str, n_images: int, answer: str | None = None) -> str:
-        if self._voco is not None:
-            return self._voco.prompt(context, n_images, answer, self._system)
-        return self.family.prompt(context, n_images, answer, system=self._system)
+        return self.method.kind.prompt(self.method, self.family, context, n_images, answer, self._system)
 
     # -- lmms-eval interface ------------------------------------------------------------------------
     @property
@@ -174,21 +168,16 @@ class VtcbenchLMM(lmms):
 
     def _batches(self, requests: list[Instance], pending: list[int], batch_size: int) -> Iterator[list[Job]]:
         """Group by task and generation kwargs, in arrival order; a group goes as soon as it is
-        full, the rest at the end. The engine takes prompts with different visual-token counts
-        (LLaVA-NeXT's AnyRes images of any sizes) in one batch, but not prompts with images next
-        to prompts without; LLaVA-1.5 prompts are also grouped by their number of images, which
-        a pre-LLM method (`engine.prepare`) needs equal, and VoCo's by their image sizes (its
-        compression pass takes one image-token count per batch). Each request's visuals are read once (a
-        dataset row decodes its image on every access), and at most one unfinished group per key
-        is held in memory."""
+        full, the rest at the end; what else a batch must share is the method's kind's to say
+        (`MethodKind.batch_key`: the number of images on a fixed grid, whether there are images
+        at all, VoCo's image sizes). Each request's visuals are read once (a dataset row decodes
+        its image on every access), and at most one unfinished group per key is held in memory."""
         groups: dict[tuple, list[Job]] = defaultdict(list)
         for index in pending:
             request = requests[index]
             visuals = self._visuals(request)
             kwargs = request.args[1] if request.request_type != "loglikelihood" else None
-            images = len(visuals) if self.family.fixed_image_grid else bool(visuals)
-            if self._voco is not None:  # VoCo's first forward takes one image-token count per batch
-                images = tuple(v.size for v in visuals)
+            images = self.method.kind.batch_key(self.family, visuals)
             key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), images)
             groups[key].append(Job(index, request, visuals))
             if len(groups[key]) == batch_size:
@@ -209,35 +198,11 @@ class VtcbenchLMM(lmms):
 
     # -- encoding and batching ------------------------------------------------------------------------
     def _encode(self, prompt: str, visuals: list[Image.Image], index: int) -> _Encoded:
-        encoded = self.processor(images=visuals, text=prompt, return_tensors="pt") if visuals else self.tokenizer(prompt, return_tensors="pt")
-        input_ids = encoded["input_ids"][0]
-        extra = {key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask")}
-        per_token = {key for key, value in extra.items() if value.shape == encoded["input_ids"].shape}
-        image_tokens = int(image_token_mask(input_ids, self.family.image_token_id(self.model.config)).sum())
-        pixels = {key: value for key, value in extra.items() if key not in per_token}
-        return _Encoded(index, input_ids, pixels, {key: extra[key][0] for key in per_token}, image_tokens)
+        return _Encoded(**vars(encode(self.processor, self.model, prompt, visuals)), request_index=index)
 
     def _collate(self, items: list[_Encoded]) -> dict:
-        """Left-pad into one batch; the family joins the image inputs (LLaVA-NeXT pads AnyRes crops)."""
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        length = max(item.input_ids.shape[0] for item in items)
-        input_ids = torch.full((len(items), length), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, item in enumerate(items):
-            input_ids[row, length - item.input_ids.shape[0] :] = item.input_ids
-            attention_mask[row, length - item.input_ids.shape[0] :] = 1
-        batch = {"input_ids": input_ids.to(self._device), "attention_mask": attention_mask.to(self._device)}
-        for key in items[0].token_inputs:
-            padded = torch.zeros((len(items), length), dtype=items[0].token_inputs[key].dtype)
-            for row, item in enumerate(items):
-                padded[row, length - item.input_ids.shape[0] :] = item.token_inputs[key]
-            batch[key] = padded.to(self._device)
-        pixels = [item.pixels for item in items if item.pixels]
-        if pixels:
-            joined = self.family.collate_pixels(pixels)
-            batch.update({key: value.to(self._device) for key, value in joined.items()})
-            batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
-        return batch
+        """Left-pad into one batch (`generation.collate`)."""
+        return collate(items, self.tokenizer, self.family, self.model)
 
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -246,10 +211,7 @@ class VtcbenchLMM(lmms):
         items = self._encode_jobs(jobs)
         grids = [self.family.token_grid(item.pixels, item.image_tokens) if self._records_kept(job) else None for job, item in zip(jobs, items)]
         recorded = [grid is not None for grid in grids]
-        engine = self._engines[id(self.method)]
-        engine.record_kept = any(recorded)
-        answer = self._timed_generate(self.method, items, max_new_tokens, until)
-        engine.record_kept = False
+        answer = self._timed_generate(self.method, items, max_new_tokens, until, record_kept=any(recorded))
         reference = self._timed_generate(VANILLA, items, max_new_tokens, until) if self.fidelity else None
         for row, item in enumerate(items):
             text, new_tokens = answer.outputs[row]
@@ -266,10 +228,11 @@ class VtcbenchLMM(lmms):
                 record["agrees_with_vanilla"] = _normalise(text) == _normalise(vanilla_text)
                 record["first_token_kl"] = _kl(reference.first_logits[row], answer.first_logits[row])
             if recorded[row]:
+                kept = answer.kept
                 record.update(self._kept_record(
                     jobs[row], grids[row],
-                    {layer: kept[row] for layer, kept in engine.kept_image_tokens.items()},
-                    {layer: merged[row] for layer, merged in engine.merged_image_tokens.items()},
+                    {layer: indices[row] for layer, indices in kept.kept.items()},
+                    {layer: merged[row] for layer, merged in kept.merged.items()},
                 ))
             yield item.request_index, text, record
 
@@ -293,48 +256,20 @@ class VtcbenchLMM(lmms):
     def _encode_jobs(self, jobs: list[Job]) -> list[_Encoded]:
         return [self._encode(self._prompt(job.request.args[0], len(job.visuals)), job.visuals, job.index) for job in jobs]
 
-    def _timed_generate(self, method: Method, items: list[_Encoded], max_new_tokens: int, until: list[str]) -> _Generated:
-        if self._voco is not None:
-            return self._voco.generate(self, items, max_new_tokens, until)
-        timer = PhaseTimer(self._device)
-        marker = TokenMarker(timer)
-        with self._engines[id(method)] as engine:
-            inputs = engine.prepare(self._collate(items))
-            timer.start("ttft")
-            timer.start("end_to_end")
-            output = self.model.generate(
-                **inputs,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                stopping_criteria=StoppingCriteriaList([StopOnStrings(self.tokenizer, until, inputs["input_ids"].shape[1])]),
-                logits_processor=LogitsProcessorList([marker]),
-                pad_token_id=self.tokenizer.pad_token_id,
-                output_logits=self.fidelity,  # a copy of every step's logits: only --fidelity reads them
-                return_dict_in_generate=self.fidelity,
-            )
-            timer.stop("end_to_end")
-        phases = timer.read()
-        timing = {"prefill_ms": phases["ttft"][0], "decode_ms": sum(phases.get("decode_token", [])), "batch_size": len(items)}
-        sequences = output.sequences if self.fidelity else output
-        results = self._answers(sequences[:, inputs["input_ids"].shape[1] :], until)
-        first_logits = output.logits[0].float() if self.fidelity else None
-        return _Generated(results, timing, first_logits, [list(c) for c in engine.applied_image_tokens_per_sample])
+    def _timed_generate(
+        self, method: Method, items: list[_Encoded], max_new_tokens: int, until: list[str], record_kept: bool = False
+    ) -> _Generated:
+        """One batch answered by `method`'s session (with vanilla's for --fidelity), and its timing."""
+        generated = self._sessions[id(method)].generate(
+            items, max_new_tokens=max_new_tokens, until=until, first_logits=self.fidelity, record_kept=record_kept,
+        )
+        timing = {"prefill_ms": generated.prefill_ms, "decode_ms": generated.decode_ms, "batch_size": len(items), **generated.extra}
+        return _Generated(self._answers(generated.new_tokens, until), timing, generated.first_logits,
+                          generated.image_tokens_per_layer, generated.kept)
 
     def _answers(self, new: torch.Tensor, until: list[str]) -> list[tuple[str, int]]:
         """(text, tokens generated) per row of generated ids: cut after EOS, then at a stop string."""
-        results = []
-        eos = self.tokenizer.eos_token_id
-        for row in new:
-            tokens = row.tolist()
-            if eos in tokens:
-                tokens = tokens[: tokens.index(eos) + 1]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            for stop in until:
-                if stop and stop in text:
-                    text = text[: text.index(stop)]
-            results.append((text.strip(), len(tokens)))
-        return results
+        return decode(self.tokenizer, new, until)
 
     # -- log-likelihood ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -343,16 +278,10 @@ class VtcbenchLMM(lmms):
         continuation is text at the end, which no method drops."""
         for job in jobs:
             item, n_continuation = self._loglikelihood_item(job)
-            if self._voco is not None:  # the masked single pass (VoCo-LLaMA's training form)
-                inputs = self._collate([item])
-                logits = self._voco.single_pass_logits(self.model, inputs)
-                yield job.index, continuation_score(logits, inputs["input_ids"], n_continuation), {}
-                continue
-            with self._engines[id(self.method)] as engine:
-                inputs = engine.prepare(self._collate([item]))
-                logits = self.model(**inputs, use_cache=False).logits
-            score = continuation_score(logits, inputs["input_ids"], n_continuation)
-            yield job.index, score, {"image_tokens_per_layer": list(engine.applied_image_tokens_per_layer)}
+            scored = self._sessions[id(self.method)].score(item)
+            score = continuation_score(scored.logits, scored.input_ids, n_continuation)
+            counted = scored.image_tokens_per_layer  # VoCo's masked single pass counts none
+            yield job.index, score, {} if counted is None else {"image_tokens_per_layer": counted}
 
     def _loglikelihood_item(self, job: Job) -> tuple[_Encoded, int]:
         """The encoded prompt + continuation of a log-likelihood request, and the continuation's length."""
@@ -413,51 +342,6 @@ def continuation_score(logits: torch.Tensor, input_ids: torch.Tensor, n_continua
     return [loss, bool((log_probs.argmax(-1) == targets).all())]
 
 
-class _VocoState:
-    """The branch for methods that act on the KV cache (VoCo-LLaMA, `vtcbench/voco.py`): its
-    prompt layout, the efficient two-pass generation against compressed images, and the store of
-    compressed images, kept for the whole run so later questions about an image reuse it."""
-
-    def __init__(self, method: Method, model, tokenizer):
-        from vtcbench.voco import VocoCache
-
-        self.method = method
-        self.token = method.token_id(model, tokenizer)
-        self.store = VocoCache(capacity=1024)
-
-    def prompt(self, context: str, n_images: int, answer: str | None, system: str) -> str:
-        if n_images != 1:
-            raise VtcbenchError(f"voco compresses one image per prompt; this request has {n_images}")
-        prompt = self.method.prompt(context.replace("<image>", "").strip(), system)
-        return prompt if answer is None else f"{prompt} {answer}"
-
-    def single_pass_logits(self, model, inputs: dict) -> torch.Tensor:
-        from vtcbench.voco import single_pass_logits
-
-        return single_pass_logits(model, inputs, self.token, self.method.voco_tokens)
-
-    def generate(self, lmm: VtcbenchLMM, items: list[_Encoded], max_new_tokens: int, until: list[str]) -> _Generated:
-        from vtcbench.voco import Row, generate
-
-        model, tokenizer = lmm.model, lmm.tokenizer
-        rows = [Row(item.input_ids.to(lmm.device), item.pixels["pixel_values"].to(lmm.device, model.dtype),
-                    None if "image_sizes" not in item.pixels else item.pixels["image_sizes"].to(lmm.device)) for item in items]
-        stop = StopOnStrings(tokenizer, until, 0)
-        timer = PhaseTimer(lmm.device)
-        hits = self.store.hits
-        new = generate(model, rows, voco_id=self.token, voco_tokens=self.method.voco_tokens, store=self.store,
-                       max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
-                       stop=lambda ids: stop(ids, None), timer=timer)
-        phases = timer.read()
-        prefill = sum(sum(phases.get(name, [])) for name in ("compression_pass", "kv_load", "text_prefill"))
-        timing = {"prefill_ms": prefill, "decode_ms": sum(phases.get("decode_token", [])), "batch_size": len(items),
-                  "voco_cache_hits": self.store.hits - hits}
-        n_layers = len(family_of(model).language_model(model).layers)
-        counts = [self.method.image_tokens_per_layer(item.image_tokens, n_layers) for item in items]
-        return _Generated(lmm._answers(new, until), timing, None, counts)
-
-
 @contextmanager
 def _synced(run: RunFolder) -> Iterator[None]:
     """Whatever ends the work (done, an error, Ctrl-C), the samples written so far reach the disk."""
@@ -493,19 +377,3 @@ class _TaskProgress:
 
     def __exit__(self, *exc) -> None:
         self.progress.stop()
-
-
-class StopOnStrings(StoppingCriteria):
-    """Per row: stop once the decoded new text contains one of the task's `until` strings."""
-
-    def __init__(self, tokenizer, until: list[str], prompt_length: int):
-        self.tokenizer, self.until, self.prompt_length = tokenizer, [u for u in until if u], prompt_length
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        if not self.until:
-            return done
-        for row, tokens in enumerate(input_ids[:, self.prompt_length :].tolist()):
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            done[row] = any(stop in text for stop in self.until)
-        return done

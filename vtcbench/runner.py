@@ -12,15 +12,18 @@ import statistics
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import model_facts
-from vtcbench.methods import Method, get_method
+from vtcbench.methods import Method, check_before_loading, get_method
 from vtcbench.models import load_config, load_model
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.provenance import provenance
 from vtcbench.results import RunFolder
+
+if TYPE_CHECKING:
+    from vtcbench.tasks import TaskInfo
 
 
 @dataclass
@@ -68,16 +71,23 @@ class RunResult:
     summary: dict[str, Any]
 
 
-def run(config: RunConfig) -> RunResult:
-    """Evaluate one method on tasks; resumable; every input checked before anything loads."""
+def check_run(config: RunConfig) -> tuple[Method, list[TaskInfo]]:
+    """Every refusal a run makes before it loads weights or writes a folder, once: the method
+    and its options against the model's config (`check_before_loading`), the tasks, the data
+    folder. Returns the method and the tasks."""
     from vtcbench.tasks import resolve_tasks
 
     method = get_method(config.method, **config.params)
-    model_config = load_config(config.model)
-    method.check_model(model_config)
-    facts = model_facts(model_config)
-    method.validate_for(facts.image_tokens, facts.n_layers)
+    check_before_loading(method, load_config(config.model), fidelity=config.fidelity, keep_indices=config.keep_indices)
     infos = resolve_tasks(config.tasks, allow_judge=config.allow_judge, allow_submission=config.allow_submission)
+    if config.data_dir is not None and not config.data_dir.is_dir():
+        raise VtcbenchError(f"--data-dir {str(config.data_dir)!r} is not a folder")
+    return method, infos
+
+
+def run(config: RunConfig) -> RunResult:
+    """Evaluate one method on tasks; resumable; every input checked before anything loads."""
+    method, infos = check_run(config)
     with tempfile.TemporaryDirectory(prefix="vtcbench-tasks-") as workdir:  # the include YAMLs, gone after the run
         names, manager = task_names(infos, config.data_dir, Path(workdir))
         return _load_and_evaluate(config, method, names, manager)
@@ -87,7 +97,7 @@ def _load_and_evaluate(config: RunConfig, method: Method, names: list[str], mana
     if _data_parallel():
         _join_process_group(config)
     model, processor = load_for(config)
-    method.check_loaded(model, processor)
+    method.check_loaded(model, processor)  # what only the loaded checkpoint shows, before a folder is written
     folder = RunFolder.open(
         config.out, config.identity(method, names), provenance(model, config.device),
         extra={"run_config": {**asdict(config), "out": str(config.out), "data_dir": str(config.data_dir)}},

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from lmms_eval.api.instance import GenerationResult, Instance
@@ -23,13 +24,13 @@ from transformers import StoppingCriteriaList
 
 from vtcbench import transformers_seam as seam
 from vtcbench.attention_share import AttentionShareRecorder, token_groups
-from vtcbench.engine import Trunk, clock, compress
+from vtcbench.engine import CompressionEngine, Trunk, clock
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import family_of
+from vtcbench.generation import EngineSession, StopOnStrings
 from vtcbench.lmms_model import (
     VANILLA,
     Job,
-    StopOnStrings,
     VtcbenchLMM,
     continuation_score,
     generation_settings,
@@ -60,11 +61,15 @@ class SweepLMM(VtcbenchLMM):
         self.attention_share = attention_share  # record the vanilla answer's attention per token group
         self.cell = VANILLA_CELL
         self.progress_units = len(branches) + 1
-        self._engines.update({id(b.method): compress(model, b.method) for b in branches})
+        self._sessions.update({id(b.method): b.method.kind.session(model, processor, b.method) for b in branches})
         self._trunk_layers = {b.layer for b in branches if b.layer > 0}
         self._language_model = family_of(model).language_model(model)
         self._cache_argument = seam.cache_argument(model)
         _check_plain_greedy(model)
+
+    def _engine(self, method: Method) -> CompressionEngine:
+        """The engine of a cell's method (every sweep criterion acts inside the language model)."""
+        return cast(EngineSession, self._sessions[id(method)]).engine
 
     # -- lmms-eval interface ------------------------------------------------------------------------
     def generate_until(self, requests: list[Instance]) -> list[str]:
@@ -99,7 +104,7 @@ class SweepLMM(VtcbenchLMM):
                 answer = self._timed_generate(branch.method, items, max_new_tokens, until)
                 texts[branch.cell], tokens[branch.cell] = [t for t, _ in answer.outputs], answer.image_tokens_per_layer
             else:
-                with self._engines[id(branch.method)] as engine:
+                with self._engine(branch.method) as engine:
                     cache = trunk.branch_cache(branch.layer)
                     hidden = engine.prefill_from(branch.layer, inputs, trunk, cache)
                     new = self._continue(inputs, cache, hidden, max_new_tokens, until)
@@ -153,11 +158,11 @@ class SweepLMM(VtcbenchLMM):
         for job in jobs:
             item, n_continuation = self._loglikelihood_item(job)
             inputs = self._collate([item])
-            with Trunk(self.model, self._trunk_layers) as trunk, self._engines[id(VANILLA)] as engine:
+            with Trunk(self.model, self._trunk_layers) as trunk, self._engine(VANILLA) as engine:
                 scores = {VANILLA_CELL: continuation_score(self.model(**inputs, use_cache=False).logits, inputs["input_ids"], n_continuation)}
                 tokens = {VANILLA_CELL: list(engine.applied_image_tokens_per_layer)}
             for branch in self.branches:
-                with self._engines[id(branch.method)] as engine:
+                with self._engine(branch.method) as engine:
                     if branch.layer == 0:
                         logits = self.model(**engine.prepare(inputs), use_cache=False).logits
                     else:

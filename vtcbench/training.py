@@ -360,29 +360,16 @@ def _timed_step(model, heads, method: Method, batch: Batch, features: list, conf
 
 @torch.no_grad()
 def evaluate(model, processor, samples: list[shapes.Sample], method: Method, batch_size: int = 50) -> dict[str, float]:
-    """Exact-match accuracy per family and overall, by greedy generation through the processor."""
+    """Exact-match accuracy per family and overall, by greedy generation through the processor,
+    the way the method's kind answers (`method.kind.session`: the engine, or VoCo's compressed cache)."""
     correct: dict[str, list[bool]] = {family: [] for family in shapes.FAMILIES}
     for first in range(0, len(samples), batch_size):
         chunk = samples[first : first + batch_size]
-        if method.where == "cache":  # voco: its prompt, answered from the compressed images
-            from vtcbench.voco import answer_batch
-
-            texts = answer_batch(model, processor, method, [s.question for s in chunk],
-                                 [Image.fromarray(s.scene.render()) for s in chunk], max_new_tokens=4)
-            for sample, text in zip(chunk, texts):
-                correct[sample.family].append(normalise(text) == normalise(sample.answer))
-            continue
-        inputs = processor(
-            images=[Image.fromarray(s.scene.render()) for s in chunk],
-            text=[family_of(model).prompt(s.question, 1, system=family_of(model).system_prompt(model.config)) for s in chunk],
-            return_tensors="pt",
-            padding=True,
-        )
-        with compress(model, method) as engine:
-            prepared = engine.prepare(inputs)
-            output = model.generate(**prepared, max_new_tokens=4, do_sample=False)
-        texts = processor.tokenizer.batch_decode(output[:, prepared["input_ids"].shape[1] :], skip_special_tokens=True)
-        for sample, text in zip(chunk, texts):
+        # a session per chunk: VoCo's store of compressed images starts empty, so each chunk's
+        # images are compressed in that chunk's batch
+        session = method.kind.session(model, processor, method)
+        answers = session.answer([s.question for s in chunk], [Image.fromarray(s.scene.render()) for s in chunk], max_new_tokens=4)
+        for sample, (text, _) in zip(chunk, answers):
             correct[sample.family].append(normalise(text) == normalise(sample.answer))
     scores = {family: float(np.mean(hits)) for family, hits in correct.items()}
     scores["overall"] = float(np.mean([hit for hits in correct.values() for hit in hits]))

@@ -355,22 +355,6 @@ def generate(
     return new
 
 
-def answer_batch(model: nn.Module, processor, method, questions: list[str], pictures: list, max_new_tokens: int) -> list[str]:
-    """Greedy answers, one question per image, in the efficient form (`vtcbench generate`, training's evaluation)."""
-    from vtcbench.families import family_of
-
-    token = method.token_id(model, processor.tokenizer)
-    tokenizer = processor.tokenizer
-    rows = []
-    for question, picture in zip(questions, pictures):
-        inputs = processor(images=[picture], text=[method.prompt(question, family_of(model).system_prompt(model.config))], return_tensors="pt")
-        inputs = inputs.to(model.device)
-        rows.append(Row(inputs["input_ids"][0], inputs["pixel_values"].to(model.dtype), inputs.get("image_sizes")))
-    new = generate(model, rows, voco_id=token, voco_tokens=method.voco_tokens, store=VocoCache(), max_new_tokens=max_new_tokens,
-                   eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0)
-    return [text.strip() for text in tokenizer.batch_decode(new, skip_special_tokens=True)]
-
-
 # -- storage ----------------------------------------------------------------------------------------------
 
 

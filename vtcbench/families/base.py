@@ -257,7 +257,7 @@ class ModelFamily:
         """Why this family cannot run `method` (a method or its class), or None."""
         if method.name in self.unsupported_methods:
             return self.unsupported_methods[method.name]
-        if method.where == "pre_llm" and not self.fixed_image_grid:
+        if method.kind.needs_fixed_grid and not self.fixed_image_grid:
             return "it works on a fixed grid of image tokens before the LLM; this family gives each image its own count"
         return None
 

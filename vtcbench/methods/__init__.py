@@ -19,9 +19,13 @@ from vtcbench.methods.base import (
     LayerContext,
     Method,
     Replace,
+    check_before_loading,
     get_method,
     method_class,
     parse_set_options,
 )
 
-__all__ = ["METHODS", "Keep", "LayerContext", "Method", "Replace", "get_method", "method_class", "parse_set_options"]
+__all__ = [
+    "METHODS", "Keep", "LayerContext", "Method", "Replace", "check_before_loading", "get_method", "method_class",
+    "parse_set_options",
+]

@@ -17,11 +17,11 @@ import torch
 
 from vtcbench.methods.base import (
     Method,
-    Where,
     check_grid_kernel,
     check_positive,
     register,
 )
+from vtcbench.methods.kinds import PRE_LLM, MethodKind
 
 
 @register
@@ -34,7 +34,7 @@ class AvgPool(Method):
     kernel: int = 2
 
     name: ClassVar[str] = "avgpool"
-    where: ClassVar[Where] = "pre_llm"
+    kind: ClassVar[MethodKind] = PRE_LLM
     description: ClassVar[str] = "k x k spatial average pooling of the image-token grid before the LLM"
 
     def __post_init__(self) -> None:

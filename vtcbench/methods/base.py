@@ -2,7 +2,9 @@
 
 A method is a dataclass whose fields are its hyperparameters, validated in `__post_init__`
 (model-independent ranges) and `validate_for` (ranges that depend on the model's depth and
-visual-token count). It declares where it acts and implements only that:
+visual-token count); `check_before_loading` runs every check a model's config allows, once,
+before any weight loads. Its kind (`kind`, `kinds.py`) says where it acts and owns whatever
+differs between kinds (how it runs, its prompt, the options it takes); it implements only that:
 
 - in-LLM methods give `plan(n_layers) -> {action_layer: score_layer | None}` and
   `select(ctx) -> Keep | Replace`; the engine calls `select` at the start of each action layer
@@ -28,8 +30,9 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from vtcbench.errors import VtcbenchError, choices_error
+from vtcbench.families import ModelFacts, family_of, model_facts
+from vtcbench.methods.kinds import IN_LLM, NONE, MethodKind
 
-Where = Literal["none", "in_llm", "pre_llm", "cache"]  # cache: acts on the KV cache after a masked prefill (voco)
 PositionPolicy = Literal["keep", "compact", "pooled"]
 #: what each policy does on M-RoPE (Qwen-VL: temporal, height, width ids), where the engine keeps
 #: every row of a token's ids; a compacted 3-D numbering has no meaning, so compact keeps the ids
@@ -143,7 +146,7 @@ class Method:
     """Base of all methods. Subclasses are dataclasses registered with `@register`."""
 
     name: ClassVar[str]
-    where: ClassVar[Where] = "none"
+    kind: ClassVar[MethodKind] = NONE  # where it acts, and how that runs (`kinds.py`)
     position_policy: ClassVar[PositionPolicy] = "keep"
     description: ClassVar[str] = ""
     trainable: ClassVar[bool] = True  # the engine's hooks keep gradients to the kept tokens
@@ -235,7 +238,7 @@ class ScoredDrop(Method):
     """Drop image tokens by a per-token score: top-k per sample, original order kept (kvpress's
     ScorerPress analogue). Subclasses give the schedule (`plan`, `action_count`) and the score."""
 
-    where: ClassVar[Where] = "in_llm"
+    kind: ClassVar[MethodKind] = IN_LLM
 
     def score(self, ctx: LayerContext) -> torch.Tensor:
         return ctx.scores
@@ -261,6 +264,29 @@ def projector_method(model: Any) -> str | None:
     config = getattr(model, "config", model)
     projector = getattr(config, "vtcbench_projector", None)
     return projector.get("type") if isinstance(projector, dict) else None
+
+
+# -- the checks before loading -------------------------------------------------------------------
+
+
+def check_before_loading(
+    method: Method, config: Any, *, fidelity: bool = False, keep_indices: int = 0, train: bool = False
+) -> ModelFacts:
+    """Every refusal a model's config allows, in one place and once per run, before any weight
+    loads or anything is written (`run`, `generate`, `profile`): the family runs the method, its
+    kind takes the run options, the checkpoint holds the weights it needs, its hyperparameters fit
+    the model's depth and visual tokens. Returns the model's facts."""
+    family_of(config).check_method(method)
+    if train and not method.trainable:
+        trainable = ", ".join(name for name, cls in sorted(METHODS.items()) if cls.trainable)
+        raise VtcbenchError(
+            f"--train: {method.name} cannot be trained (its selection has no gradient path); trainable: {trainable}"
+        )
+    method.kind.check_options(method, fidelity=fidelity, keep_indices=keep_indices, train=train)
+    method.check_model(config)
+    facts = model_facts(config)
+    method.validate_for(facts.image_tokens, facts.n_layers)
+    return facts
 
 
 # -- validation helpers --------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from vtcbench.methods.base import (
     Method,
     PositionPolicy,
     Replace,
-    Where,
     check_positive,
     register,
 )
+from vtcbench.methods.kinds import IN_LLM, MethodKind
 
 
 @register
@@ -43,7 +43,7 @@ class KMeans(Method):
     iters: int = 10
 
     name: ClassVar[str] = "kmeans"
-    where: ClassVar[Where] = "in_llm"
+    kind: ClassVar[MethodKind] = IN_LLM
     position_policy: ClassVar[PositionPolicy] = "pooled"
     description: ClassVar[str] = "replace image tokens by k-means centroids at layer K"
 

@@ -28,10 +28,10 @@ from vtcbench.methods.base import (
     Method,
     PositionPolicy,
     Replace,
-    Where,
     check_positive,
     register,
 )
+from vtcbench.methods.kinds import IN_LLM, MethodKind
 
 
 @register
@@ -45,7 +45,7 @@ class LLaVolta(Method):
     stride: int = 8
 
     name: ClassVar[str] = "llavolta"
-    where: ClassVar[Where] = "in_llm"
+    kind: ClassVar[MethodKind] = IN_LLM
     position_policy: ClassVar[PositionPolicy] = "pooled"
     description: ClassVar[str] = "1-D average pooling (kernel=stride=S) of image tokens at layer K"
 

@@ -31,12 +31,12 @@ from vtcbench.errors import VtcbenchError
 from vtcbench.families import family_of, model_facts
 from vtcbench.methods.base import (
     Method,
-    Where,
     check_grid_kernel,
     check_positive,
     projector_method,
     register,
 )
+from vtcbench.methods.kinds import PRE_LLM, MethodKind
 
 PAPER_FEATURE_LAYERS: tuple[int, ...] = (-2, 21, 18, 15, 12, 9, 6, 3)  # 24-layer CLIP ViT-L
 
@@ -55,7 +55,7 @@ def default_feature_layers(depth: int, own_layer: int) -> tuple[int, ...]:
 class FusingMethod(Method):
     """A pre-LLM method whose trained projector fuses k x k windows (STF, TokenConcat)."""
 
-    where: ClassVar[Where] = "pre_llm"
+    kind: ClassVar[MethodKind] = PRE_LLM
     kernel: int
     fused_tokens: int = 1
 

@@ -3,7 +3,8 @@
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vtcbench.methods.base import Method, Where, register
+from vtcbench.methods.base import Method, register
+from vtcbench.methods.kinds import NONE, MethodKind
 
 
 @register
@@ -13,5 +14,5 @@ class Vanilla(Method):
     model); no decoder layer is hooked."""
 
     name: ClassVar[str] = "vanilla"
-    where: ClassVar[Where] = "none"
+    kind: ClassVar[MethodKind] = NONE
     description: ClassVar[str] = "no compression (the reference)"

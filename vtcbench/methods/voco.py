@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vtcbench.methods.base import Method, Where, check_positive, register
+from vtcbench.methods.base import Method, check_positive, register
+from vtcbench.methods.kinds import CACHE, MethodKind
 
 
 @register
@@ -36,7 +37,7 @@ class Voco(Method):
     voco_tokens: int = 2
 
     name: ClassVar[str] = "voco"
-    where: ClassVar[Where] = "cache"
+    kind: ClassVar[MethodKind] = CACHE
     description: ClassVar[str] = "VoCo-LLaMA: the text sees only K VoCo tokens' cache entries, which attended to the image"
     needs_weights: ClassVar[str | None] = "a VoCo-trained checkpoint (its tokenizer has <voco>): vtcbench train --method voco"
 

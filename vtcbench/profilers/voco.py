@@ -15,6 +15,7 @@ needs), VoCo caching (the K VoCo entries), no caching (nothing stored, all recom
 from __future__ import annotations
 
 import statistics
+from dataclasses import dataclass
 
 import torch
 
@@ -49,6 +50,16 @@ def _prompt(model: torch.nn.Module, voco_id: int, voco_tokens: int, text_tokens:
     text = text[~torch.isin(text, reserved)][:text_tokens]
     n_image = model_facts(model).image_tokens
     return torch.cat([torch.tensor([1]), torch.full((n_image,), image_token), torch.full((voco_tokens,), voco_id), text])
+
+
+@dataclass(frozen=True)
+class VocoProfile:
+    """`profile_voco`'s record as `vtcbench profile --method voco` reports it (JSON: `to_dict`)."""
+
+    record: dict
+
+    def to_dict(self) -> dict:
+        return self.record
 
 
 @torch.no_grad()

@@ -2,7 +2,7 @@
 
 - `efficiency_plots`: per model and task, the task's headline metric (`--plot-metric`, else
   `overall`, else the task's primary metric) against the compute on image tokens (`tflops_image`, the papers' convention) and against the median prefill time, one point
-  per run with the 95% interval the tables print (stats.py, through tables.Context), and the
+  per run with the 95% interval the tables print (stats.py, through context.Context), and the
   Pareto front (higher metric at lower cost) as a step line, its points ringed (PyramidDrop
   Fig. 4).
 - `retention_picture`: PyramidDrop Fig. 5: one sample's image with the image tokens kept at each
@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from vtcbench.errors import choices_error
-from vtcbench.report.folders import Run
+from vtcbench.report.context import (
+    Context,
+    ReportOptions,
+    TaskColumn,
+    params_text,
+    score_cell,
+    short_task,
+)
+from vtcbench.report.folders import Run, load_runs
 from vtcbench.report.model import Figure
 from vtcbench.results import atomic_file, primary_metric
 
@@ -72,7 +80,9 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
 # -- efficiency plots ---------------------------------------------------------------------------------
 
 
-def efficiency_plots(source: Any, options: Any = None, *, pool: Sequence[Run] | None = None) -> list[Figure]:
+def efficiency_plots(
+    source: Sequence[Run] | ReportOptions, options: ReportOptions | None = None, *, pool: Sequence[Run] | None = None
+) -> list[Figure]:
     """Per model and task, one figure with two panels: the task's headline metric
     (`_plotted_columns`) against the compute on image tokens (`tflops_image`, log scale when it spans more than 10x) and against
     the median prefill time (`prefill_ms_median`); a point per run with its 95% interval (the
@@ -82,8 +92,6 @@ def efficiency_plots(source: Any, options: Any = None, *, pool: Sequence[Run] | 
     `runs` / `methods` / `tasks` selection). `pool`: the runs the reference is looked up in
     (default: `source`). Sweep folders are left out (their own curves.png plots them). A
     `plot_metric` that no task column shows raises VtcbenchError (one line, the valid choices)."""
-    from vtcbench.report.tables import Context, ReportOptions
-
     if isinstance(source, ReportOptions):
         options, (runs, pool) = source, _selected(source)
     else:
@@ -109,11 +117,11 @@ def efficiency_plots(source: Any, options: Any = None, *, pool: Sequence[Run] | 
     return figures
 
 
-def _plotted_columns(context: Any, plot_metric: str | None) -> list[Any]:
+def _plotted_columns(context: Context, plot_metric: str | None) -> list[TaskColumn]:
     """One column per task, the headline a reader expects rather than whichever `--metrics` listed
     first: `plot_metric` where the task shows it, else `overall`, else the task's primary metric
     (lmms-eval's first), else its first column."""
-    by_task: dict[str, list[Any]] = {}
+    by_task: dict[str, list[TaskColumn]] = {}
     for column in context.tasks:
         by_task.setdefault(column.short, []).append(column)
     chosen = []
@@ -126,9 +134,7 @@ def _plotted_columns(context: Any, plot_metric: str | None) -> list[Any]:
     return chosen
 
 
-def _efficiency_figure(context: Any, model: str, task: Any, styles: dict[str, tuple[str, str]]) -> Figure | None:
-    from vtcbench.report.tables import _score
-
+def _efficiency_figure(context: Context, model: str, task: TaskColumn, styles: dict[str, tuple[str, str]]) -> Figure | None:
     scale = 100.0 if task.percent else 1.0
     metric_name = task.metric.partition(",")[0]
     points = []  # (run, label, value, low, high, tflops, prefill)
@@ -136,7 +142,7 @@ def _efficiency_figure(context: Any, model: str, task: Any, styles: dict[str, tu
         own = context.estimate(run, task.short, task.metric)
         if own is None:
             continue
-        score = _score(own, scale, None, clip=task.percent)
+        score = score_cell(own, scale, None, clip=task.percent)
         entry = run.summary["tasks"][context.task_name(run, task.short)]
         points.append((run, context.label(run), score.value, score.low, score.high,
                        _positive(entry.get("tflops_image")), _positive(entry.get("prefill_ms_median"))))
@@ -209,7 +215,7 @@ def _efficiency_figure(context: Any, model: str, task: Any, styles: dict[str, tu
                   tuple(p[3] for p in panels), *_png_size(png))
 
 
-def _documents(context: Any, points: list, task: Any) -> str:
+def _documents(context: Context, points: list, task: TaskColumn) -> str:
     counts = {len(e.scores) for p in points if (e := context.estimate(p[0], task.short, task.metric)) and e.scores}
     return f", {counts.pop()} documents" if len(counts) == 1 else ""
 
@@ -356,8 +362,6 @@ def _square(image: Any) -> Any:
 def retention_pictures(runs: Sequence[Run], results: Path) -> tuple[list[Figure], list[str]]:
     """A retention picture for the first sample of each run that recorded its kept image tokens
     (`vtcbench run --keep-indices N`); and a note per run whose record could not be drawn."""
-    from vtcbench.report.tables import _params_text, _short
-
     figures, notes = [], []
     for run in runs:
         record = next((r for r in run.samples if "kept_image_tokens" in r), None)
@@ -366,9 +370,9 @@ def retention_pictures(runs: Sequence[Run], results: Path) -> tuple[list[Figure]
         folder = _folder(Path(results), run)
         task = str(record.get("task", "?"))
         doc = record.get("doc_id", "?")
-        params = _params_text(run.params)
-        title = f"{run.method}{f' ({params})' if params else ''} on {_short(task)}, document {doc}"
-        name = f"retention__{_slug(run.name)}__{_slug(_short(task))}__{_slug(str(doc))}.png"
+        params = params_text(run.params)
+        title = f"{run.method}{f' ({params})' if params else ''} on {short_task(task)}, document {doc}"
+        name = f"retention__{_slug(run.name)}__{_slug(short_task(task))}__{_slug(str(doc))}.png"
         image: Path | None = None
         relative = record.get("retention_image")
         if isinstance(relative, str) and relative:
@@ -394,7 +398,7 @@ def _folder(results: Path, run: Run) -> Path:
 # -- everything a report draws, and writing it --------------------------------------------------------
 
 
-def report_figures(runs: Sequence[Run], pool: Sequence[Run], options: Any) -> tuple[list[Figure], list[str]]:
+def report_figures(runs: Sequence[Run], pool: Sequence[Run], options: ReportOptions) -> tuple[list[Figure], list[str]]:
     """The efficiency plots of the selected runs, then their retention pictures; notes on what
     could not be drawn."""
     plain = [run for run in runs if not run.is_sweep]
@@ -416,9 +420,7 @@ def write_figures(figures: Sequence[Figure], folder: Path) -> list[Path]:
     return paths
 
 
-def _selected(options: Any) -> tuple[list[Run], list[Run]]:
-    from vtcbench.report.folders import load_runs
-
+def _selected(options: ReportOptions) -> tuple[list[Run], list[Run]]:
     runs, _ = load_runs(options.results, options.runs)
     shown = [run for run in runs if not options.methods or run.method in options.methods]
     return shown, runs

@@ -14,14 +14,17 @@ sources, definitions, provenance differences) goes into the table's footnotes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 from vtcbench.errors import VtcbenchError, choices_error
-from vtcbench.report.aggregation import AGGREGATION_RESAMPLES
+from vtcbench.report.context import (
+    Context,
+    ReportOptions,
+    natural_key,
+    params_text,
+    short_task,
+    value_text,
+)
 from vtcbench.report.folders import Run, load_runs
 from vtcbench.report.model import (
     HIGHER_IS_BETTER,
@@ -32,43 +35,10 @@ from vtcbench.report.model import (
     Score,
     Table,
 )
-from vtcbench.report.stats import (
-    AGGREGATE,
-    BOOTSTRAP,
-    NONE,
-    RESAMPLES,
-    STDERR,
-    Estimate,
-    estimate,
-    paired_difference,
-)
-from vtcbench.results import primary_metric
+from vtcbench.report.plots import report_figures
 
 LAYOUTS = ("auto", "efficiency", "inference", "compressors", "ablation", "sweep")
-MME_FULL_SCORE = 2000  # LLaVolta and PyramidDrop average MME's score divided by 2000
-#: provenance fields whose difference between compared runs can move their numbers
-PROVENANCE_FIELDS = (("device", "device"), ("dtype", "dtype"), ("attention", "attention"),
-                     ("transformers", "transformers"), ("git_revision", "git revision"))
-SETTING_FIELDS = ("limit", "seed", "random_weights")
 SWEEP_KEPT_BY = {"attention": "the last instruction token's attention", "pool": "average pooling", "random": "random choice"}
-
-
-@dataclass(frozen=True)
-class ReportOptions:
-    results: Path = Path("results")
-    layout: str = "auto"
-    runs: str | None = None  # glob on run-folder names
-    methods: tuple[str, ...] = ()
-    tasks: tuple[str, ...] = ()  # short names or lmms-eval names
-    sort: str | None = None  # a column key or header
-    delta_vs: str | None = None  # inference: default fastv when present
-    reference: str | None = None  # default vanilla (differences omitted when absent)
-    allow_mixed: bool = False
-    metrics: tuple[str, ...] = ()  # metric names shown per task (default: each task's first)
-    seed: int = 0
-    resamples: int = RESAMPLES
-    plots: bool = False  # also draw the figures (plots.py) into Report.figures
-    plot_metric: str | None = None  # the efficiency plots' metric (default: overall, else the task's primary)
 
 
 def build_report(options: ReportOptions) -> Report:
@@ -110,8 +80,6 @@ def build_report(options: ReportOptions) -> Report:
 
 def _with_figures(report: Report, shown: list[Run], runs: list[Run], options: ReportOptions) -> Report:
     if options.plots:
-        from vtcbench.report.plots import report_figures
-
         report.figures, report.figure_notes = report_figures(shown, [run for run in runs if not run.is_sweep], options)
     return report
 
@@ -120,7 +88,7 @@ def _auto_layout(plain: list[Run], sweeps: list[Run], reference: str) -> str:
     if sweeps and not plain:
         return "sweep"
     compared = [run for run in plain if run.method != reference]
-    if len({run.method for run in compared}) == 1 and len({_params_text(run.params) for run in compared}) > 1:
+    if len({run.method for run in compared}) == 1 and len({params_text(run.params) for run in compared}) > 1:
         return "ablation"
     return "efficiency"
 
@@ -132,287 +100,6 @@ def _check_models(runs: list[Run], allow_mixed: bool) -> None:
             f"the selected runs are of different models ({', '.join(models)}); select one with --runs or --methods, "
             "or pass --allow-mixed"
         )
-
-
-# -- what a row knows --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskColumn:
-    short: str  # the task's name (vtcshapes, mme, ...)
-    metric: str  # lmms-eval's key, `name,filter`
-    percent: bool  # a fraction, shown in %
-    mme: bool  # MME's score (0..2800), divided by 2000 in the average
-    primary: bool = True  # the task's first metric (`--metrics` adds others)
-
-    @property
-    def key(self) -> str:
-        """The column's key and header: the task, or `task metric` for a metric `--metrics` named."""
-        return self.short if self.primary else f"{self.short} {self.metric.partition(',')[0]}"
-
-
-@dataclass
-class Context:
-    """The rows of a table and everything their cells are computed from."""
-
-    rows: list[Run]
-    pool: list[Run]  # every readable run (references are found here, shown or not)
-    options: ReportOptions
-    reference: str
-    tasks: list[TaskColumn] = field(init=False)
-    mixed: bool = field(init=False)
-    _estimates: dict[tuple[str, str, str], Estimate | None] = field(default_factory=dict, init=False)
-    _compared: dict[str, Run] = field(default_factory=dict, init=False)
-    _documents_differ: bool = field(default=False, init=False)
-
-    def __post_init__(self) -> None:
-        self.rows = sorted(self.rows, key=lambda run: (run.model, run.method != self.reference, run.method,
-                                                       _natural(run.params), run.name))
-        self.mixed = len({run.model for run in self.rows}) > 1
-        self.tasks = self._task_columns()
-
-    # runs and tasks
-
-    def _task_columns(self) -> list[TaskColumn]:
-        order: list[str] = []
-        for run in self.rows:
-            order += [s for s in (_short(t) for t in run.summary.get("tasks", {})) if s not in order]
-        wanted = [_short(t) for t in self.options.tasks]
-        for task in wanted:
-            if task not in order:
-                raise choices_error("task", task, order)
-        columns = []
-        for short in wanted or order:
-            source = next(r for r in [self.reference_of(self.rows[0]), *self.rows] if r and self.task_name(r, short))
-            reported = source.summary["tasks"][self.task_name(source, short)]["metrics"]
-            primary = primary_metric(reported)
-            if primary is None:
-                continue
-            named = [key for name in self.options.metrics for key in reported if key.partition(",")[0] == name]
-            for metric in named or [primary]:
-                values = [e.value for run in self.rows if (e := self.estimate(run, short, metric)) is not None]
-                name = metric.partition(",")[0]
-                columns.append(TaskColumn(short, metric, all(0 <= v <= 1 for v in values),
-                                          name.startswith("mme") and name.endswith("_score"), not named))
-        return columns
-
-    def task_name(self, run: Run, short: str) -> str | None:
-        """The run's own name of the task (local runs: `vtc_local_<task>`)."""
-        return next((name for name in run.summary.get("tasks", {}) if _short(name) == short), None)
-
-    def reference_of(self, run: Run, method: str | None = None) -> Run | None:
-        """The run of `method` (default: the reference) with the same model, the same settings
-        where there is one; None for a run of that method itself."""
-        method = method or self.reference
-        if run.method == method:
-            return None
-        candidates = [r for r in self.pool if r.method == method and r.model == run.model]
-        same = [r for r in candidates if all(r.identity.get(k) == run.identity.get(k) for k in (*SETTING_FIELDS, "dtype"))]
-        chosen = min(same or candidates, key=lambda r: r.name, default=None)
-        if chosen is not None:
-            self._compared[chosen.name] = chosen
-        return chosen
-
-    def estimate(self, run: Run, short: str, metric: str) -> Estimate | None:
-        key = (run.name, short, metric)
-        if key not in self._estimates:
-            task = self.task_name(run, short)
-            entry = run.summary["tasks"].get(task) if task else None
-            self._estimates[key] = None if entry is None else estimate(
-                entry.get("metrics", {}), run.samples, task, metric, resamples=self.options.resamples,
-                seed=self.options.seed,
-            )
-        return self._estimates[key]
-
-    # cells
-
-    def label(self, run: Run, *, with_params: bool = True) -> str:
-        params = _params_text(run.params)
-        text = f"{run.method} ({params})" if with_params and params else run.method
-        return f"{run.model}: {text}" if self.mixed else text
-
-    def score_cells(self, run: Run) -> dict[str, Cell]:
-        """Each task's value with its interval and its difference from the reference; the average."""
-        reference = self.reference_of(run)
-        cells: dict[str, Cell] = {}
-        for task in self.tasks:
-            own = self.estimate(run, task.short, task.metric)
-            if own is None:
-                cells[task.key] = None
-                continue
-            scale = 100.0 if task.percent else 1.0
-            delta = None
-            other = self.estimate(reference, task.short, task.metric) if reference else None
-            if other is not None:
-                delta = self._difference(own, other, scale)
-            cells[task.key] = _score(own, scale, delta, clip=task.percent)
-        if self.averaged:
-            average = self.average(run)
-            reference_average = self.average(reference) if reference else None
-            delta = None
-            if average is not None and reference_average is not None:
-                delta = Score(average - reference_average, signed=True)
-            cells["average"] = None if average is None else Score(average, delta=delta)
-        return cells
-
-    def difference_cells(self, run: Run, other: Run) -> dict[str, Cell]:
-        """run - other per task (paired interval) and for the average: a difference row."""
-        cells: dict[str, Cell] = {}
-        for task in self.tasks:
-            own, theirs = self.estimate(run, task.short, task.metric), self.estimate(other, task.short, task.metric)
-            cells[task.key] = (
-                None if own is None or theirs is None else self._difference(own, theirs, 100.0 if task.percent else 1.0)
-            )
-        if self.averaged:
-            mine, theirs = self.average(run), self.average(other)
-            cells["average"] = None if mine is None or theirs is None else Score(mine - theirs, signed=True)
-        return cells
-
-    def _difference(self, own: Estimate, other: Estimate, scale: float) -> Score:
-        difference = paired_difference(own, other, resamples=self.options.resamples, seed=self.options.seed)
-        if difference.documents and difference.documents < max(len(own.scores or ()), len(other.scores or ())):
-            self._documents_differ = True
-        interval = difference.interval
-        return Score(
-            difference.value * scale, interval.low * scale if interval else None, interval.high * scale if interval else None,
-            marked=difference.excludes_zero, signed=True,
-        )
-
-    @property
-    def averaged(self) -> bool:
-        """An average column: several tasks, one metric each (an average over one task's metrics
-        would mix its families with their overall)."""
-        return len(self.tasks) > 1 and all(task.primary for task in self.tasks)
-
-    def average(self, run: Run) -> float | None:
-        """The mean of the task columns in % (MME's score / 2000); None when a task is missing."""
-        values = []
-        for task in self.tasks:
-            own = self.estimate(run, task.short, task.metric)
-            if own is None:
-                return None
-            values.append(own.value * 100 / MME_FULL_SCORE if task.mme else own.value * (100 if task.percent else 1))
-        return math.fsum(values) / len(values) if values else None
-
-    def task_mean(self, run: Run, read: Callable[[dict[str, Any]], float | None]) -> float | None:
-        """A per-task summary quantity over the shown tasks, weighted by their samples."""
-        values, weights = [], []
-        for task in self.tasks:
-            name = self.task_name(run, task.short)
-            entry = run.summary["tasks"].get(name) if name else None
-            value = read(entry) if entry else None
-            if value is not None:
-                values.append(value)
-                weights.append(entry.get("samples") or 1)
-        if len(set(values)) == 1:  # one task, or the same value on each: exactly that value
-            return values[0]
-        return math.fsum(v * w for v, w in zip(values, weights)) / sum(weights) if values else None
-
-    def tokens(self, run: Run) -> float | None:
-        return self.task_mean(run, lambda e: _mean(e.get("mean_image_tokens_per_layer")))
-
-    def token_total(self, run: Run) -> float | None:
-        return self.task_mean(run, lambda e: sum(e["mean_image_tokens_per_layer"]) if e.get("mean_image_tokens_per_layer") else None)
-
-    def tflops(self, run: Run) -> float | None:
-        return self.task_mean(run, lambda e: e.get("tflops_image"))
-
-    def prefill(self, run: Run) -> float | None:
-        return self.task_mean(run, lambda e: e.get("prefill_ms_median"))
-
-    def speedup(self, run: Run) -> float | None:
-        vanilla = run if run.method == "vanilla" else self.reference_of(run, "vanilla")
-        mine, theirs = self.prefill(run), self.prefill(vanilla) if vanilla else None
-        return theirs / mine if mine and theirs else None
-
-    def compression_ratio(self, run: Run) -> float | None:
-        """N*L / the run's token total (LLaVolta's CR), N*L from vanilla's run or the model's facts."""
-        vanilla = run if run.method == "vanilla" else self.reference_of(run, "vanilla")
-        full = self.token_total(vanilla) if vanilla else _full_total(run.model)
-        total = self.token_total(run)
-        return full / total if full and total else None
-
-    # footnotes
-
-    def footnotes(self) -> list[str]:
-        notes = []
-        if self.tasks:
-            metrics = ", ".join(f"{t.key}: {t.metric.partition(',')[0]}{' (%)' if t.percent else ''}" for t in self.tasks)
-            which = "the metrics named by --metrics" if self.options.metrics else "lmms-eval's first metric of each task"
-            notes.append(f"Task columns: {which} ({metrics}).")
-        notes += self._interval_notes()
-        notes.append(self._delta_note())
-        if self._documents_differ:
-            notes.append("Some compared runs scored different documents: differences use the documents both scored.")
-        if self.averaged:
-            mme = " (MME's score divided by 2000, as LLaVolta and PyramidDrop average it)" if any(t.mme for t in self.tasks) else ""
-            notes.append(f"average: the mean of the task columns{mme}, without an interval; - where a task is missing.")
-        notes += self._provenance_notes()
-        return notes
-
-    def _interval_notes(self) -> list[str]:
-        notes = [
-            (f"[low, high]: 95% percentile-bootstrap interval over documents ({self.options.resamples:,} resamples, "
-             f"seed {self.options.seed}).")
-        ]
-        fallback, missing, aggregated = [], [], []
-        for run in self.rows:
-            for task in self.tasks:
-                own = self.estimate(run, task.short, task.metric)
-                if own is None or own.source == BOOTSTRAP:
-                    continue
-                if own.source == AGGREGATE:
-                    aggregated.append(f"{self.label(run)} on {task.key}")
-                    continue
-                scored = any("metrics" in r for r in run.samples if r.get("task") == self.task_name(run, task.short))
-                why = "not a mean of per-document scores" if scored else "older folder without per-document scores"
-                where = f"{self.label(run)} on {task.key}"
-                if own.source == NONE:
-                    missing.append(f"{where} ({why})")
-                else:
-                    fallback.append(f"{where} ({why}; {'bootstrap' if own.source == STDERR else 'CLT'} SE)")
-        if aggregated:
-            notes.append(
-                "Interval from the bootstrap of lmms-eval's own aggregation (not a mean of per-document scores), "
-                f"resampling documents as it groups them (MME: image pairs), {AGGREGATION_RESAMPLES:,} resamples, for: "
-                + "; ".join(aggregated) + "."
-            )
-        if fallback:
-            notes.append("Interval from lmms-eval's standard error (value ± 1.96 SE) for: " + "; ".join(fallback) + ".")
-        if missing:
-            notes.append("No interval (neither per-document scores nor a standard error) for: " + "; ".join(missing) + ".")
-        return notes
-
-    def _delta_note(self) -> str:
-        if not any(self.reference_of(run) for run in self.rows):
-            return f"No {self.reference} run of this model: no differences shown."
-        return (
-            f"Δ: difference from {self.reference} (same model), paired bootstrap over the documents both runs scored; "
-            "* where its 95% interval excludes 0; without an interval where a run has no per-document scores."
-        )
-
-    def _provenance_notes(self) -> list[str]:
-        compared = {run.name: run for run in self.rows} | self._compared
-        runs = sorted(compared.values(), key=lambda r: r.name)
-        differing, common = [], []
-        for key, title in PROVENANCE_FIELDS:
-            groups: dict[str, list[str]] = {}
-            for run in runs:
-                groups.setdefault(_provenance_value(key, run.provenance.get(key)), []).append(self.label(run))
-            if len(groups) > 1:
-                differing.append(f"{title}: " + "; ".join(f"{value} ({', '.join(sorted(set(names)))})" for value, names in groups.items()))
-            else:
-                common.append(f"{title} {next(iter(groups))}")
-        for key in SETTING_FIELDS:
-            groups = {}
-            for run in runs:
-                groups.setdefault(str(run.identity.get(key)), []).append(self.label(run))
-            if len(groups) > 1:
-                differing.append(f"{key}: " + "; ".join(f"{value} ({', '.join(sorted(set(names)))})" for value, names in groups.items()))
-        notes = [f"Runs: {', '.join(common)}."] if common else []
-        if differing:
-            notes.append("Compared runs differ in " + " | ".join(differing) + ".")
-        return notes
 
 
 # -- layouts -----------------------------------------------------------------------------------------
@@ -507,14 +194,14 @@ def ablation_table(context: Context) -> Table:
         )
     settings = [run.params for run in context.rows if run.method != context.reference]
     keys = list(dict.fromkeys(k for params in settings for k in params))
-    varying = [k for k in keys if len({_params_text({k: p.get(k)}) for p in settings}) > 1] or keys
+    varying = [k for k in keys if len({params_text({k: p.get(k)}) for p in settings}) > 1] or keys
     columns = [
         METHOD, *(Column(f"param_{k}", k, "text") for k in varying),
         Column("tokens", "visual tokens", "tokens"), Column("tflops", "TFLOPs", "tflops"), *_task_columns(context),
     ]
     rows = []
     for run in context.rows:
-        params = {f"param_{k}": _value_text(run.params[k]) if k in run.params else None for k in varying}
+        params = {f"param_{k}": value_text(run.params[k]) if k in run.params else None for k in varying}
         rows.append(Row({"method": context.label(run, with_params=False), **params, "tokens": context.tokens(run),
                          "tflops": context.tflops(run), **context.score_cells(run)}, run.name))
     footnotes = [
@@ -548,7 +235,7 @@ def sweep_table(run: Run) -> Table:
                 cell["metric"] * scale, stderr=cell["stderr"] * scale if cell.get("stderr") is not None else None
             )
         rows.append(Row(row, run.name))
-    task = ", ".join(_short(t) for t in run.identity.get("tasks", []))
+    task = ", ".join(short_task(t) for t in run.identity.get("tasks", []))
     metric = curves[0]["metric_name"] if curves else "?"
     kept = SWEEP_KEPT_BY.get(run.method.removeprefix("sweep-"), run.method)
     footnotes = [
@@ -587,7 +274,7 @@ def _sort(table: Table, column: str | None, groups: list[list[Row]] | None = Non
             if value is None:
                 return (1, 0)
             if isinstance(value, str):
-                return (0, _natural(value))
+                return (0, natural_key(value))
             return (0, -value if descending else value)
 
         groups = sorted(groups, key=key)
@@ -604,64 +291,3 @@ def _several_tasks_note(context: Context) -> list[str]:
     if len({task.short for task in context.tasks}) > 1:
         return ["Cost columns: per-task values averaged over the tasks, weighted by their samples."]
     return []
-
-
-def _score(own: Estimate, scale: float, delta: Score | None, *, clip: bool) -> Score:
-    """A run's cell; a fraction's interval clipped to [0, 100]% (value ± 1.96 SE can leave it)."""
-    if own.interval is None:
-        return Score(own.value * scale, delta=delta)
-    low, high = own.interval.low * scale, own.interval.high * scale
-    if clip:
-        low, high = max(low, 0.0), min(high, 100.0)
-    return Score(own.value * scale, low, high, delta=delta)
-
-
-def _short(task: str) -> str:
-    from vtcbench.tasks.registry import short_name
-
-    return short_name(task)
-
-
-def _mean(values: list[float] | None) -> float | None:
-    return math.fsum(values) / len(values) if values else None
-
-
-def _params_text(params: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={_value_text(v)}" for k, v in params.items())
-
-
-def _value_text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value)) if value else "auto"
-    return str(value)
-
-
-def _natural(value: Any) -> tuple:
-    """A sort key where numbers order as numbers and before text (0.4 < 0.5 < 16)."""
-    if isinstance(value, dict):
-        return tuple((k, _natural(v)) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return tuple(_natural(v) for v in value)
-    if isinstance(value, bool) or value is None:
-        return (1, str(value))
-    if isinstance(value, (int, float)):
-        return (0, value)
-    return (1, str(value))
-
-
-def _provenance_value(key: str, value: Any) -> str:
-    if key == "git_revision" and isinstance(value, str):
-        base, plus, rest = value.partition("+")
-        return base[:12] + plus + rest
-    return "-" if value is None else str(value)
-
-
-def _full_total(model: str) -> float | None:
-    """N*L of a model alias from its shipped config (no download); None for other models."""
-    from vtcbench.families import model_facts
-    from vtcbench.models import MODELS, load_config
-
-    if model not in MODELS:
-        return None
-    facts = model_facts(load_config(model))
-    return float(facts.image_tokens * facts.n_layers)

@@ -1,0 +1,201 @@
+"""Kinds of method (docs/architecture.md#the-method-protocol): what differs between where methods
+act, owned by the kind (`Method.kind`) so that no caller switches on it.
+
+A kind says which run options and families it can take, how the engine applies it (hooks,
+prompt shortening, the prefill's check), how a prompt is written and batched for it, how a loaded
+model answers prompts with it (`session`) and what `vtcbench profile` measures. Four kinds:
+
+- `NONE` (vanilla) and `IN_LLM` (drops and merges inside the language model): the engine's hooks
+  around transformers' `generate`;
+- `PRE_LLM` (pooling or fusing before the LLM): the engine also maps the projector's output and
+  shortens each image's run of placeholders; it needs a fixed grid of image tokens;
+- `CACHE` (VoCo-LLaMA): its own prompt and its compressed-cache generation (`vtcbench/voco.py`),
+  outside the engine; it keeps no image tokens, so fidelity, kept indices and a timed training
+  step under the engine do not apply.
+
+The engine and every runtime module import the methods, so a kind reaches the code that runs it
+(`vtcbench.generation`, the profilers) when called, not when imported.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vtcbench.errors import VtcbenchError
+from vtcbench.families import model_facts
+from vtcbench.models import image_token_mask
+
+if TYPE_CHECKING:
+    from PIL import Image
+    from torch import nn
+    from torch.utils.hooks import RemovableHandle
+
+    from vtcbench.engine import CompressionEngine
+    from vtcbench.families import ModelFamily
+    from vtcbench.generation import Session
+    from vtcbench.methods.base import Method
+    from vtcbench.profilers.session import ProfileRecord, Shape
+    from vtcbench.profilers.voco import VocoProfile
+
+
+@dataclass(frozen=True)
+class MethodKind:
+    """A kind whose methods run under the compression engine (vanilla and in-LLM methods as is)."""
+
+    name: str  # shown by `vtcbench methods` ("acts"); the run folder records the method, not its kind
+    #: acts inside the language model, where its tokens take positions by the method's policy
+    in_llm: bool = False
+    #: works on one fixed grid of image tokens per image (families that size each image refuse it)
+    needs_fixed_grid: bool = False
+
+    # -- before loading ------------------------------------------------------------------------
+    def check_options(self, method: Method, *, fidelity: bool = False, keep_indices: int = 0, train: bool = False) -> None:
+        """Refuse, in one line, a run option this kind cannot honour (`--fidelity`, `--keep-indices`,
+        `profile --train`); under the engine every option applies."""
+
+    # -- the engine (vtcbench/engine.py) ----------------------------------------------------------
+    def check_engine(self, method: Method) -> None:
+        """Refuse to be applied by the engine's hooks."""
+
+    def engine_hooks(self, engine: CompressionEngine) -> list[RemovableHandle]:
+        """Hooks the engine adds, beyond the language model's, while it is entered."""
+        return []
+
+    def prepare(self, engine: CompressionEngine, inputs: dict) -> dict:
+        """The model inputs under this method (`engine.prepare`): unchanged for in-LLM methods."""
+        return dict(inputs)
+
+    def check_prefill(self, engine: CompressionEngine, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+        """Refuse a prefill whose image tokens this kind cannot take."""
+
+    # -- prompts and answers ---------------------------------------------------------------------
+    def prompt(self, method: Method, family: ModelFamily, question: str, n_images: int, answer: str | None, system: str) -> str:
+        """The prompt of one request (and its answer, for log-likelihoods): the family's own."""
+        return family.prompt(question, n_images, answer, system=system)
+
+    def batch_key(self, family: ModelFamily, images: list[Image.Image]) -> Hashable:
+        """What requests batched together must share besides task and generation settings: the
+        number of images on a fixed grid (a pre-LLM method shortens each image's run of tokens
+        alike), else only whether there are images (the engine takes any counts)."""
+        return len(images) if family.fixed_image_grid else bool(images)
+
+    def session(self, model: nn.Module, processor: Any, method: Method) -> Session:
+        """The method on a loaded model, answering batches of prompts: the engine around `generate`."""
+        from vtcbench.generation import EngineSession
+
+        return EngineSession(model, processor, method)
+
+    def profile(
+        self, model: nn.Module, name: str, method: Method, processor: Any, shape: Shape, *, warmup: int, iterations: int,
+        min_seconds: float, train: bool,
+    ) -> ProfileRecord | VocoProfile:
+        """`vtcbench profile`: latency per phase, memory, energy and FLOPs on synthetic inputs of
+        `shape` (`profilers/session.py`), with a timed training step when `train`."""
+        from vtcbench.methods.base import get_method
+        from vtcbench.profilers.session import profile
+
+        return profile(model, name, method, shape, warmup=warmup, iterations=iterations, min_seconds=min_seconds,
+                       train=train, vanilla=get_method("vanilla"))
+
+
+@dataclass(frozen=True)
+class PreLLMKind(MethodKind):
+    """Methods that map the projector's output [images, n, d] to fewer tokens [images, n', d]
+    (`Method.pre_llm`): the prompt then carries n' placeholders per image."""
+
+    needs_fixed_grid: bool = True
+
+    def engine_hooks(self, engine: CompressionEngine) -> list[RemovableHandle]:
+        method = engine.method
+        projector = engine.family.projector(engine.model)
+        return [projector.register_forward_hook(lambda module, args, output: method.pre_llm(output))]
+
+    def prepare(self, engine: CompressionEngine, inputs: dict) -> dict:
+        """Shrink each image's run of placeholder tokens to what the method outputs: pooling
+        before the LLM makes the prompt itself shorter."""
+        per_image = engine.facts.image_tokens
+        kept = engine.method.pre_llm_tokens(per_image)
+        input_ids = inputs["input_ids"]
+        is_image = image_token_mask(input_ids, engine.image_token_id)
+        rank_in_image = (is_image.cumsum(dim=1) - 1) % per_image
+        keep = ~is_image | (rank_in_image < kept)
+        counts = keep.sum(dim=1)
+        if not bool((counts == counts[0]).all()):
+            raise VtcbenchError("every prompt in a batch must hold the same number of images")
+        out = dict(inputs)
+        for key in ("input_ids", "attention_mask", "labels"):
+            if key in inputs and inputs[key] is not None:
+                out[key] = inputs[key][keep].reshape(input_ids.shape[0], -1)
+        return out
+
+    def check_prefill(self, engine: CompressionEngine, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
+        """A prompt that still carries the full runs of placeholders was not prepared."""
+        pooled = engine.method.pre_llm_tokens(engine.facts.image_tokens)
+        if pixel_values is not None and int(image_mask.sum()) != pixel_values.shape[0] * pooled:
+            raise VtcbenchError(
+                f"{engine.method.name} shortens the prompt to {pooled} image tokens per image; "
+                "pass the inputs through engine.prepare(inputs) first"
+            )
+
+
+@dataclass(frozen=True)
+class CacheKind(MethodKind):
+    """Methods that compress the image into the KV cache of their own tokens and answer from
+    that cache (VoCo-LLaMA, `vtcbench/voco.py`): their own prompt, their own generation."""
+
+    def check_options(self, method: Method, *, fidelity: bool = False, keep_indices: int = 0, train: bool = False) -> None:
+        if train:
+            raise VtcbenchError(
+                f"--train: {method.name} trains with its masked single pass; time it with `vtcbench train --method {method.name}`"
+            )
+        if fidelity or keep_indices:
+            raise VtcbenchError(
+                f"{method.name} keeps no image tokens and answers from its own prompt; drop --fidelity and --keep-indices"
+            )
+
+    def check_engine(self, method: Method) -> None:
+        raise VtcbenchError(
+            f"{method.name} acts on the KV cache, not through the engine's hooks; "
+            "generate with vtcbench.voco.generate (as `vtcbench run` and `generate` do)"
+        )
+
+    def prompt(self, method: Method, family: ModelFamily, question: str, n_images: int, answer: str | None, system: str) -> str:
+        """The method's own single-image prompt (`Method.prompt`), the request's `<image>` removed."""
+        if n_images != 1:
+            raise VtcbenchError(f"{method.name} compresses one image per prompt; this request has {n_images}")
+        prompt = method.prompt(question.replace("<image>", "").strip(), system)
+        return prompt if answer is None else f"{prompt} {answer}"
+
+    def batch_key(self, family: ModelFamily, images: list[Image.Image]) -> Hashable:
+        """The image sizes: the compression pass takes one image-token count per batch."""
+        return tuple(image.size for image in images)
+
+    def session(self, model: nn.Module, processor: Any, method: Method) -> Session:
+        """Compressed-cache generation, with a store of compressed images kept for the session."""
+        from vtcbench.generation import CacheSession
+
+        return CacheSession(model, processor, method)
+
+    def profile(
+        self, model: nn.Module, name: str, method: Method, processor: Any, shape: Shape, *, warmup: int, iterations: int,
+        min_seconds: float, train: bool,
+    ) -> VocoProfile:
+        """Two questions about one image, the second answered from the compressed image the first
+        stored (`profilers/voco.py`: the supplement's breakdown); `shape`'s text and new tokens."""
+        from vtcbench.profilers.voco import VocoProfile, profile_voco
+
+        # random weights have no trained VoCo token: the last vocabulary id stands in (timings do not depend on it)
+        token = model_facts(model).vocab_size - 1 if processor is None else method.token_id(model, processor.tokenizer)
+        return VocoProfile(profile_voco(model, name, method, voco_id=token, text_tokens=shape.text_tokens,
+                                        new_tokens=shape.new_tokens, iterations=iterations, warmup=warmup))
+
+
+NONE = MethodKind("none")
+IN_LLM = MethodKind("in_llm", in_llm=True)
+PRE_LLM = PreLLMKind("pre_llm")
+CACHE = CacheKind("cache")
+KINDS: tuple[MethodKind, ...] = (NONE, IN_LLM, PRE_LLM, CACHE)
