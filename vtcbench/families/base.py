@@ -89,6 +89,12 @@ class ModelFamily:
         """A processor built offline for `config` (random-weight models have no hub files)."""
         raise NotImplementedError  # abstract
 
+    def load_processor(self, config: Any, source: str, **kwargs: Any) -> Any:
+        """The processor saved with a checkpoint (hub id or folder); `kwargs` go to `from_pretrained`."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, **kwargs)
+
     # -- parts ---------------------------------------------------------------------------------
     def multimodal(self, model: nn.Module) -> nn.Module:
         """The module whose forward takes `input_ids`, the pixels and the cache (`model.model`)."""

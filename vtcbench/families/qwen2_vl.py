@@ -36,6 +36,7 @@ from vtcbench.families.qwen_processor import (
     DEFAULT_SYSTEM,
     IMAGE_PLACEHOLDER,
     build_local_qwen_processor,
+    load_qwen_processor,
     pixel_bounds,
     qwen_chat_prompt,
 )
@@ -81,6 +82,9 @@ class Qwen2VLFamily(ModelFamily):
 
     def local_processor(self, config: Any, words: tuple[str, ...]) -> Any:
         return build_local_qwen_processor(config, words)
+
+    def load_processor(self, config: Any, source: str, **kwargs: Any) -> Any:
+        return load_qwen_processor(config, source, **kwargs)
 
     # -- parts -----------------------------------------------------------------------------------
     def vision_tower(self, model: nn.Module) -> nn.Module:

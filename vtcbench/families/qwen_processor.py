@@ -276,11 +276,7 @@ def build_local_qwen_processor(
         do_convert_rgb=True,
     )
     tokenizer = build_qwen_tokenizer(config, words)
-    processor_cls = {
-        "qwen2_vl": transformers.Qwen2VLProcessor,
-        "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
-        "qwen3_vl": transformers.Qwen3VLProcessor,
-    }[family]
+    processor_cls = _processor_class(family)
     template = QWEN3_VL_CHAT_TEMPLATE if family == "qwen3_vl" else QWEN2_VL_CHAT_TEMPLATE
     if _has_torchvision():
         video_cls = transformers.Qwen3VLVideoProcessor if family == "qwen3_vl" else transformers.Qwen2VLVideoProcessor
@@ -298,6 +294,31 @@ def build_local_qwen_processor(
             chat_template=template,
         )
     return _image_only(processor_cls)(image_processor, tokenizer, chat_template=template)
+
+
+def _processor_class(family: str) -> type:
+    import transformers
+
+    return {
+        "qwen2_vl": transformers.Qwen2VLProcessor,
+        "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+        "qwen3_vl": transformers.Qwen3VLProcessor,
+    }[family]
+
+
+def load_qwen_processor(config, source: str, **kwargs: Any):
+    """The processor saved with a Qwen-VL checkpoint (hub id or folder); ``kwargs`` go to ``from_pretrained``.
+
+    ``AutoProcessor`` when torchvision is importable. Without it (vtcbench's CPU install) ``AutoProcessor``
+    cannot build these processors at all (their video processor needs torchvision, on 5.24 even to be
+    named), so the image-only subclass (``_image_only``) loads the image processor, tokenizer and chat
+    template from the same files.
+    """
+    if _has_torchvision():
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, **kwargs)
+    return _image_only(_processor_class(_family(config))).from_pretrained(source, **kwargs)
 
 
 def _has_torchvision() -> bool:
