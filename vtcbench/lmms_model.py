@@ -2,7 +2,10 @@
 
 lmms-eval owns the benchmarks (prompts, splits, metrics); this class answers its requests:
 - prompts in the model family's original evaluation format (`family.prompt`: LLaVA-1.5 and
-  LLaVA-NeXT-Vicuna were evaluated with LLaVA's `conv_vicuna_v1` conversation);
+  LLaVA-NeXT-Vicuna were evaluated with LLaVA's `conv_vicuna_v1` conversation), and the rest of
+  what the family's own lmms-eval class does to a request (`family.evaluation_processor`,
+  `evaluation_images`, `answer_rules`: Qwen's pixel bounds, image path, stop strings), so that
+  its answers are that class's;
 - greedy decoding, batched: requests are grouped by task and generation kwargs (LLaVA-1.5: and
   by the number of images, which a pre-LLM method's shortened prompt needs equal), left-padded,
   and run under the engine, which handles different visual-token counts per prompt (AnyRes);
@@ -40,6 +43,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import family_of
+from vtcbench.families.base import AnswerRules
 from vtcbench.methods.base import Method, get_method
 from vtcbench.models import image_token_mask
 from vtcbench.profilers.latency import PhaseTimer, TokenMarker
@@ -96,8 +100,12 @@ class VtcbenchLMM(lmms):
     ):
         super().__init__()
         self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.family = family_of(model)
+        self.processor = self.family.evaluation_processor(processor, model.config)
+        self.tokenizer = self.processor.tokenizer
+        self.rules = self.family.answer_rules(model.config)
+        # the family's class may end generation at the tokenizer's eos alone (see AnswerRules)
+        self._eos = {"eos_token_id": self.tokenizer.eos_token_id} if self.rules.tokenizer_eos_only else {}
         self.method = method
         self.run = run
         self.batch_size = batch_size
@@ -105,7 +113,6 @@ class VtcbenchLMM(lmms):
         self.fidelity = fidelity  # also answer with vanilla: agreement and first-token KL, no labels needed
         self.keep_indices = keep_indices  # record the kept image tokens of the first N documents per task
         self._device = model.device
-        self.family = family_of(model)
         self._system = self.family.system_prompt(model.config)
         # one engine per method, built once and entered per batch (its hooks live only inside `with`)
         self._engines = {id(m): compress(model, m) for m in (method, VANILLA)}
@@ -206,7 +213,7 @@ class VtcbenchLMM(lmms):
         flat = [v for item in (visuals or []) for v in (item if isinstance(item, list) else [item])]
         if not all(isinstance(v, Image.Image) for v in flat):
             raise TypeError(f"{request.task_name}: vtcbench evaluates image tasks; got {type(flat[0]).__name__} visuals")
-        return [v.convert("RGB") for v in flat]
+        return self.family.evaluation_images(flat, self.model.config)
 
     # -- encoding and batching ------------------------------------------------------------------------
     def _encode(self, prompt: str, visuals: list[Image.Image], index: int) -> _Encoded:
@@ -243,7 +250,7 @@ class VtcbenchLMM(lmms):
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _generate_batch(self, jobs: list[Job]):
-        max_new_tokens, until = generation_settings(jobs[0].request)
+        max_new_tokens, until = generation_settings(jobs[0].request, self.rules)
         items = self._encode_jobs(jobs)
         recorded = [self._records_kept(job) for job in jobs]
         engine = self._engines[id(self.method)]
@@ -311,6 +318,7 @@ class VtcbenchLMM(lmms):
                 stopping_criteria=StoppingCriteriaList([StopOnStrings(self.tokenizer, until, inputs["input_ids"].shape[1])]),
                 logits_processor=LogitsProcessorList([marker]),
                 pad_token_id=self.tokenizer.pad_token_id,
+                **self._eos,
                 output_logits=self.fidelity,  # a copy of every step's logits: only --fidelity reads them
                 return_dict_in_generate=self.fidelity,
             )
@@ -323,7 +331,8 @@ class VtcbenchLMM(lmms):
         return _Generated(results, timing, first_logits, [list(c) for c in engine.applied_image_tokens_per_sample])
 
     def _answers(self, new: torch.Tensor, until: list[str]) -> list[tuple[str, int]]:
-        """(text, tokens generated) per row of generated ids: cut after EOS, then at a stop string."""
+        """(text, tokens generated) per row of generated ids: cut after EOS, then at a stop string,
+        then stripped where the family's class strips (`AnswerRules.strip`)."""
         results = []
         eos = self.tokenizer.eos_token_id
         for row in new:
@@ -334,7 +343,7 @@ class VtcbenchLMM(lmms):
             for stop in until:
                 if stop and stop in text:
                     text = text[: text.index(stop)]
-            results.append((text.strip(), len(tokens)))
+            results.append((text.strip() if self.rules.strip else text, len(tokens)))
         return results
 
     # -- log-likelihood ----------------------------------------------------------------------------------
@@ -373,8 +382,8 @@ class VtcbenchLMM(lmms):
         doc = self.task_dict[task][split][doc_id]
         rounds, info, round_index = [], None, 0
         until = (gen_kwargs or {}).get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new_tokens = int((gen_kwargs or {}).get("max_new_tokens", 128))
+        until = [u for u in ([until] if isinstance(until, str) else until) if u not in self.rules.ignored_stops]
+        max_new_tokens = int((gen_kwargs or {}).get("max_new_tokens", self.rules.default_max_new_tokens))
         while True:
             if round_index:
                 visuals, context, terminal, rounds, info = doc_to_text(
@@ -382,7 +391,7 @@ class VtcbenchLMM(lmms):
                 )
                 if terminal:
                     break
-                visuals = [v.convert("RGB") for v in (visuals or [])]
+                visuals = self.family.evaluation_images(list(visuals or []), self.model.config)
             item = self._encode(self._prompt(context, len(visuals)), visuals, index)
             ((text, _),) = self._timed_generate(self.method, [item], max_new_tokens, until).outputs
             rounds = [*rounds, text]
@@ -390,12 +399,13 @@ class VtcbenchLMM(lmms):
         yield index, list(rounds), {"rounds": len(rounds)}
 
 
-def generation_settings(request: Instance) -> tuple[int, list[str]]:
-    """(max_new_tokens, stop strings) of a generation request; sampling is refused."""
+def generation_settings(request: Instance, rules: AnswerRules = AnswerRules()) -> tuple[int, list[str]]:
+    """(max_new_tokens, stop strings) of a generation request as the family's class reads it
+    (its default length, without the stop strings it ignores); sampling is refused."""
     gen_kwargs = dict(request.args[1] or {})
     until = gen_kwargs.pop("until", None) or []
-    until = [until] if isinstance(until, str) else list(until)
-    max_new_tokens = int(gen_kwargs.pop("max_new_tokens", 128))
+    until = [u for u in ([until] if isinstance(until, str) else until) if u not in rules.ignored_stops]
+    max_new_tokens = int(gen_kwargs.pop("max_new_tokens", rules.default_max_new_tokens))
     if float(gen_kwargs.pop("temperature", 0) or 0) > 0 or gen_kwargs.pop("do_sample", False):
         raise ValueError(f"{request.task_name}: vtcbench decodes greedily; the task asks for sampling")
     return max_new_tokens, until
