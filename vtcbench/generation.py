@@ -78,8 +78,9 @@ def collate(prompts: Sequence[Prompt], tokenizer: Any, family: ModelFamily, mode
     return batch
 
 
-def decode(tokenizer: Any, new_tokens: torch.Tensor, until: Sequence[str] = ()) -> list[tuple[str, int]]:
-    """(text, tokens generated) per row of generated ids: cut after EOS, then at a stop string."""
+def decode(tokenizer: Any, new_tokens: torch.Tensor, until: Sequence[str] = (), strip: bool = True) -> list[tuple[str, int]]:
+    """(text, tokens generated) per row of generated ids: cut after EOS, then at a stop string,
+    then stripped (unless the caller's convention keeps the spaces: `AnswerRules.strip`)."""
     results = []
     eos = tokenizer.eos_token_id
     for row in new_tokens:
@@ -90,7 +91,7 @@ def decode(tokenizer: Any, new_tokens: torch.Tensor, until: Sequence[str] = ()) 
         for stop in until:
             if stop and stop in text:
                 text = text[: text.index(stop)]
-        results.append((text.strip(), len(tokens)))
+        results.append((text.strip() if strip else text, len(tokens)))
     return results
 
 
@@ -150,6 +151,9 @@ class Session:
         self.tokenizer = processor.tokenizer
         self.method = method
         self.family = family_of(model)
+        #: extra `generate` arguments of the caller's conventions (lmms-eval's Qwen classes stop at
+        #: the tokenizer's eos alone: `eos_token_id`)
+        self.generate_kwargs: dict[str, Any] = {}
 
     def generate(
         self, prompts: Sequence[Prompt], *, max_new_tokens: int, until: Sequence[str] = (), first_logits: bool = False,
@@ -205,6 +209,7 @@ class EngineSession(Session):
                     stopping_criteria=StoppingCriteriaList([StopOnStrings(self.tokenizer, until, length)]),
                     logits_processor=LogitsProcessorList([marker]),
                     pad_token_id=self.tokenizer.pad_token_id,
+                    **self.generate_kwargs,
                     output_logits=first_logits,  # a copy of every step's logits: only fidelity reads them
                     return_dict_in_generate=first_logits,
                 )

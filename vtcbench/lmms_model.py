@@ -3,7 +3,10 @@
 lmms-eval owns the benchmarks (prompts, splits, metrics); this class answers its requests:
 - prompts in the model family's original evaluation format (`family.prompt`: LLaVA-1.5 and
   LLaVA-NeXT-Vicuna were evaluated with LLaVA's `conv_vicuna_v1` conversation), or the method's
-  own (VoCo-LLaMA's): the method's kind writes them (`MethodKind.prompt`);
+  own (VoCo-LLaMA's): the method's kind writes them (`MethodKind.prompt`); and the rest of what
+  the family's own lmms-eval class does to a request (`family.evaluation_processor`,
+  `evaluation_images`, `answer_rules`: Qwen's pixel bounds, image path, stop strings), so that its
+  answers are that class's;
 - greedy decoding, batched: requests are grouped by task, generation kwargs and what the kind
   needs equal in a batch (`MethodKind.batch_key`; LLaVA-1.5: the number of images, which a
   pre-LLM method's shortened prompt needs equal), and answered by the kind's session
@@ -39,6 +42,7 @@ from rich.progress import (
 )
 
 from vtcbench.families import family_of
+from vtcbench.families.base import AnswerRules
 from vtcbench.generation import Kept, Prompt, Session, collate, decode, encode
 from vtcbench.methods.base import Method, get_method
 from vtcbench.results import RunFolder
@@ -91,8 +95,10 @@ class VtcbenchLMM(lmms):
     ):
         super().__init__()
         self.model = model
-        self.processor = processor
-        self.tokenizer = processor.tokenizer
+        self.family = family_of(model)
+        self.processor = self.family.evaluation_processor(processor, model.config)
+        self.tokenizer = self.processor.tokenizer
+        self.rules = self.family.answer_rules(model.config)
         self.method = method
         self.run = run
         self.batch_size = batch_size
@@ -100,11 +106,13 @@ class VtcbenchLMM(lmms):
         self.fidelity = fidelity  # also answer with vanilla: agreement and first-token KL, no labels needed
         self.keep_indices = keep_indices  # record the kept image tokens of the first N documents per task
         self._device = model.device
-        self.family = family_of(model)
         self._system = self.family.system_prompt(model.config)
         # one session per method (its kind's), for the whole run: the engine's, or VoCo's with its
         # store of compressed images, which later questions about an image reuse
-        self._sessions: dict[int, Session] = {id(m): m.kind.session(model, processor, m) for m in (method, VANILLA)}
+        self._sessions: dict[int, Session] = {id(m): m.kind.session(model, self.processor, m) for m in (method, VANILLA)}
+        if self.rules.tokenizer_eos_only:  # the family's class ends generation at the tokenizer's eos alone (AnswerRules)
+            for session in self._sessions.values():
+                session.generate_kwargs["eos_token_id"] = self.tokenizer.eos_token_id
 
     def _prompt(self, context: str, n_images: int, answer: str | None = None) -> str:
         return self.method.kind.prompt(self.method, self.family, context, n_images, answer, self._system)
@@ -194,7 +202,7 @@ class VtcbenchLMM(lmms):
         flat = [v for item in (visuals or []) for v in (item if isinstance(item, list) else [item])]
         if not all(isinstance(v, Image.Image) for v in flat):
             raise TypeError(f"{request.task_name}: vtcbench evaluates image tasks; got {type(flat[0]).__name__} visuals")
-        return [v.convert("RGB") for v in flat]
+        return self.family.evaluation_images(flat, self.model.config)
 
     # -- encoding and batching ------------------------------------------------------------------------
     def _encode(self, prompt: str, visuals: list[Image.Image], index: int) -> _Encoded:
@@ -207,7 +215,7 @@ class VtcbenchLMM(lmms):
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _generate_batch(self, jobs: list[Job]):
-        max_new_tokens, until = generation_settings(jobs[0].request)
+        max_new_tokens, until = generation_settings(jobs[0].request, self.rules)
         items = self._encode_jobs(jobs)
         grids = [self.family.token_grid(item.pixels, item.image_tokens) if self._records_kept(job) else None for job, item in zip(jobs, items)]
         recorded = [grid is not None for grid in grids]
@@ -269,7 +277,7 @@ class VtcbenchLMM(lmms):
 
     def _answers(self, new: torch.Tensor, until: list[str]) -> list[tuple[str, int]]:
         """(text, tokens generated) per row of generated ids: cut after EOS, then at a stop string."""
-        return decode(self.tokenizer, new, until)
+        return decode(self.tokenizer, new, until, strip=self.rules.strip)
 
     # -- log-likelihood ----------------------------------------------------------------------------------
     @torch.no_grad()
@@ -301,8 +309,8 @@ class VtcbenchLMM(lmms):
         doc = self.task_dict[task][split][doc_id]
         rounds, info, round_index = [], None, 0
         until = (gen_kwargs or {}).get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
-        max_new_tokens = int((gen_kwargs or {}).get("max_new_tokens", 128))
+        until = [u for u in ([until] if isinstance(until, str) else until) if u not in self.rules.ignored_stops]
+        max_new_tokens = int((gen_kwargs or {}).get("max_new_tokens", self.rules.default_max_new_tokens))
         while True:
             if round_index:
                 visuals, context, terminal, rounds, info = doc_to_text(
@@ -310,7 +318,7 @@ class VtcbenchLMM(lmms):
                 )
                 if terminal:
                     break
-                visuals = [v.convert("RGB") for v in (visuals or [])]
+                visuals = self.family.evaluation_images(list(visuals or []), self.model.config)
             item = self._encode(self._prompt(context, len(visuals)), visuals, index)
             ((text, _),) = self._timed_generate(self.method, [item], max_new_tokens, until).outputs
             rounds = [*rounds, text]
@@ -318,12 +326,13 @@ class VtcbenchLMM(lmms):
         yield index, list(rounds), {"rounds": len(rounds)}
 
 
-def generation_settings(request: Instance) -> tuple[int, list[str]]:
-    """(max_new_tokens, stop strings) of a generation request; sampling is refused."""
+def generation_settings(request: Instance, rules: AnswerRules = AnswerRules()) -> tuple[int, list[str]]:
+    """(max_new_tokens, stop strings) of a generation request as the family's class reads it
+    (its default length, without the stop strings it ignores); sampling is refused."""
     gen_kwargs = dict(request.args[1] or {})
     until = gen_kwargs.pop("until", None) or []
-    until = [until] if isinstance(until, str) else list(until)
-    max_new_tokens = int(gen_kwargs.pop("max_new_tokens", 128))
+    until = [u for u in ([until] if isinstance(until, str) else until) if u not in rules.ignored_stops]
+    max_new_tokens = int(gen_kwargs.pop("max_new_tokens", rules.default_max_new_tokens))
     if float(gen_kwargs.pop("temperature", 0) or 0) > 0 or gen_kwargs.pop("do_sample", False):
         raise ValueError(f"{request.task_name}: vtcbench decodes greedily; the task asks for sampling")
     return max_new_tokens, until

@@ -327,7 +327,7 @@ def load_model(
     if random_weights:
         config = load_config(name)
         model = _random_model(config, torch_dtype, attn_implementation, seed, torch_device)
-        processor = _cached_processor(source, config) if source is not None else None
+        processor = _cached_processor(config, source) if source is not None else None
         if processor is None:
             processor = build_local_processor(config)
     else:
@@ -349,7 +349,7 @@ def load_model(
                 model, loading_info = _model_class(config).from_pretrained(
                     source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
                 )
-            processor = family_of(config).load_processor(source, config)
+            processor = family_of(config).load_processor(config, source)
         except OSError as exc:  # covers LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP errors
             if spec is None and Path(source).is_dir():
                 raise VtcbenchError(f"cannot load model folder {name!r}: {_first_line(exc)}") from exc
@@ -424,10 +424,10 @@ def _random_model(config, torch_dtype: torch.dtype, attn_implementation: str, se
         return model
 
 
-def _cached_processor(source: str, config):
+def _cached_processor(config, source: str):
     """The real processor if it is already on disk (cache or folder), else None; never downloads."""
     try:
-        return family_of(config).load_processor(source, config, local_files_only=True)
+        return family_of(config).load_processor(config, source, local_files_only=True)
     except (OSError, ValueError):  # not cached (or incomplete): build one locally
         return None
 

@@ -86,7 +86,7 @@ class SweepLMM(VtcbenchLMM):
     # -- generation ------------------------------------------------------------------------------------
     @torch.no_grad()
     def _sweep_generate(self, jobs: list[Job]):
-        max_new_tokens, until = generation_settings(jobs[0].request)
+        max_new_tokens, until = generation_settings(jobs[0].request, self.rules)
         items = self._encode_jobs(jobs)
         inputs = self._collate(items)
         groups = token_groups(inputs["input_ids"], inputs["attention_mask"], family_of(self.model).image_token_id(self.model.config))
@@ -147,6 +147,7 @@ class SweepLMM(VtcbenchLMM):
             num_beams=1,
             stopping_criteria=StoppingCriteriaList([StopOnStrings(self.tokenizer, until, prompt_length)]),
             pad_token_id=self.tokenizer.pad_token_id,
+            **self._sessions[id(self.method)].generate_kwargs,
         )
         return output[:, prompt_length:]
 

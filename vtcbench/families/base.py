@@ -11,6 +11,10 @@ modules, config fields or prompt format; they ask the family of the model in han
 - the image-token id and the architecture facts FLOPs need (`ModelFacts`);
 - its prompt (the conversation format its own lmms-eval model class builds) and an offline
   processor for random-weight models;
+- the rest of what its own lmms-eval model class does to a request (the processor's settings,
+  what happens to the images before the processor, how the answer is cut and stripped), so that
+  runs through lmms-eval answer as that class does (`evaluation_processor`, `evaluation_images`,
+  `answer_rules`);
 - its positions: 1-D RoPE ids `[batch, seq]`, or M-RoPE ids `[3, batch, seq]`; the engine keeps
   position ids as `[rows, batch, seq]` and asks the family how to split what the layers are
   handed and how to rebuild the RoPE tables for a gathered sequence;
@@ -24,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 from torch import nn
 
 from vtcbench.errors import VtcbenchError
@@ -65,6 +70,20 @@ class ModelFacts:
     image_size: tuple[int, int] | None = None  # (width, height) the facts describe, where the count depends on it
 
 
+@dataclass(frozen=True)
+class AnswerRules:
+    """How the family's own lmms-eval model class reads a generation request and returns its
+    answer; `VtcbenchLMM` applies them so that its answers are that class's. The defaults are
+    what vtcbench did before families had their own (and still does for LLaVA)."""
+
+    default_max_new_tokens: int = 128  # when the task sets no max_new_tokens
+    ignored_stops: tuple[str, ...] = ()  # task stop strings the class drops before generating
+    strip: bool = True  # whether the answer is stripped of surrounding whitespace
+    #: generation ends at the tokenizer's eos only (the class passes `eos_token_id`), not at
+    #: every eos of the model's generation config (Qwen's lists <|endoftext|> too)
+    tokenizer_eos_only: bool = False
+
+
 class ModelFamily:
     """One model family. Subclasses are registered in `vtcbench.families.FAMILIES`."""
 
@@ -85,15 +104,15 @@ class ModelFamily:
     def model_class(self, config: Any) -> type:
         raise NotImplementedError  # abstract: every family names its transformers class
 
-    def load_processor(self, source: str, config: Any, **kwargs: Any) -> Any:
-        """The processor saved with a checkpoint (hub snapshot or folder)."""
-        from transformers import AutoProcessor
-
-        return AutoProcessor.from_pretrained(source, **kwargs)
-
     def local_processor(self, config: Any, words: tuple[str, ...]) -> Any:
         """A processor built offline for `config` (random-weight models have no hub files)."""
         raise NotImplementedError  # abstract
+
+    def load_processor(self, config: Any, source: str, **kwargs: Any) -> Any:
+        """The processor saved with a checkpoint (hub id or folder); `kwargs` go to `from_pretrained`."""
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, **kwargs)
 
     # -- parts ---------------------------------------------------------------------------------
     def multimodal(self, model: nn.Module) -> nn.Module:
@@ -157,6 +176,21 @@ class ModelFamily:
         """One batch's image inputs (`pixel_values` and the family's extra keys) from each
         prompt's own processor output, as the family's batched processor call would give them."""
         raise NotImplementedError  # abstract
+
+    # -- answering through lmms-eval (`VtcbenchLMM`) ---------------------------------------------
+    def evaluation_processor(self, processor: Any, config: Any) -> Any:
+        """The processor set up as the family's own lmms-eval class sets up its own (default: as
+        loaded). Returns a new processor; the one passed in is left as it was."""
+        return processor
+
+    def evaluation_images(self, images: list[Image.Image], config: Any) -> list[Image.Image]:
+        """A request's images as the family's own lmms-eval class hands them to its processor
+        (default: converted to RGB)."""
+        return [image.convert("RGB") for image in images]
+
+    def answer_rules(self, config: Any) -> AnswerRules:
+        """How the family's own lmms-eval class reads a generation request and returns its answer."""
+        return AnswerRules()
 
     # -- inputs for profiling ------------------------------------------------------------------
     def synthetic_pixels(self, config: Any, batch: int, generator: torch.Generator) -> dict:

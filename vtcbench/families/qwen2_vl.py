@@ -20,20 +20,30 @@ Methods keep M-RoPE's original ids (as DART's and EffiVLM's Qwen ports do): the 
 all rows of the kept tokens; `compact` (PyramidDrop's renumbering) has no M-RoPE form, so it
 keeps the ids too; a pooled or merged token takes, per row, the floor of the mean of its
 members' ids (LLaVolta's rule applied to each axis).
+
+Through lmms-eval, `VtcbenchLMM` answers as lmms-eval 0.7.3's own class for the model type
+(`LMMS_EVAL_CLASSES`): its pixel bounds, its image path (qwen2_vl and qwen2_5_vl: a JPEG data
+URL; then `qwen_vl_utils.fetch_image`'s resize) and its answer rules. Checked answer for answer
+against the `qwen2_5_vl` class by benchmarks/qwen_lmms_parity.py.
 """
 
 from __future__ import annotations
 
+import copy
+import io
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from PIL import Image
 from torch import nn
 
 from vtcbench.errors import VtcbenchError
-from vtcbench.families.base import ModelFacts, ModelFamily
+from vtcbench.families.base import AnswerRules, ModelFacts, ModelFamily
 from vtcbench.families.qwen_processor import (
     DEFAULT_SYSTEM,
+    LMMS_EVAL_PIXELS,
     build_local_qwen_processor,
     load_qwen_processor,
     pixel_bounds,
@@ -42,6 +52,38 @@ from vtcbench.families.qwen_processor import (
 
 #: the image `ModelFacts` describe when none is given: a 1024x768 photo (resized by the processor)
 NOMINAL_IMAGE: tuple[int, int] = (1024, 768)
+
+
+@dataclass(frozen=True)
+class LmmsEvalClass:
+    """What lmms-eval 0.7.3's own model class for one Qwen model type does around `generate`,
+    read from `lmms_eval/models/simple/<model type>.py` (its defaults, one process, images only)."""
+
+    #: its min_pixels / max_pixels defaults, given to `AutoProcessor.from_pretrained` and to
+    #: `qwen_vl_utils` with every image
+    pixels: tuple[int, int]
+    #: images go as JPEG data URLs of this quality (`_encode_image_data_url`); None: as PIL images
+    jpeg_quality: int | None
+    #: `process_vision_info(image_patch_size=...)`: `fetch_image` resizes to multiples of twice it
+    patch_size: int
+    rules: AnswerRules
+
+
+#: by `config.model_type`. qwen2_vl strips its answer and keeps every stop string; qwen2_5_vl and
+#: qwen3_vl drop "\n\n" (lmms-eval's stop for tasks that set none) and return the text unstripped;
+#: qwen2_5_vl generates up to 32768 tokens when the task sets no max_new_tokens (TextVQA, for one).
+#: All three pass `eos_token_id=tokenizer.eos_token_id` to `generate`.
+LMMS_EVAL_CLASSES: dict[str, LmmsEvalClass] = {
+    "qwen2_vl": LmmsEvalClass((3136, 602112), 85, 14, AnswerRules(default_max_new_tokens=128, tokenizer_eos_only=True)),
+    "qwen2_5_vl": LmmsEvalClass(
+        LMMS_EVAL_PIXELS, 85, 14,
+        AnswerRules(default_max_new_tokens=32768, ignored_stops=("\n\n",), strip=False, tokenizer_eos_only=True),
+    ),
+    "qwen3_vl": LmmsEvalClass(
+        LMMS_EVAL_PIXELS, None, 16,
+        AnswerRules(default_max_new_tokens=128, ignored_stops=("\n\n",), strip=False, tokenizer_eos_only=True),
+    ),
+}
 
 
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
@@ -62,6 +104,15 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h_bar, w_bar
 
 
+def _fetch_image_rgb(image: Image.Image) -> Image.Image:
+    """`qwen_vl_utils.to_rgb`: RGBA composited onto white, any other mode converted."""
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    return image.convert("RGB")
+
+
 class Qwen2VLFamily(ModelFamily):
     name: ClassVar[str] = "qwen2_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl", "qwen2_5_vl")
@@ -79,11 +130,11 @@ class Qwen2VLFamily(ModelFamily):
         names = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
         return getattr(transformers, names[config.model_type])
 
-    def load_processor(self, source: str, config: Any, **kwargs: Any) -> Any:
-        return load_qwen_processor(source, config.model_type, **kwargs)
-
     def local_processor(self, config: Any, words: tuple[str, ...]) -> Any:
         return build_local_qwen_processor(config, words)
+
+    def load_processor(self, config: Any, source: str, **kwargs: Any) -> Any:
+        return load_qwen_processor(config, source, **kwargs)
 
     # -- parts -----------------------------------------------------------------------------------
     def vision_tower(self, model: nn.Module) -> nn.Module:
@@ -228,6 +279,60 @@ class Qwen2VLFamily(ModelFamily):
         t, h, w = (int(v) for v in pixels["image_grid_thw"][0])
         merge = math.isqrt(t * h * w // n_image)
         return None if t != 1 or (h // merge) * (w // merge) != n_image else (h // merge, w // merge)
+
+    # -- answering through lmms-eval -----------------------------------------------------------------
+    def lmms_eval_class(self, config: Any) -> LmmsEvalClass:
+        """lmms-eval 0.7.3's own class for this model type."""
+        return LMMS_EVAL_CLASSES[config.model_type]
+
+    def evaluation_pixels(self, config: Any) -> tuple[int, int]:
+        """(min_pixels, max_pixels) through lmms-eval: the defaults of lmms-eval's own class
+        (qwen2_5_vl and qwen3_vl: 256*28*28 and 1605632; qwen2_vl: 3136 and 602112), which it
+        gives to `AutoProcessor.from_pretrained` and to every image. The checkpoint's own bounds
+        differ (the hub's 3136..12845056, the toys' 4..64 merged tokens) and would give the model
+        other images, hence other visual tokens and other answers."""
+        return self.lmms_eval_class(config).pixels
+
+    def evaluation_processor(self, processor: Any, config: Any) -> Any:
+        """A copy of `processor` whose image processor has `evaluation_pixels` as its bounds (a
+        hub, folder or offline processor alike), as the class's `AutoProcessor.from_pretrained(
+        ..., min_pixels=..., max_pixels=...)` sets them."""
+        low, high = self.evaluation_pixels(config)
+        image_processor = processor.image_processor
+        settings = {k: v for k, v in image_processor.to_dict().items() if k not in ("min_pixels", "max_pixels")}
+        evaluated = copy.copy(processor)
+        evaluated.image_processor = type(image_processor).from_dict(
+            {**settings, "size": {"shortest_edge": low, "longest_edge": high}}
+        )
+        return evaluated
+
+    def evaluation_images(self, images: list[Image.Image], config: Any) -> list[Image.Image]:
+        """The images the class's processor receives, pixel for pixel: qwen2_vl and qwen2_5_vl
+        send each as a JPEG data URL of quality 85 (lmms-eval's `encode_image_to_data_url`, RGB
+        first), which `qwen_vl_utils.fetch_image` decodes; qwen3_vl hands the image itself, which
+        `fetch_image` makes RGB (RGBA onto white). `fetch_image` then resizes it with PIL's default
+        (bicubic) filter to `smart_resize` within the class's pixel bounds, in multiples of twice
+        the class's patch size; the processor's own resize then keeps that size. Resizing the
+        original image in the processor instead gives other pixels (the JPEG's loss, and
+        torchvision's bicubic rounding differs from PIL's)."""
+        spec = self.lmms_eval_class(config)
+        low, high = spec.pixels
+        prepared = []
+        for image in images:
+            if spec.jpeg_quality is not None:
+                from lmms_eval.models.model_utils.media_encoder import (
+                    encode_image_to_bytes,
+                )
+
+                data = encode_image_to_bytes(image, image_format="JPEG", convert_rgb=True, quality=spec.jpeg_quality)
+                image = Image.open(io.BytesIO(data))
+            image = _fetch_image_rgb(image)
+            height, width = smart_resize(image.height, image.width, 2 * spec.patch_size, low, high)
+            prepared.append(image.resize((width, height)))
+        return prepared
+
+    def answer_rules(self, config: Any) -> AnswerRules:
+        return self.lmms_eval_class(config).rules
 
     def collate_pixels(self, pixels: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Patches of every image in one sequence, with one grid row per image (the layout the

@@ -280,11 +280,7 @@ def build_local_qwen_processor(
         do_convert_rgb=True,
     )
     tokenizer = build_qwen_tokenizer(config, words)
-    processor_cls = {
-        "qwen2_vl": transformers.Qwen2VLProcessor,
-        "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
-        "qwen3_vl": transformers.Qwen3VLProcessor,
-    }[family]
+    processor_cls = _processor_class(family)
     template = QWEN3_VL_CHAT_TEMPLATE if family == "qwen3_vl" else QWEN2_VL_CHAT_TEMPLATE
     if _has_torchvision():
         video_cls = transformers.Qwen3VLVideoProcessor if family == "qwen3_vl" else transformers.Qwen2VLVideoProcessor
@@ -302,6 +298,31 @@ def build_local_qwen_processor(
             chat_template=template,
         )
     return _image_only(processor_cls)(image_processor, tokenizer, chat_template=template)
+
+
+def _processor_class(family: str) -> type:
+    import transformers
+
+    return {
+        "qwen2_vl": transformers.Qwen2VLProcessor,
+        "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
+        "qwen3_vl": transformers.Qwen3VLProcessor,
+    }[family]
+
+
+def load_qwen_processor(config, source: str, **kwargs: Any):
+    """The processor saved with a Qwen-VL checkpoint (hub id or folder); ``kwargs`` go to ``from_pretrained``.
+
+    ``AutoProcessor`` when torchvision is importable. Without it (vtcbench's CPU install) ``AutoProcessor``
+    cannot build these processors at all (their video processor needs torchvision, on 5.24 even to be
+    named), so the image-only subclass (``_image_only``) loads the image processor, tokenizer and chat
+    template from the same files.
+    """
+    if _has_torchvision():
+        from transformers import AutoProcessor
+
+        return AutoProcessor.from_pretrained(source, **kwargs)
+    return _image_only(_processor_class(_family(config))).from_pretrained(source, **kwargs)
 
 
 def _has_torchvision() -> bool:
@@ -364,22 +385,3 @@ def qwen_chat_prompt(question: str, n_images: int, answer: str | None = None, sy
         text += f"{answer}<|im_end|>\n"
     return text
 
-
-def load_qwen_processor(source: str, model_type: str, **kwargs):
-    """A saved Qwen processor (hub snapshot or folder). Without torchvision no Qwen video processor
-    can be built, so `AutoProcessor` fails on every Qwen folder; then the image processor, the
-    tokenizer and the chat template are loaded on their own into the image-only processor."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
-
-    if _has_torchvision():
-        return AutoProcessor.from_pretrained(source, **kwargs)
-    import transformers
-
-    processor_cls = {
-        "qwen2_vl": transformers.Qwen2VLProcessor,
-        "qwen2_5_vl": transformers.Qwen2_5_VLProcessor,
-        "qwen3_vl": transformers.Qwen3VLProcessor,
-    }[model_type]
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    image_processor = AutoImageProcessor.from_pretrained(source, **kwargs)
-    return _image_only(processor_cls)(image_processor, tokenizer, chat_template=tokenizer.chat_template)
