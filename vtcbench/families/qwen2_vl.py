@@ -291,7 +291,8 @@ class Qwen2VLFamily(ModelFamily):
         gives to `AutoProcessor.from_pretrained` and to every image. The checkpoint's own bounds
         differ (the hub's 3136..12845056, the toys' 4..64 merged tokens) and would give the model
         other images, hence other visual tokens and other answers."""
-        return self.lmms_eval_class(config).pixels
+        own = getattr(config, "vtcbench_pixel_bounds", None)  # a model trained at one resolution (vtc-tiny-qwen)
+        return (int(own[0]), int(own[1])) if own is not None else self.lmms_eval_class(config).pixels
 
     def evaluation_processor(self, processor: Any, config: Any) -> Any:
         """A copy of `processor` whose image processor has `evaluation_pixels` as its bounds (a
@@ -316,7 +317,7 @@ class Qwen2VLFamily(ModelFamily):
         original image in the processor instead gives other pixels (the JPEG's loss, and
         torchvision's bicubic rounding differs from PIL's)."""
         spec = self.lmms_eval_class(config)
-        low, high = spec.pixels
+        low, high = self.evaluation_pixels(config)
         prepared = []
         for image in images:
             if spec.jpeg_quality is not None:
