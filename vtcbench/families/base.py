@@ -84,6 +84,20 @@ class AnswerRules:
     tokenizer_eos_only: bool = False
 
 
+def decoder_facts(text: Any) -> dict[str, int]:
+    """The `ModelFacts` fields of a LLaMA-style decoder config (every family's text config)."""
+    n_heads = text.num_attention_heads
+    return dict(
+        n_layers=text.num_hidden_layers,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        n_heads=n_heads,
+        n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
+        head_dim=getattr(text, "head_dim", None) or text.hidden_size // n_heads,
+        vocab_size=text.vocab_size,
+    )
+
+
 class ModelFamily:
     """One model family. Subclasses are registered in `vtcbench.families.FAMILIES`."""
 

@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from vtcbench.families.base import ModelFacts, ModelFamily
+from vtcbench.families.base import ModelFacts, ModelFamily, decoder_facts
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -137,8 +137,6 @@ class LlavaFamily(ModelFamily):
 
     def facts(self, config: Any, image_size: tuple[int, int] | None = None) -> ModelFacts:
         text, vision = config.text_config, config.vision_config
-        n_heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // n_heads
         per_side = vision.image_size // vision.patch_size
         vision_tokens = per_side * per_side + 1  # + CLS
         per_crop = vision_tokens - 1 if config.vision_feature_select_strategy == "default" else vision_tokens
@@ -152,13 +150,7 @@ class LlavaFamily(ModelFamily):
         image_tokens = per_crop * crops
         return ModelFacts(
             family=self.name,
-            n_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            n_heads=n_heads,
-            n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
-            head_dim=head_dim,
-            vocab_size=text.vocab_size,
+            **decoder_facts(text),
             image_token_index=config.image_token_index,
             image_tokens=image_tokens,
             vision_n_layers=vision.num_hidden_layers,

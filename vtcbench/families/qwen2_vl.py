@@ -40,7 +40,7 @@ from PIL import Image
 from torch import nn
 
 from vtcbench.errors import VtcbenchError
-from vtcbench.families.base import AnswerRules, ModelFacts, ModelFamily
+from vtcbench.families.base import AnswerRules, ModelFacts, ModelFamily, decoder_facts
 from vtcbench.families.qwen_processor import (
     DEFAULT_SYSTEM,
     LMMS_EVAL_PIXELS,
@@ -201,7 +201,6 @@ class Qwen2VLFamily(ModelFamily):
     def facts(self, config: Any, image_size: tuple[int, int] | None = None) -> ModelFacts:
         text, vision = config.text_config, config.vision_config
         grid = self.image_grid(config, image_size)
-        n_heads = text.num_attention_heads
         d, m, _ = self._vision_widths(vision)
         tower, merger = self.vision_macs(config, grid)
         width = d * vision.spatial_merge_size**2
@@ -209,13 +208,7 @@ class Qwen2VLFamily(ModelFamily):
         t, h, w = grid
         return ModelFacts(
             family=self.name,
-            n_layers=text.num_hidden_layers,
-            hidden_size=text.hidden_size,
-            intermediate_size=text.intermediate_size,
-            n_heads=n_heads,
-            n_kv_heads=getattr(text, "num_key_value_heads", None) or n_heads,
-            head_dim=getattr(text, "head_dim", None) or text.hidden_size // n_heads,
-            vocab_size=text.vocab_size,
+            **decoder_facts(text),
             image_token_index=self.image_token_id(config),
             image_tokens=t * h * w // vision.spatial_merge_size**2,
             vision_n_layers=vision.depth,
