@@ -86,11 +86,17 @@ LMMS_EVAL_CLASSES: dict[str, LmmsEvalClass] = {
 }
 
 
+def check_aspect_ratio(width: int, height: int) -> None:
+    """The Qwen processor's one refusal: an aspect ratio over 200 (tiny images are upscaled)."""
+    if max(width, height) / max(1, min(width, height)) > 200:
+        raise VtcbenchError(f"an image of {width}x{height} has an aspect ratio over 200, which the Qwen processor refuses")
+
+
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """The Qwen image processor's resize (transformers `qwen2_vl.image_processing_qwen2_vl.smart_resize`):
     both sides multiples of `factor` (patch x merge), the area within [min_pixels, max_pixels],
     the aspect ratio kept as closely as that allows."""
-    Qwen2VLFamily().check_image_size(width, height)
+    check_aspect_ratio(width, height)
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
@@ -353,9 +359,7 @@ class Qwen2VLFamily(ModelFamily):
         return {"mm_token_type_ids": types}
 
     def check_image_size(self, width: int, height: int) -> None:
-        """The processor's one refusal: an aspect ratio over 200 (`smart_resize`); tiny images are upscaled."""
-        if max(width, height) / max(1, min(width, height)) > 200:
-            raise VtcbenchError(f"an image of {width}x{height} has an aspect ratio over 200, which the Qwen processor refuses")
+        check_aspect_ratio(width, height)
 
     def resize_config(self, config: Any, *, image_tokens: int | None, layers: int | None) -> None:
         if image_tokens is not None:
