@@ -89,7 +89,8 @@ def models() -> None:
         facts = model_facts(load_config(alias))
         table.add_row(
             alias,
-            "(shipped in the package)" if spec.packaged else spec.hub_id or "(random weights only)",
+            ("(shipped in the package)" if spec.weights_present else "(not trained yet: vtcbench train)") if spec.packaged
+            else spec.hub_id or "(random weights only)",
             str(facts.n_layers),
             str(facts.hidden_size),
             str(facts.intermediate_size),

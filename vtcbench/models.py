@@ -54,6 +54,11 @@ class ModelSpec:
     toy: bool = False  # a random-weight model of its family for tests (the family test matrix runs each)
 
     @property
+    def weights_present(self) -> bool:
+        """Whether a packaged model's weights are in the package (vtc-tiny-qwen is not trained yet)."""
+        return (WEIGHTS_DIR / self.alias / "model.safetensors").is_file()
+
+    @property
     def source(self) -> str | None:
         """Where real weights load from: the hub id, the packaged folder, or None."""
         return str(WEIGHTS_DIR / self.alias) if self.packaged else self.hub_id
@@ -88,8 +93,8 @@ MODELS: dict[str, ModelSpec] = {
                   "vtcbench's own LLaVA trained on vtcshapes (3-layer CLIP, 6-layer LLaMA, 64 image tokens), shipped",
                   packaged=True),
         ModelSpec("vtc-tiny-qwen", None, "vtc-tiny-qwen.json", "qwen2_vl",
-                  "vtcbench's own Qwen2.5-VL trained on vtcshapes (3-block windowed ViT, 6-layer M-RoPE decoder, "
-                  "64 image tokens at 224 px), shipped", packaged=True),
+                  "vtcbench's own Qwen2.5-VL for vtcshapes (3-block windowed ViT, 6-layer M-RoPE decoder, "
+                  "64 image tokens at 224 px); not trained yet: vtcbench train --model vtc-tiny-qwen", packaged=True),
         ModelSpec("tiny", None, "tiny.json", "llava",
                   "toy LLaVA (2-layer CLIP, 4-layer GQA LLaMA), random weights only, for tests", toy=True),
         ModelSpec("tiny-qwen2-vl", None, "tiny-qwen2-vl.json", "qwen2_vl",
@@ -333,10 +338,10 @@ def load_model(
     else:
         if spec is not None and spec.source is None:
             raise VtcbenchError(f"model {spec.alias!r} has no pretrained weights (test model); pass --random-weights")
-        if spec is not None and spec.packaged and not (Path(spec.source) / "model.safetensors").is_file():
+        if spec is not None and spec.packaged and not spec.weights_present:
             raise VtcbenchError(
-                f"the packaged weights of {spec.alias} are missing from {spec.source}; reinstall vtcbench, "
-                f"or train them: vtcbench train --model {spec.alias} --out {spec.source}"
+                f"the packaged weights of {spec.alias} are not in {spec.source}; train them: vtcbench train "
+                f"--model {spec.alias} --out {spec.source} (or reinstall vtcbench, if the package shipped them)"
             )
         assert source is not None
         from transformers import AutoConfig
