@@ -382,7 +382,7 @@ def _quiet_if(quiet: bool) -> Iterator[None]:
 def _load_trained_projector(model: nn.Module, folder: Path, loading_info: dict) -> dict:
     """A folder trained or converted for STF / TokenConcat (`vtcbench_projector` in config.json):
     transformers built LLaVA's projector, so swap in ours and load its weights from the folder's
-    safetensors (llava-hf layout, `multi_modal_projector.*`). Returns the loading info without the
+    safetensors (the projector's keys in the hub layout, `projector_key_prefix`). Returns the loading info without the
     projector's keys, which are now accounted for."""
     from safetensors import safe_open
 
