@@ -309,3 +309,48 @@ def wrong_prediction(short: str, doc: dict) -> str:
     if short in ("pope", "mme"):
         return "No" if correct_prediction(short, doc).lower() == "yes" else "Yes"
     return "a sandwich"
+
+
+LAYOUTS = ("tagged", "struct", "paths")
+
+
+def relayout(path: Path, layout: str, column: str = "image") -> None:
+    """Rewrite a parquet file written above with its image column in another layout, as tools
+    other than `datasets` write it: "tagged" (as written: datasets' Image feature), "struct" (the
+    same bytes/path struct without the feature tag in the schema metadata, as pandas and pyarrow
+    write it), "paths" (each image saved under `images/` beside the file, the column holding the
+    path relative to the file's folder)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    if layout == "tagged":
+        return
+    table = table.replace_schema_metadata(None)  # no datasets features: a plain struct
+    if layout == "paths":
+        folder = path.parent / "images"
+        folder.mkdir(exist_ok=True)
+        names = []
+        for row, value in enumerate(table.column(column).to_pylist()):
+            name = f"{path.stem}_{row}.png"
+            PILImage.open(io.BytesIO(value["bytes"])).save(folder / name)
+            names.append(f"images/{name}")
+        table = table.set_column(table.schema.get_field_index(column), column, pa.array(names, pa.string()))
+    elif layout != "struct":
+        raise ValueError(layout)
+    pq.write_table(table, path)
+
+
+def replace_image(path: Path, row: int, data: bytes, column: str = "image") -> None:
+    """Put `data` as the encoded image of `row` (e.g. bytes that are not an image)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    values = table.column(column).to_pylist()
+    values[row] = {"bytes": data, "path": values[row].get("path")}
+    index = table.schema.get_field_index(column)
+    table = table.set_column(index, table.schema.field(index), pa.array(values, table.schema.field(index).type))
+    pq.write_table(table, path)

@@ -2,12 +2,14 @@
 model type does (`lmms_eval/models/simple/qwen2_vl.py`, `qwen2_5_vl.py`, `qwen3_vl.py`), so that
 its answers are that class's.
 
-The answers themselves are compared with the `qwen2_5_vl` class by
-benchmarks/qwen_lmms_parity.py (40 of 40 identical, vanilla and fastv at keep-all). It cannot
-run here: the class needs `qwen_vl_utils` and a Qwen2.5-VL `AutoProcessor`, both of which need
-torchvision, which does not load beside the CPU torch of the README's install. This file checks
-each convention on its own, with the values the classes' source gives, and that a saved Qwen
-folder runs through `vtcbench run` on this install at all.
+The answers themselves are compared with the `qwen2_5_vl` class, run as users run it and driven
+by lmms-eval's `simple_evaluate` (the `*_as_lmms_evals_own_class` tests): the shipped
+vtc-tiny-qwen on 200 vtcshapes questions, and a random-weight tiny Qwen2.5-VL at the class's
+default pixel bounds. The class needs `qwen_vl_utils` and `decord` (the test extra installs both)
+and torchvision, which does not load beside the CPU torch of the README's install: there these
+two tests skip, saying so, and they run in CI's lowest and newest environments, whose torch and
+torchvision are a matching pair. The other tests check each convention on its own, with the
+values the classes' source gives, and that a saved Qwen folder runs through `vtcbench run`.
 """
 
 from __future__ import annotations
@@ -58,9 +60,42 @@ def qwen25_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def _run(folder: Path, out: Path, method: str, *settings: str) -> list[dict]:
-    args = ["run", "--model", str(folder), "--method", method, "--tasks", "vtcshapes", "--limit", "6", "--device", "cpu",
-            "--out", str(out)]
+def _class_cannot_load() -> str | None:
+    """Why lmms-eval's own `qwen2_5_vl` class cannot run here, or None."""
+    try:
+        import decord  # noqa: F401  (lmms-eval's qwen2_5_vl module imports it)
+        import qwen_vl_utils  # noqa: F401  (imports torchvision)
+    except Exception as error:  # ImportError, or torchvision's "operator torchvision::nms does not exist"
+        first = str(error).strip().splitlines()
+        return (f"lmms-eval's qwen2_5_vl class needs decord, qwen-vl-utils and a torchvision that loads "
+                f"({type(error).__name__}: {first[0] if first else ''})")
+    return None
+
+
+def class_answers(folder: Path, samples: int, workdir: Path, **pixels: int) -> dict[int, str]:
+    """lmms-eval's own `qwen2_5_vl` class on the first `samples` vtcshapes questions, by doc id:
+    constructed on the folder (bfloat16, as it always loads), `device_map="cpu"` besides `device`
+    (its default "auto" sends the inputs to CUDA whatever `device` says), `pixels` its min/max."""
+    import argparse
+
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL
+
+    from vtcbench.runner import load_tasks, task_names
+    from vtcbench.tasks import resolve_tasks
+
+    model = Qwen2_5_VL(pretrained=str(folder), device="cpu", device_map="cpu", batch_size=1, **pixels)
+    names, manager = task_names(resolve_tasks(["vtcshapes"]), None, workdir)
+    results = simple_evaluate(
+        model=model, tasks=load_tasks(names, manager), task_manager=manager, limit=samples, log_samples=True,
+        cli_args=argparse.Namespace(output_path=str(workdir), process_with_media=False), verbosity="ERROR",
+    )
+    return {int(s["doc_id"]): s["resps"][0][0] for s in results["samples"][names[0]]}
+
+
+def _run(folder: Path, out: Path, method: str, *settings: str, limit: int = 6, dtype: str = "auto") -> list[dict]:
+    args = ["run", "--model", str(folder), "--method", method, "--tasks", "vtcshapes", "--limit", str(limit), "--device", "cpu",
+            "--dtype", dtype, "--out", str(out)]
     for setting in settings:
         args += ["--set", setting]
     result = CliRunner().invoke(app, args)
@@ -79,6 +114,33 @@ def test_a_saved_qwen_folder_runs_with_the_class_pixel_bounds_and_keep_all_fastv
     assert [r["image_tokens"] for r in vanilla] == [256] * 6
     assert any(r["prediction"] for r in vanilla)
     assert [r["prediction"] for r in keep_all] == [r["prediction"] for r in vanilla]
+
+
+@pytest.mark.skipif(_class_cannot_load() is not None, reason=str(_class_cannot_load()))
+def test_vtc_tiny_qwen_answers_200_questions_as_lmms_evals_own_class(tmp_path, monkeypatch):
+    """The shipped model; the class gets the model's own pixel bounds (224x224: 64 visual tokens),
+    which `vtcbench run` takes from the config (`vtcbench_pixel_bounds`)."""
+    from vtcbench.models import MODELS
+
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "cache"))
+    folder = Path(MODELS["vtc-tiny-qwen"].source)
+    (tmp_path / "class").mkdir()
+    reference = class_answers(folder, 200, tmp_path / "class", min_pixels=224 * 224, max_pixels=224 * 224)
+    ours = _run(folder, tmp_path / "vanilla", "vanilla", limit=200, dtype="bfloat16")
+    assert len(reference) == 200 and [r["image_tokens"] for r in ours] == [64] * 200
+    assert {r["doc_id"]: r["prediction"] for r in ours} == reference
+
+
+@pytest.mark.skipif(_class_cannot_load() is not None, reason=str(_class_cannot_load()))
+def test_a_random_tiny_qwen25_answers_as_lmms_evals_own_class_at_its_default_pixels(qwen25_folder, tmp_path, monkeypatch):
+    """The class's default bounds (256 merged tokens for a vtcshapes image); vanilla and fastv at keep-all."""
+    monkeypatch.setenv("LMMS_EVAL_DATASETS_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "class").mkdir()
+    reference = class_answers(qwen25_folder, 12, tmp_path / "class")
+    assert any(reference.values())  # an all-empty comparison would prove nothing
+    for method, settings in (("vanilla", ()), ("fastv", ("drop_ratio=0",))):
+        ours = _run(qwen25_folder, tmp_path / method, method, *settings, limit=12, dtype="bfloat16")
+        assert {r["doc_id"]: r["prediction"] for r in ours} == reference, method
 
 
 @pytest.mark.parametrize(

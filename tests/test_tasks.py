@@ -238,7 +238,7 @@ def test_saved_datasets_load(tmp_path, datasets_cache):
 def test_gqa_images_inline_need_no_images_file(tmp_path, datasets_cache):
     task_data.write_dataset("gqa", tmp_path / "data", images_inline=True)
     name = local_task_config(TASKS["gqa"], tmp_path / "data", tmp_path / "work")
-    assert "offline_gqa.images_inline" in (tmp_path / "work" / f"{name}.yaml").read_text()
+    assert "make_image_docs" in (tmp_path / "work" / f"{name}_docs.py").read_text()
     docs = _docs(_load(tmp_path / "work", name))
     assert [task_data.colour_of(d["image"]) for d in docs] == [d["answer"] for d in docs]
 

@@ -301,6 +301,8 @@ def run(
     fidelity: Annotated[bool, typer.Option("--fidelity", help="also run vanilla: answer agreement, first-token KL")] = False,
     num_processes: Annotated[int, typer.Option(help="data-parallel processes (one per GPU), merged into one run folder")] = 1,
     keep_indices: Annotated[int, typer.Option(help="record the kept image tokens of the first N documents per task (retention pictures)")] = 0,
+    skip_bad_documents: Annotated[bool, typer.Option("--skip-bad-documents", help="leave out documents whose image cannot be read "
+                                                     "or whose prompt does not fit (listed in summary.json) instead of stopping")] = False,
 ) -> None:
     """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
     from vtcbench.methods import parse_set_options
@@ -315,7 +317,7 @@ def run(
         model=model, method=method, params=parse_set_options(set_ or []), tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
         attn_implementation=attn, overwrite=overwrite, allow_judge=allow_judge, allow_submission=allow_submission,
-        fidelity=fidelity, keep_indices=keep_indices, show_progress=sys.stderr.isatty(),
+        fidelity=fidelity, keep_indices=keep_indices, skip_bad_documents=skip_bad_documents, show_progress=sys.stderr.isatty(),
     )
     if num_processes > 1:  # input checked once, here; then every process runs this same command
         check_run(config)
@@ -569,6 +571,11 @@ def _print_summary(result) -> None:
         rate = f"{entry['samples_per_s']:.2f}" if entry.get("samples_per_s") else "-"
         table.add_row(short_name(name), str(entry["samples"]), metrics, f"{sum(tokens) / len(tokens):.1f}" if tokens else "-", flops, prefill, rate)
     console.print(table)
+    for name, entry in result.summary["tasks"].items():
+        if entry.get("skipped"):
+            first = entry["skipped"][0]
+            console.print(f"{short_name(name)}: {len(entry['skipped'])} document(s) skipped and not scored, e.g. document "
+                          f"{first['doc_id']}: {first['cause']} (all in summary.json)")
 
 
 @app.command()

@@ -16,6 +16,13 @@ lmms-eval owns the benchmarks (prompts, splits, metrics); this class answers its
   layer, prefill and decode time, tokens generated) and read back on resume instead of recomputed;
 - a generation error propagates: no request is silently scored as "" (lmms-eval's own
   `llava_hf` does that);
+- a bad document (its image cannot be read: missing file, corrupt bytes, no image; or its prompt
+  does not fit the model's context) stops the run in one line naming the task, the document and
+  the cause (`BadDocument`), after the documents finished before it; with `skip_bad_documents` it
+  is recorded in `skipped` and left out of the scoring instead: its requests are taken out of the
+  lmms-eval task's instances, and lmms-eval 0.7.3's `evaluate` scores only documents that have
+  requests (evaluator.py: "A partial rerun can leave a document ... without any corresponding
+  requests"), so each metric is its own aggregation over the other documents;
 - `clean()` keeps the model, so one loaded model serves every task (`evaluate()` calls it).
 """
 
@@ -41,6 +48,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from vtcbench.errors import VtcbenchError
 from vtcbench.families import family_of
 from vtcbench.families.base import AnswerRules
 from vtcbench.generation import Kept, Prompt, Session, collate, decode, encode
@@ -69,6 +77,40 @@ def _kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
     return float((reference.exp() * (reference - logits.log_softmax(-1))).sum())
 
 
+class BadDocument(VtcbenchError):
+    """A document the run cannot answer (one line: task, document id, cause)."""
+
+    def __init__(self, task: str, doc_id: int, cause: str, skippable: bool = True):
+        from vtcbench.tasks import short_name
+
+        skip = ", or pass --skip-bad-documents to score the others" if skippable else ""
+        super().__init__(
+            f"task {short_name(task)!r}, document {doc_id}: {cause}; fix or remove it and rerun (finished documents are kept){skip}"
+        )
+        self.task, self.doc_id, self.cause = task, doc_id, cause
+
+
+class _Unreadable(Exception):
+    """Raised while reading a request's visuals: the document's image cannot be read."""
+
+    def __init__(self, cause: str):
+        super().__init__(cause)
+        self.cause = cause
+
+
+class _PromptTooLong(Exception):
+    """Raised while encoding: the request at `index` does not fit the model's context."""
+
+    def __init__(self, index: int, cause: str):
+        super().__init__(cause)
+        self.index, self.cause = index, cause
+
+
+def _cause(error: BaseException) -> str:
+    message = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {message[0]}" if message else type(error).__name__
+
+
 @dataclass
 class Job:
     """A pending request with its visuals, read once."""
@@ -88,10 +130,11 @@ class VtcbenchLMM(lmms):
 
     is_simple = True
     progress_units = 1  # progress-bar units per request (a sweep counts its cells)
+    can_skip = True  # whether the command offers --skip-bad-documents
 
     def __init__(
         self, model, processor, method: Method, run: RunFolder, *, batch_size: int = 1, show_progress: bool = True,
-        fidelity: bool = False, keep_indices: int = 0,
+        fidelity: bool = False, keep_indices: int = 0, skip_bad_documents: bool = False, tasks: dict | None = None,
     ):
         super().__init__()
         self.model = model
@@ -105,6 +148,10 @@ class VtcbenchLMM(lmms):
         self.show_progress = show_progress
         self.fidelity = fidelity  # also answer with vanilla: agreement and first-token KL, no labels needed
         self.keep_indices = keep_indices  # record the kept image tokens of the first N documents per task
+        self.skip_bad_documents = skip_bad_documents
+        self.tasks = tasks or {}  # lmms-eval task objects by name: a skipped document leaves their instances
+        self.skipped: dict[tuple[str, int], str] = {}  # (task, doc_id) -> cause
+        self.context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self._device = model.device
         self._system = self.family.system_prompt(model.config)
         # one session per method (its kind's), for the whole run: the engine's, or VoCo's with its
@@ -126,21 +173,25 @@ class VtcbenchLMM(lmms):
         """Keep the model: lmms-eval's default deletes every nn.Module attribute between tasks."""
 
     def generate_until(self, requests: list[Instance]) -> list[str]:
-        return self._answer(requests, self._generate_batch, lambda record: record["prediction"])
+        return self._answer(requests, self._generate_batch, lambda record: record["prediction"], unscored="")
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """(loss, is_greedy) per request (see `continuation_score`), wrapped: lmms-eval 0.7.3's `evaluate` turns any other
         non-string response into a string, which breaks multiple-choice scoring."""
-        answers = self._answer(requests, self._loglikelihood_batch, lambda record: record["prediction"])
+        answers = self._answer(requests, self._loglikelihood_batch, lambda record: record["prediction"], unscored=(0.0, False))
         return [GenerationResult(text=(float(score), bool(greedy))) for score, greedy in answers]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
         """Round 0 from the request; later rounds from the task's `doc_to_text(doc, previous_output=...,
         round_idx=..., previous_round_info=...)` until it signals the end (lmms-eval's protocol)."""
-        return self._answer(requests, self._multi_round_batch, lambda record: record["prediction"], batchable=False)
+        return self._answer(requests, self._multi_round_batch, lambda record: record["prediction"], unscored=[], batchable=False)
 
     # -- shared driver ------------------------------------------------------------------------------
-    def _answer(self, requests: list[Instance], run_batch: Callable, cached: Callable, batchable: bool = True) -> list:
+    def _answer(
+        self, requests: list[Instance], run_batch: Callable, cached: Callable, unscored: object = None, batchable: bool = True,
+    ) -> list:
+        """Each request's answer: from the run folder, or computed in batches and appended to it;
+        `unscored` for a skipped document's requests (lmms-eval scores none of them)."""
         results: list = [None] * len(requests)
         pending: list[int] = []
         first_of: dict[tuple, int] = {}  # distributed runs pad ranks with clones of a request: answer once
@@ -157,7 +208,7 @@ class VtcbenchLMM(lmms):
                 pending.append(index)
         with _TaskProgress(requests, self.run, enabled=self.show_progress, units=self.progress_units) as advance, _synced(self.run):
             for batch in self._batches(requests, pending, batch_size=self.batch_size if batchable else 1):
-                for index, output, record in run_batch(batch):
+                for index, output, record in self._run_batch(run_batch, batch):
                     request = requests[index]
                     record = {
                         "task": request.task_name,
@@ -172,7 +223,39 @@ class VtcbenchLMM(lmms):
                     advance(request.task_name)
         for index, original in duplicates.items():
             results[index] = results[original]
+        for index, request in enumerate(requests):
+            if results[index] is None:
+                if (request.task_name, int(request.doc_id)) not in self.skipped:
+                    raise RuntimeError(f"{request.task_name} document {int(request.doc_id)}: no answer was computed")
+                results[index] = unscored
         return results
+
+    def _run_batch(self, run_batch: Callable, batch: list[Job]) -> Iterator[tuple]:
+        """`run_batch(batch)`; a request whose prompt does not fit is a bad document: the run stops,
+        or (skipping) the batch is answered again without it."""
+        done: set[int] = set()
+        while batch:
+            try:
+                for answer in run_batch(batch):
+                    done.add(answer[0])
+                    yield answer
+                return
+            except _PromptTooLong as error:
+                bad = next(job for job in batch if job.index == error.index)
+                self._bad(bad.request, error.cause)
+                batch = [job for job in batch if job.index not in done and job.index != error.index]
+
+    def _bad(self, request: Instance, cause: str) -> None:
+        """A document the run cannot answer: stop (BadDocument), or skip it and leave it unscored."""
+        task, doc_id = request.task_name, int(request.doc_id)
+        if not self.skip_bad_documents:
+            raise BadDocument(task, doc_id, cause, skippable=self.can_skip)
+        if (task, doc_id) not in self.skipped:
+            if task not in self.tasks:
+                raise RuntimeError(f"{task}: no lmms-eval task object to leave document {doc_id} unscored in")
+            lmms_task = self.tasks[task]
+            lmms_task._instances = [i for i in lmms_task._instances if int(i.doc_id) != doc_id]
+            self.skipped[task, doc_id] = cause
 
     def _batches(self, requests: list[Instance], pending: list[int], batch_size: int) -> Iterator[list[Job]]:
         """Group by task and generation kwargs, in arrival order; a group goes as soon as it is
@@ -183,7 +266,13 @@ class VtcbenchLMM(lmms):
         groups: dict[tuple, list[Job]] = defaultdict(list)
         for index in pending:
             request = requests[index]
-            visuals = self._visuals(request)
+            if (request.task_name, int(request.doc_id)) in self.skipped:
+                continue
+            try:
+                visuals = self._visuals(request)
+            except _Unreadable as error:
+                self._bad(request, error.cause)
+                continue
             kwargs = request.args[1] if request.request_type != "loglikelihood" else None
             images = self.method.kind.batch_key(self.family, visuals)
             key = (request.task_name, json.dumps(kwargs, sort_keys=True, default=str), images)
@@ -198,15 +287,25 @@ class VtcbenchLMM(lmms):
 
     def _visuals(self, request: Instance) -> list[Image.Image]:
         doc_to_visual = request.args[2]
-        visuals = doc_to_visual(self._doc(request)) if doc_to_visual is not None else []
-        flat = [v for item in (visuals or []) for v in (item if isinstance(item, list) else [item])]
+        try:  # reading the row decodes its images (datasets' Image): a missing or corrupt file fails here
+            visuals = doc_to_visual(self._doc(request)) if doc_to_visual is not None else []
+            flat = [v for item in (visuals or []) for v in (item if isinstance(item, list) else [item])]
+            for image in flat:
+                if isinstance(image, Image.Image):
+                    image.load()  # the pixels too: a truncated file fails here, not in the processor
+        except Exception as error:  # a data problem of this one document
+            raise _Unreadable(f"its image cannot be read ({_cause(error)})") from error
         if not all(isinstance(v, Image.Image) for v in flat):
             raise TypeError(f"{request.task_name}: vtcbench evaluates image tasks; got {type(flat[0]).__name__} visuals")
         return self.family.evaluation_images(flat, self.model.config)
 
     # -- encoding and batching ------------------------------------------------------------------------
     def _encode(self, prompt: str, visuals: list[Image.Image], index: int) -> _Encoded:
-        return _Encoded(**vars(encode(self.processor, self.model, prompt, visuals)), request_index=index)
+        encoded = _Encoded(**vars(encode(self.processor, self.model, prompt, visuals)), request_index=index)
+        length = int(encoded.input_ids.shape[0])
+        if self.context is not None and length > self.context:
+            raise _PromptTooLong(index, f"its prompt of {length} tokens does not fit the model's context of {self.context}")
+        return encoded
 
     def _collate(self, items: list[_Encoded]) -> dict:
         """Left-pad into one batch (`generation.collate`)."""

@@ -21,6 +21,7 @@ from vtcbench.models import load_config, load_model
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.provenance import provenance
 from vtcbench.results import RunFolder
+from vtcbench.tasks.registry import LOCAL_PREFIX
 
 if TYPE_CHECKING:
     from vtcbench.tasks import TaskInfo
@@ -46,6 +47,7 @@ class RunConfig:
     allow_submission: bool = False
     fidelity: bool = False
     keep_indices: int = 0  # record the kept image tokens of the first N documents per task
+    skip_bad_documents: bool = False  # record and leave out documents that cannot be answered, instead of stopping
     show_progress: bool = True
 
     def identity(self, method: Method, lmms_tasks: list[str]) -> dict[str, Any]:
@@ -105,13 +107,13 @@ def _load_and_evaluate(config: RunConfig, method: Method, names: list[str], mana
     )
     try:
         task_objects = load_tasks(names, manager)
-        results = _evaluate(model, processor, method, folder, task_objects, manager, config)
+        results, skipped = _evaluate(model, processor, method, folder, task_objects, manager, config)
     except BaseException:
         folder.discard_if_empty()
         raise
     if results is None:  # a non-zero data-parallel rank: rank 0 writes the summary
         return RunResult(folder=folder.path, summary={})
-    summary = summarize(results, folder, method, model, names)
+    summary = summarize(results, folder, method, model, names, skipped)
     folder.write_summary(summary)
     return RunResult(folder=folder.path, summary=summary)
 
@@ -167,37 +169,66 @@ def _join_process_group(config: RunConfig) -> None:
 
 def load_tasks(names: list[str], manager) -> list:
     """Build lmms-eval's tasks (loading their datasets) before evaluating, so that a dataset that
-    cannot be had (offline, no --data-dir) stops the run with one line. lmms-eval retries each
-    load 5 times and then raises tenacity's RetryError."""
+    cannot be had (offline, no --data-dir) or read (a damaged local file) stops the run with one
+    line. lmms-eval retries each load 5 times and then raises tenacity's RetryError."""
+    from datasets.exceptions import DatasetGenerationError
     from lmms_eval.tasks import get_task_dict
     from tenacity import RetryError
 
     try:
         return list(get_task_dict(names, manager).values())
-    except (RetryError, OSError, ConnectionError) as error:
+    except (RetryError, OSError, ConnectionError, DatasetGenerationError, ValueError) as error:
         cause = error.last_attempt.exception() if isinstance(error, RetryError) else error
+        while isinstance(cause, DatasetGenerationError) and cause.__cause__ is not None:  # the reader's own error
+            cause = cause.__cause__
         first_line = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise VtcbenchError(
-            f"the datasets of {', '.join(names)} could not be loaded ({first_line}); offline, point "
-            "--data-dir at local copies (see the README)"
-        ) from error
+        local = any(name.startswith(LOCAL_PREFIX) for name in names)
+        hint = "check the local files" if local else "offline, point --data-dir at local copies (see the README)"
+        raise VtcbenchError(f"the datasets of {', '.join(names)} could not be loaded ({first_line}); {hint}") from error
 
 
-def _evaluate(model, processor, method, folder, task_objects: list, manager, config: RunConfig) -> dict | None:
+def task_objects_by_name(task_objects: list) -> dict[str, Any]:
+    """lmms-eval's task objects by task name, groups opened (what `get_task_dict` returns)."""
+    found: dict[str, Any] = {}
+    for entry in task_objects:
+        if isinstance(entry, dict):
+            found |= task_objects_by_name(list(entry.values()))
+        elif isinstance(entry, tuple):
+            found |= task_objects_by_name(list(entry[1:]))
+        elif entry is not None and hasattr(entry, "config"):
+            found[entry.config.task] = entry
+    return found
+
+
+def _evaluate(model, processor, method, folder, task_objects: list, manager, config: RunConfig) -> tuple[dict | None, dict]:
+    """lmms-eval's results (None on non-zero data-parallel ranks) and the skipped documents."""
     from vtcbench.lmms_model import VtcbenchLMM
 
     lm = VtcbenchLMM(
         model, processor, method, folder, batch_size=config.batch_size, show_progress=config.show_progress,
-        fidelity=config.fidelity, keep_indices=config.keep_indices,
+        fidelity=config.fidelity, keep_indices=config.keep_indices, skip_bad_documents=config.skip_bad_documents,
+        tasks=task_objects_by_name(task_objects),
     )
     results = evaluate(
         lm, task_objects, manager, folder, limit=config.limit, seed=config.seed, batch_size=config.batch_size,
         log_samples=True,
     )
+    skipped = _gathered(lm.skipped)
     if results is not None:
         folder.reload()
         folder.add_sample_metrics(sample_metrics(results))
-    return results
+    return results, skipped
+
+
+def _gathered(skipped: dict[tuple[str, int], str]) -> dict[tuple[str, int], str]:
+    """Every data-parallel rank's skipped documents (this process's alone when there is one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return dict(skipped)
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, skipped)
+    return {key: cause for part in parts for key, cause in part.items()}
 
 
 def sample_metrics(results: dict) -> dict[tuple[str, int], dict]:
@@ -225,7 +256,10 @@ def evaluate(lm, task_objects: list, manager, folder: RunFolder, *, limit: int |
         distributed_executor_backend="torchrun" if _data_parallel() else "accelerate",
         limit=limit,
         # submission files (e.g. textvqa's) go into the run folder, not the working directory
-        cli_args=argparse.Namespace(output_path=str(folder.path), process_with_media=True),
+        # process_with_media=False, lmms-eval's own default: scoring reads the documents without
+        # their images (a task whose process_results needs them says so in its YAML), so a skipped
+        # document's image is not decoded again
+        cli_args=argparse.Namespace(output_path=str(folder.path), process_with_media=False),
         batch_size=batch_size,
         log_samples=log_samples,
         random_seed=seed,
@@ -236,14 +270,23 @@ def evaluate(lm, task_objects: list, manager, folder: RunFolder, *, limit: int |
     )
 
 
-def summarize(results: dict, folder: RunFolder, method: Method, model, names: list[str]) -> dict[str, Any]:
-    """Per task: lmms-eval's metrics, mean visual tokens per layer, analytic TFLOPs, timing."""
+def summarize(
+    results: dict, folder: RunFolder, method: Method, model, names: list[str], skipped: dict[tuple[str, int], str] | None = None,
+) -> dict[str, Any]:
+    """Per task: lmms-eval's metrics, mean visual tokens per layer, analytic TFLOPs, timing, and
+    the documents left out (`skipped`: {(task, doc_id): cause})."""
     facts = model_facts(model)
+    skipped = skipped or {}
     per_task: dict[str, Any] = {}
     for name in names:
         records = [r for r in folder.finished.values() if r["task"] == name]
         metrics = {k: v for k, v in results["results"].get(name, {}).items() if k != "alias"}
-        entry: dict[str, Any] = {"metrics": metrics, "samples": len({r["doc_id"] for r in records})}
+        entry: dict[str, Any] = {
+            "metrics": metrics,
+            "samples": len({r["doc_id"] for r in records}),
+            # documents left out by --skip-bad-documents, and why
+            "skipped": [{"doc_id": doc_id, "cause": cause} for (task, doc_id), cause in sorted(skipped.items()) if task == name],
+        }
         generated = [r for r in records if "prefill_ms" in r]
         counted = [r for r in records if r.get("image_tokens_per_layer")]
         if counted:

@@ -52,6 +52,8 @@ class Branch:
 class SweepLMM(VtcbenchLMM):
     """Answers lmms-eval requests for every branch at once; returns the answers of `self.cell`."""
 
+    can_skip = False  # lmms-eval scores each cell in its own evaluate(): a bad document stops the sweep
+
     def __init__(
         self, model, processor, branches: list[Branch], run, *, batch_size: int = 1, show_progress: bool = True,
         attention_share: bool = False,

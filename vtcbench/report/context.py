@@ -265,6 +265,13 @@ class Context:
         notes.append(self._delta_note())
         if self._documents_differ:
             notes.append("Some compared runs scored different documents: differences use the documents both scored.")
+        skipped = [
+            f"{self.label(run)} on {task.key}: {count}" for run in self.rows for task in self.tasks
+            if (count := len(run.summary.get("tasks", {}).get(self.task_name(run, task.short), {}).get("skipped") or []))
+        ]
+        if skipped:
+            notes.append("Documents left out by --skip-bad-documents (each with its cause in the run's summary.json): "
+                         + "; ".join(skipped) + ".")
         if self.averaged:
             mme = " (MME's score divided by 2000, as LLaVolta and PyramidDrop average it)" if any(t.mme for t in self.tasks) else ""
             notes.append(f"average: the mean of the task columns{mme}, without an interval; - where a task is missing.")

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from vtcbench.errors import VtcbenchError
+from vtcbench.tasks.local_images import absolute_paths
 
 
 def _read_table(kind: str, files: Iterable[str | Path], columns: list[str]):
@@ -55,19 +56,16 @@ def arrow_files_of_saved_dataset(folder: Path) -> list[Path]:
     return [folder / entry["filename"] for entry in state["_data_files"]]
 
 
-def images_inline(dataset):
-    """`process_docs` for local GQA questions that already carry their `image` column."""
-    if "image" not in dataset.column_names:
-        raise VtcbenchError("local GQA questions have no 'image' column")
-    return dataset
-
-
-def make_process_docs(kind: str, files: list[str], *, image_column: str = "image") -> Callable:
+def make_process_docs(
+    kind: str, files: list[str], *, layout: str = "image", base: str = ".", image_column: str = "image",
+) -> Callable:
     """A `process_docs` that adds `image` (by `imageId`) from the local images table.
 
     `kind` is "parquet" or "arrow"; `files` hold the images config's rows (`id`, `image`), the
-    schema of `lmms-lab/GQA`'s `testdev_balanced_images`. Images are passed through as stored
-    (bytes), not decoded and re-encoded; `gqa_doc_to_visual` converts them to RGB as upstream does.
+    schema of `lmms-lab/GQA`'s `testdev_balanced_images`, with `image` in any layout of
+    `local_images` (`layout`; path strings are resolved against `base`). Images are passed through
+    as stored (bytes or paths), not decoded and re-encoded; `gqa_doc_to_visual` converts them to
+    RGB as upstream does.
     """
     files = [str(f) for f in files]
 
@@ -77,7 +75,10 @@ def make_process_docs(kind: str, files: list[str], *, image_column: str = "image
         if image_column in dataset.column_names:
             return dataset
         table = _read_table(kind, files, ["id", image_column])
-        images = dict(zip(table.column("id").to_pylist(), table.column(image_column).to_pylist()))
+        values = table.column(image_column).to_pylist()
+        if layout == "path":
+            values = [absolute_paths(value, Path(base)) for value in values]
+        images = dict(zip(table.column("id").to_pylist(), values))
         missing = sorted(set(dataset["imageId"]) - images.keys())
         if missing:
             raise VtcbenchError(

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from vtcbench.errors import VtcbenchError
+from vtcbench.tasks.local_images import image_casts
 
 LOCAL_PREFIX = "vtc_local_"
 
@@ -370,7 +371,16 @@ class LocalData:
     kind: str  # "parquet" | "arrow" (a Dataset.save_to_disk folder) | "disk" (DatasetDict.save_to_disk)
     path: Path  # the file or folder found
     files: tuple[Path, ...]  # data files (parquet / arrow); for "disk", the split's arrow files
-    columns: tuple[str, ...]
+    features: Any  # datasets.Features, read from the files' schema (parquet) or dataset_info.json
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(self.features)
+
+    @property
+    def folder(self) -> Path:
+        """The data folder relative image paths are resolved against (local_images)."""
+        return self.path if self.path.is_dir() else self.path.parent
 
 
 def local_task_config(info: TaskInfo, data_path: Path, workdir: Path) -> str:
@@ -411,6 +421,8 @@ def local_task_config(info: TaskInfo, data_path: Path, workdir: Path) -> str:
             f"(has {', '.join(data.columns)}); it must have the schema of {config.get('dataset_path')}"
         )
 
+    casts = image_casts(data.features, f"task {info.short!r} at {data.path}")
+
     name = f"{LOCAL_PREFIX}{info.lmms_name}"
     lines = [
         "# written by vtcbench: lmms-eval's task on local data",
@@ -431,10 +443,16 @@ def local_task_config(info: TaskInfo, data_path: Path, workdir: Path) -> str:
 
     if _is_gqa(config):  # its process_docs would download the images config
         if "image" in data.columns:
-            lines.append("process_docs: !function vtcbench.tasks.offline_gqa.images_inline")
+            module = _write_module(workdir, name, "GQA questions with their images inline", "make_image_docs",
+                                   "vtcbench.tasks.local_images", [repr(casts), repr(str(data.folder))])
         else:
             module = _gqa_images_module(keys, data_path, data, split, name, workdir)
-            lines.append(f"process_docs: !function {module}.process_docs")
+        lines.append(f"process_docs: !function {module}.process_docs")
+    elif casts:  # image columns to read as images, then the task's own process_docs if it has one
+        own = str(shipped) if _function_name(config.get("process_docs")) else None
+        module = _write_module(workdir, name, "the image columns read as images", "make_image_docs",
+                               "vtcbench.tasks.local_images", [repr(casts), repr(str(data.folder)), repr(own)])
+        lines.append(f"process_docs: !function {module}.process_docs")
     (workdir / f"{name}.yaml").write_text("\n".join(lines) + "\n")
     return name
 
@@ -444,7 +462,7 @@ def find_local_data(keys: list[str], data_path: Path, split: str, config_name: s
     for key in keys:
         file = data_path / f"{key}.parquet"
         if file.is_file():
-            return LocalData("parquet", file, (file,), _parquet_columns(file))
+            return LocalData("parquet", file, (file,), _parquet_features([file]))
         folder = data_path / key
         if folder.is_dir():
             return _folder_data(folder, split, config_name)
@@ -458,17 +476,17 @@ def _folder_data(folder: Path, split: str, config_name: str | None) -> LocalData
             raise VtcbenchError(f"saved dataset {folder} has split(s) {', '.join(splits) or 'none'}, not {split!r}")
         from vtcbench.tasks.offline_gqa import arrow_files_of_saved_dataset
 
-        return LocalData("disk", folder, tuple(arrow_files_of_saved_dataset(folder / split)), _saved_columns(folder / split))
+        return LocalData("disk", folder, tuple(arrow_files_of_saved_dataset(folder / split)), _saved_features(folder / split))
     if (folder / "state.json").is_file():
         from vtcbench.tasks.offline_gqa import arrow_files_of_saved_dataset
 
-        return LocalData("arrow", folder, tuple(arrow_files_of_saved_dataset(folder)), _saved_columns(folder))
+        return LocalData("arrow", folder, tuple(arrow_files_of_saved_dataset(folder)), _saved_features(folder))
     files = _split_parquet_files(folder, split, config_name)
     if not files:
         raise VtcbenchError(
             f"{folder} is neither a save_to_disk folder nor holds parquet files (looked for {split}-*.parquet and *.parquet)"
         )
-    return LocalData("parquet", folder, tuple(files), _parquet_columns(files[0]))
+    return LocalData("parquet", folder, tuple(files), _parquet_features(files))
 
 
 def _split_parquet_files(folder: Path, split: str, config_name: str | None) -> list[Path]:
@@ -484,19 +502,43 @@ def _split_parquet_files(folder: Path, split: str, config_name: str | None) -> l
     return named or sorted(folder.glob("*.parquet"))
 
 
-def _parquet_columns(file: Path) -> tuple[str, ...]:
+def _parquet_features(files: list[Path]):
+    """The columns and types of parquet files (datasets' features: the schema's own tag where the
+    file has one, else inferred from the arrow types), every file's footer read, so a truncated or
+    damaged file stops the run here."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from datasets import Features
 
+    schemas = []
+    for file in files:
+        try:
+            schemas.append(pq.read_schema(file))
+        except (OSError, ValueError, pa.ArrowException) as error:
+            raise VtcbenchError(f"cannot read parquet file {file}: {str(error).splitlines()[0]}") from None
     try:
-        return tuple(pq.read_schema(file).names)
-    except (OSError, ValueError, pa.ArrowException) as error:
-        raise VtcbenchError(f"cannot read parquet file {file}: {str(error).splitlines()[0]}") from None
+        return Features.from_arrow_schema(schemas[0])
+    except (ValueError, TypeError, KeyError) as error:
+        raise VtcbenchError(f"cannot read the column types of {files[0]}: {error}") from None
 
 
-def _saved_columns(folder: Path) -> tuple[str, ...]:
+def _saved_features(folder: Path):
+    from datasets import Features
+
     info = json.loads((folder / "dataset_info.json").read_text())
-    return tuple(info.get("features", {}))
+    return Features.from_dict(info.get("features", {}))
+
+
+def _write_module(workdir: Path, name: str, what: str, factory: str, source: str, arguments: list[str]) -> str:
+    """A two-line module `process_docs = factory(arguments)` beside the include YAML (a YAML
+    `!function` names a function, not a call); returns its name."""
+    module = f"{name}_docs"
+    (workdir / f"{module}.py").write_text(
+        f"# written by vtcbench: process_docs for {what}\n"
+        f"from {source} import {factory}\n\n"
+        f"process_docs = {factory}({', '.join(arguments)})\n"
+    )
+    return module
 
 
 def _expected(keys: list[str], data_path: Path) -> str:
@@ -555,7 +597,7 @@ def _gqa_images_module(keys, data_path: Path, questions: LocalData, split: str, 
     if images is None and questions.kind == "parquet" and questions.path.is_dir():
         snapshot = sorted(p for p in questions.path.rglob("*.parquet") if "testdev_balanced_images" in p.parts)
         if snapshot:
-            images = LocalData("parquet", questions.path, tuple(snapshot), _parquet_columns(snapshot[0]))
+            images = LocalData("parquet", questions.path, tuple(snapshot), _parquet_features(snapshot))
     if images is None:
         raise VtcbenchError(
             f"task 'gqa' needs its images offline: expected {_expected(image_keys, data_path)} with columns id, image "
@@ -564,6 +606,7 @@ def _gqa_images_module(keys, data_path: Path, questions: LocalData, split: str, 
     lacking = [c for c in ("id", "image") if c not in images.columns]
     if lacking:
         raise VtcbenchError(f"GQA images at {images.path} lack column(s) {', '.join(lacking)} (need id, image)")
+    layout = image_casts(images.features, f"task 'gqa' images at {images.path}").get("image", "image")
     from vtcbench.tasks.offline_gqa import read_column
 
     kind = "parquet" if images.kind == "parquet" else "arrow"
@@ -574,10 +617,7 @@ def _gqa_images_module(keys, data_path: Path, questions: LocalData, split: str, 
         raise VtcbenchError(
             f"GQA images at {images.path} miss {len(absent)} imageId(s) of the questions in {questions.path}, e.g. {absent[0]!r}"
         )
-    module = f"{name}_docs"
-    (workdir / f"{module}.py").write_text(
-        "# written by vtcbench: GQA's process_docs with the images read from local files\n"
-        "from vtcbench.tasks.offline_gqa import make_process_docs\n\n"
-        f"process_docs = make_process_docs({kind!r}, {[str(f) for f in images.files]!r})\n"
+    return _write_module(
+        workdir, name, "GQA with the images read from local files", "make_process_docs", "vtcbench.tasks.offline_gqa",
+        [repr(kind), repr([str(f) for f in images.files]), f"layout={layout!r}", f"base={str(images.folder)!r}"],
     )
-    return module
