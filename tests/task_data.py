@@ -314,12 +314,12 @@ def wrong_prediction(short: str, doc: dict) -> str:
 LAYOUTS = ("tagged", "struct", "paths")
 
 
-def relayout(path: Path, layout: str, column: str = "image") -> None:
+def relayout(path: Path, layout: str, column: str = "image", data_folder: Path | None = None) -> None:
     """Rewrite a parquet file written above with its image column in another layout, as tools
     other than `datasets` write it: "tagged" (as written: datasets' Image feature), "struct" (the
     same bytes/path struct without the feature tag in the schema metadata, as pandas and pyarrow
-    write it), "paths" (each image saved under `images/` beside the file, the column holding the
-    path relative to the file's folder)."""
+    write it), "paths" (each image saved under `images/` in `data_folder`, by default the file's
+    folder, the column holding the path relative to it)."""
     import io
 
     import pyarrow as pa
@@ -330,7 +330,7 @@ def relayout(path: Path, layout: str, column: str = "image") -> None:
         return
     table = table.replace_schema_metadata(None)  # no datasets features: a plain struct
     if layout == "paths":
-        folder = path.parent / "images"
+        folder = (data_folder or path.parent) / "images"
         folder.mkdir(exist_ok=True)
         names = []
         for row, value in enumerate(table.column(column).to_pylist()):

@@ -214,3 +214,34 @@ def test_bytes_of_a_png_decode_as_the_tagged_image(tmp_path):
     PILImage.new("RGB", (4, 4), (10, 20, 30)).save(buffer, format="PNG")
     dataset = Dataset.from_dict({"image": [buffer.getvalue()]}).cast_column("image", Value("binary"))
     assert cast_images(dataset, {"image": "bytes"}, tmp_path)[0]["image"].getpixel((0, 0)) == (10, 20, 30)
+
+
+@pytest.mark.parametrize("layout", ["struct", "paths"])
+def test_hub_snapshot_folders_in_other_layouts_load_as_images(tmp_path, layout):
+    """A snapshot folder (`docvqa/DocVQA/validation-*.parquet`) and GQA's per-config folders, with
+    their image columns untagged or as paths relative to the task's folder (`docvqa/`, `gqa/`)."""
+    import shutil
+
+    from lmms_eval.tasks import get_task_dict
+    from PIL import Image as PILImage
+    from task_data import colour_of
+
+    from vtcbench.tasks import TASKS, local_task_config, task_manager
+
+    snapshot = tmp_path / "data" / "docvqa" / "DocVQA"
+    (path,) = write_dataset("docvqa", snapshot)
+    relayout(path, layout, data_folder=tmp_path / "data" / "docvqa")
+    path.rename(snapshot / "validation-00000-of-00001.parquet")
+    gqa = tmp_path / "data" / "gqa"
+    write_dataset("gqa", tmp_path / "flat")
+    for config, file in (("testdev_balanced_instructions", "gqa"), ("testdev_balanced_images", "gqa_images")):
+        (gqa / config).mkdir(parents=True)
+        shutil.copy(tmp_path / "flat" / f"{file}.parquet", gqa / config / "testdev-00000-of-00001.parquet")
+    relayout(gqa / "testdev_balanced_images" / "testdev-00000-of-00001.parquet", layout, data_folder=gqa)
+
+    for short, answer in (("docvqa", lambda doc: doc["answers"][0]), ("gqa", lambda doc: doc["answer"])):
+        name = local_task_config(TASKS[short], tmp_path / "data", tmp_path / "work")
+        task = get_task_dict([name], task_manager(tmp_path / "work", include_defaults=False))[name]
+        docs = task.test_docs() if task.has_test_docs() else task.validation_docs()
+        assert all(isinstance(doc["image"], PILImage.Image) for doc in docs)
+        assert [colour_of(doc["image"]) for doc in docs] == [answer(doc) for doc in docs], short

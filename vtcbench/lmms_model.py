@@ -296,7 +296,11 @@ class VtcbenchLMM(lmms):
         except Exception as error:  # a data problem of this one document
             raise _Unreadable(f"its image cannot be read ({_cause(error)})") from error
         if not all(isinstance(v, Image.Image) for v in flat):
-            raise TypeError(f"{request.task_name}: vtcbench evaluates image tasks; got {type(flat[0]).__name__} visuals")
+            from vtcbench.tasks import short_name
+
+            kind = next(type(v).__name__ for v in flat if not isinstance(v, Image.Image))
+            raise VtcbenchError(f"task {short_name(request.task_name)!r} gives {kind} visuals (video or other media); "
+                                "vtcbench evaluates image tasks: video inputs are not supported yet")
         return self.family.evaluation_images(flat, self.model.config)
 
     # -- encoding and batching ------------------------------------------------------------------------

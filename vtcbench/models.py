@@ -55,7 +55,7 @@ class ModelSpec:
 
     @property
     def weights_present(self) -> bool:
-        """Whether a packaged model's weights are in the package (vtc-tiny-qwen is not trained yet)."""
+        """Whether a packaged model's weights are in the package (a source checkout may lack them)."""
         return (WEIGHTS_DIR / self.alias / "model.safetensors").is_file()
 
     @property
@@ -93,8 +93,8 @@ MODELS: dict[str, ModelSpec] = {
                   "vtcbench's own LLaVA trained on vtcshapes (3-layer CLIP, 6-layer LLaMA, 64 image tokens), shipped",
                   packaged=True),
         ModelSpec("vtc-tiny-qwen", None, "vtc-tiny-qwen.json", "qwen2_vl",
-                  "vtcbench's own Qwen2.5-VL for vtcshapes (3-block windowed ViT, 6-layer M-RoPE decoder, "
-                  "64 image tokens at 224 px); not trained yet: vtcbench train --model vtc-tiny-qwen", packaged=True),
+                  "vtcbench's own Qwen2.5-VL trained on vtcshapes (3-block windowed ViT, 6-layer M-RoPE decoder, "
+                  "64 image tokens at 224 px), shipped", packaged=True),
         ModelSpec("tiny", None, "tiny.json", "llava",
                   "toy LLaVA (2-layer CLIP, 4-layer GQA LLaMA), random weights only, for tests", toy=True),
         ModelSpec("tiny-qwen2-vl", None, "tiny-qwen2-vl.json", "qwen2_vl",

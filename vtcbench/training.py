@@ -14,7 +14,6 @@ Why it is built this way (docs/vtc-tiny.md#why-it-is-built-this-way):
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Callable
@@ -408,6 +407,8 @@ def save(model, processor, config: TrainConfig, result: TrainResult) -> None:
 def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> str:
     """What the folder holds, how it was made, what it scored, and what it is not."""
     command = f"vtcbench train --model {config.model} --seed {config.seed} --steps {config.steps}"
+    if config.batch_size != TrainConfig.batch_size:
+        command += f" --batch-size {config.batch_size}"
     if config.init:
         command += f" --init {config.init} --lr {config.lr:g}"
     if config.schedule:
@@ -437,33 +438,29 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
         else ""
     )
     model_config = load_config(config.model)
-    facts, model_class = model_facts(model_config), family_of(model_config).model_class(model_config).__name__
-    own = config.method.prompt("<question>", "")  # a method's own layout (voco), or None
-    prompt_line = (
-        f"with {config.method.name}'s layout: `{own.replace(chr(10), chr(92) + 'n')}`" if own
-        else "like LLaVA-1.5 with an empty system sentence: `USER: <image>\\n<question> ASSISTANT:`"
-    )
-    projector = (
-        f"the trained projector of {config.method.name} (`vtcbench_projector` in config.json; it runs only with --method {config.method.name})"
-        if isinstance(config.method, FusingMethod)
-        else "LLaVA's 2-layer GELU projector"
-    )
-    return f"""# {config.model}: a LLaVA trained by vtcbench on vtcshapes
+    family = family_of(model_config)
+    facts, model_class = model_facts(model_config), family.model_class(model_config).__name__
+    tower, projector, decoder = family.card_parts(model_config, facts)
+    if isinstance(config.method, FusingMethod):
+        projector = f"the trained projector of {config.method.name} (`vtcbench_projector` in config.json; it runs only with --method {config.method.name})"
+    system = family.system_prompt(model_config)
+    own = config.method.prompt("<question>", system)  # a method's own layout (voco), or None
+    layout = (own or family.prompt("<question>", 1, system=system)).replace(chr(10), chr(92) + "n")
+    prompt_line = f"with {config.method.name}'s layout: `{layout}`" if own else f"as its family is evaluated: `{layout}`"
+    return f"""# {config.model}: a {model_class} trained by vtcbench on vtcshapes
 
 ## What it is
-- `{model_class}` (loads with transformers like llava-hf checkpoints): a
-  {facts.vision_n_layers}-layer CLIP-style vision tower (hidden {facts.vision_hidden_size}, {math.isqrt(facts.vision_n_tokens - 1) * facts.vision_patch_size} px images, patch {facts.vision_patch_size}, so
-  {facts.vision_n_tokens - 1} visual tokens), {projector}, and a {facts.n_layers}-layer LLaMA decoder
-  (hidden {facts.hidden_size}, {facts.n_heads} heads, MLP {facts.intermediate_size}), {n_parameters / 1e6:.2f}M parameters in float32.
-  The tokenizer is word-level ({facts.vocab_size} ids): the vicuna_v1 chat template's words
-  and vtcshapes' words; anything else is `<unk>`.
+- `{model_class}` (loads with transformers like the hub's checkpoints of its family):
+  {tower}, {projector}, and {decoder}, {n_parameters / 1e6:.2f}M parameters in float32.
+  The tokenizer is word-level ({facts.vocab_size} ids): the chat template's words and vtcshapes'
+  words; anything else is `<unk>`.
 - Trained from {f"the weights of {config.init}" if config.init else "random initialisation, with no pretrained component,"} by `{command}`:
   {result.steps} steps of {config.batch_size} scenes drawn fresh from vtcshapes' generator (held-out
   scenes excluded), each with its questions as one multi-turn conversation, AdamW with a one-cycle learning rate peaking at {config.lr:g}, language-model loss on
-  the one-word answers plus two auxiliary per-patch losses, the small-scale stand-ins for LLaVA's
-  pretrained parts: colour and content classifiers on the vision tower (a pretrained CLIP), and the
-  image token's match with the word embeddings of its colour and shape (stage-1 feature
-  alignment). Stages: {result.stages}.
+  the one-word answers plus two auxiliary per-patch losses, the small-scale stand-ins for a VLM's
+  pretrained parts: colour and content classifiers on the vision tower's patch features (what a
+  pretrained tower gives), and each image token's match with the word embeddings of its colour
+  and shape (stage-1 feature alignment). Stages: {result.stages}.
   Training took {result.seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads.
 - Prompted {prompt_line}.
 
@@ -475,9 +472,9 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
 ## What it is not
 {weak_line}{compressed_line}- Not a general vision-language model: it has seen only vtcshapes scenes (coloured shapes and one
   letter on an 8x8 grid) and answers with one word.
-- Not a stand-in for LLaVA-1.5's accuracy numbers: compression results on it show the mechanics of
+- Not a stand-in for the full-size models' accuracy numbers: compression results on it show the mechanics of
   each method (which tokens it keeps, what pooling mixes) at small scale, not the papers' magnitudes.
-- Its images are clean and sparse: a shape covers 4 of the 64 visual tokens and the letter 1, on a
+- Its images are clean and sparse: a shape covers 4 of the {facts.image_tokens} visual tokens and the letter 1, on a
   black background, so which tokens a method drops decides the answer more sharply than on
   natural images, where an object spreads over many tokens and the background carries context.
 """

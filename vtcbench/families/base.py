@@ -300,6 +300,11 @@ class ModelFamily:
         `transformers_seam.save_checkpoint`, or None to save as `save_pretrained` does."""
         return None
 
+    # -- model cards -----------------------------------------------------------------------------
+    def card_parts(self, config: Any, facts: ModelFacts) -> tuple[str, str, str]:
+        """(vision tower, projector, decoder) described in words for a trained model's card."""
+        raise NotImplementedError  # abstract: only families vtcbench trains need it
+
     # -- checks ----------------------------------------------------------------------------------
     def refusal(self, method: Any) -> str | None:
         """Why this family cannot run `method` (a method or its class), or None."""

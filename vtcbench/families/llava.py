@@ -168,6 +168,15 @@ class LlavaFamily(ModelFamily):
         )
 
     # -- prompts ---------------------------------------------------------------------------------
+    def card_parts(self, config: Any, facts: ModelFacts) -> tuple[str, str, str]:
+        side = config.vision_config.image_size
+        return (
+            f"a {facts.vision_n_layers}-layer CLIP-style vision tower (hidden {facts.vision_hidden_size}, {side} px images, "
+            f"patch {facts.vision_patch_size}, so {facts.vision_n_tokens - 1} visual tokens)",
+            "LLaVA's 2-layer GELU projector",
+            f"a {facts.n_layers}-layer LLaMA decoder (hidden {facts.hidden_size}, {facts.n_heads} heads, MLP {facts.intermediate_size})",
+        )
+
     def system_prompt(self, config: Any) -> str:
         return getattr(config, "vtcbench_system_prompt", VICUNA_V1_SYSTEM)
 

@@ -24,7 +24,7 @@ members' ids (LLaVolta's rule applied to each axis).
 Through lmms-eval, `VtcbenchLMM` answers as lmms-eval 0.7.3's own class for the model type
 (`LMMS_EVAL_CLASSES`): its pixel bounds, its image path (qwen2_vl and qwen2_5_vl: a JPEG data
 URL; then `qwen_vl_utils.fetch_image`'s resize) and its answer rules. Checked answer for answer
-against the `qwen2_5_vl` class by benchmarks/qwen_lmms_parity.py.
+against the `qwen2_5_vl` class in tests/test_qwen_lmms.py.
 """
 
 from __future__ import annotations
@@ -155,6 +155,20 @@ class Qwen2VLFamily(ModelFamily):
 
     def video_token_id(self, config: Any) -> int | None:
         return config.video_token_id
+
+    def card_parts(self, config: Any, facts: ModelFacts) -> tuple[str, str, str]:
+        vision = config.vision_config
+        _, h, w = self.image_grid(config)
+        windows = getattr(vision, "window_size", None)
+        attention = (f", attention in {windows}-pixel windows except in block(s) {list(vision.fullatt_block_indexes)}"
+                     if windows else "")
+        return (
+            f"a {facts.vision_n_layers}-block ViT (hidden {facts.vision_hidden_size}, patch {facts.vision_patch_size}{attention}; "
+            f"{w * facts.vision_patch_size}x{h * facts.vision_patch_size} px after the processor's resize: {h * w} patches)",
+            f"the 2x2 patch merger ({facts.image_tokens} visual tokens)",
+            f"a {facts.n_layers}-layer Qwen2 decoder with M-RoPE (hidden {facts.hidden_size}, {facts.n_heads} heads, "
+            f"MLP {facts.intermediate_size})",
+        )
 
     def image_grid(self, config: Any, image_size: tuple[int, int] | None = None) -> tuple[int, int, int]:
         """(t, h, w) patches of one image of `image_size` (width, height) after the processor's
