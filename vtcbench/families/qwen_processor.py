@@ -339,17 +339,32 @@ def _image_only(processor_cls: type) -> type:
     right class; every Qwen video processor needs torchvision, and on 5.24 even the class check fails without
     it (``VIDEO_PROCESSOR_MAPPING`` is a placeholder). The subclass only drops that attribute (ProcessorMixin
     reads the attributes off ``__init__``'s signature): text, image and chat-template code is the parent's.
-    It keeps the parent's name so ``save_pretrained`` records the real class. Passing ``videos=`` fails.
+    It keeps the parent's name so ``save_pretrained`` records the real class, and its saved
+    ``processor_config.json`` names the video processor the parent would have (its class, and the
+    image processor's patch, merge, mean and std; the rest are that class's defaults), so a folder
+    saved here loads with ``AutoProcessor`` where torchvision is installed (lmms-eval's Qwen classes
+    load it so). Passing ``videos=`` fails.
     """
     if processor_cls not in _IMAGE_ONLY:
+        video_class = "Qwen3VLVideoProcessor" if processor_cls.__name__ == "Qwen3VLProcessor" else "Qwen2VLVideoProcessor"
 
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             processor_cls.__init__(self, image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
 
+        def to_dict(self) -> dict[str, Any]:
+            output = processor_cls.to_dict(self)
+            image = self.image_processor
+            output.setdefault("video_processor", {
+                "video_processor_type": video_class,
+                **{key: getattr(image, key) for key in ("patch_size", "temporal_patch_size", "merge_size")},
+                "image_mean": list(image.image_mean), "image_std": list(image.image_std),
+            })
+            return output
+
         _IMAGE_ONLY[processor_cls] = type(
             processor_cls.__name__,
             (processor_cls,),
-            {"__init__": __init__, "__module__": __name__, "__doc__": _image_only.__doc__},
+            {"__init__": __init__, "to_dict": to_dict, "__module__": __name__, "__doc__": _image_only.__doc__},
         )
     return _IMAGE_ONLY[processor_cls]
 
