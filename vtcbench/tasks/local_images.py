@@ -29,12 +29,11 @@ from typing import Any
 from vtcbench.errors import VtcbenchError
 
 IMAGE_COLUMN = "image"  # the column every shipped task's doc_to_visual reads
-LAYOUTS = ("image", "struct", "bytes", "path")
 _EXPECTED = "datasets' Image feature, a struct of bytes/path, encoded image bytes, or path strings"
 
 
 def image_layout(feature: Any) -> str | None:
-    """The layout of a `datasets` feature as an image column (one of LAYOUTS), None if none."""
+    """The layout of a `datasets` feature as an image column ("image", "struct", "bytes" or "path"), None if none."""
     from datasets import Image, LargeList, List, Sequence, Value
 
     if isinstance(feature, (List, LargeList, Sequence)):
