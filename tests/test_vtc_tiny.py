@@ -44,9 +44,15 @@ def vanilla_scores(vtc_tiny):
 def test_vanilla_accuracy_on_the_held_out_split_is_what_training_recorded(vanilla_scores):
     from pathlib import Path
 
+    import torch
+
     alias, vanilla_scores = vanilla_scores
-    recorded = json.loads((Path(MODELS[alias].source) / "training.json").read_text())["accuracy"]["vanilla"]
-    assert vanilla_scores == pytest.approx(recorded, abs=1e-9)
+    training = json.loads((Path(MODELS[alias].source) / "training.json").read_text())
+    recorded = training["accuracy"]["vanilla"]
+    # exactly under the torch that trained it; another release's CPU kernels may flip a borderline
+    # answer: at most 2 of a family's 125 questions
+    tolerance = 1e-9 if training["torch"] == torch.__version__ else 2 / 125
+    assert vanilla_scores == pytest.approx(recorded, abs=tolerance)
     assert vanilla_scores["text"] >= 0.9  # it reads the one-token letter: it does look at the image
 
 
