@@ -26,12 +26,9 @@ FAMILY_SPECIFIC = re.compile(
 #: a family's classes, as code names (the model registry may name hub ids and descriptions)
 FAMILY_CLASSES = re.compile(r"^(Llava|Qwen)\w*")
 
-#: files outside families/ that may name one family, and why
-EXEMPT = {
-    # converts the official LLaVA-STF checkpoint (the original LLaVA repo's layout) into a llava-hf
-    # folder: its input and output formats are LLaVA's by definition
-    "convert_stf.py",
-}
+#: files outside families/ that may name one family, and why (none: convert_stf.py reads LLaVA's
+#: original layout, but writes the llava-hf one through `families/llava.py`)
+EXEMPT: set[str] = set()
 
 
 def _code_tokens(source: str) -> list[tuple[int, int, str]]:

@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from vtcbench.cli import app
-from vtcbench.convert_stf import check_source, convert_stf, hf_config, image_processor
+from vtcbench.convert_stf import check_source, convert_stf, hf_config
 from vtcbench.engine import compress
 from vtcbench.errors import VtcbenchError
-from vtcbench.families.llava import image_processor_classes
+from vtcbench.families.llava import converted_image_processor, image_processor_classes
 from vtcbench.methods import METHODS, get_method
 from vtcbench.methods.stf import PAPER_FEATURE_LAYERS, default_feature_layers
 from vtcbench.models import build_local_processor, load_config, load_model, random_model
@@ -203,7 +203,7 @@ def test_the_source_image_aspect_ratio_decides_the_padding(tmp_path):
     llava, _, shapes = check_source(tmp_path / "official")
     for aspect, pads in (("pad", True), ("square", False), (None, False)):
         config = hf_config({**llava, "image_aspect_ratio": aspect}, shapes)
-        assert image_processor(config).do_pad is pads, aspect
+        assert converted_image_processor(config).do_pad is pads, aspect
     with pytest.raises(VtcbenchError, match="'anyres' .* valid: pad, square"):
         hf_config({**llava, "image_aspect_ratio": "anyres"}, shapes)
 

@@ -36,6 +36,8 @@ from typing import Any
 import torch
 
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import family_of
+from vtcbench.families import llava as llava_family
 from vtcbench.methods.stf import PAPER_FEATURE_LAYERS
 
 TOWER = "model.vision_tower.vision_tower.vision_model."
@@ -43,11 +45,11 @@ MBTF = "model.mm_projector_crosslayer."
 STF = "model.mm_projector."
 #: (official prefix, llava-hf prefix); first match wins
 KEY_MAP: tuple[tuple[str, str], ...] = (
-    (TOWER, "vision_tower.vision_model."),
-    (MBTF, "multi_modal_projector.mbtf."),
-    (STF, "multi_modal_projector.stf."),
-    ("model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
+    (TOWER, llava_family.HUB_TOWER),
+    (MBTF, f"{llava_family.HUB_PROJECTOR}mbtf."),
+    (STF, f"{llava_family.HUB_PROJECTOR}stf."),
+    ("model.", llava_family.HUB_LANGUAGE_MODEL),
+    ("lm_head.", llava_family.HUB_LM_HEAD),
 )
 TEXT_FIELDS = (
     "hidden_size", "intermediate_size", "num_attention_heads", "num_hidden_layers", "num_key_value_heads",
@@ -91,7 +93,7 @@ def check_source(src: Path) -> tuple[dict[str, Any], list[Path], dict[str, tuple
     return llava, shards, shapes
 
 
-def vision_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+def tower_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """CLIP tower configuration from its weights' shapes."""
     width, _, patch, _ = shapes[f"{TOWER}embeddings.patch_embedding.weight"]
     positions = shapes[f"{TOWER}embeddings.position_embedding.weight"][0]
@@ -111,10 +113,8 @@ def vision_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
 
 
 def hf_config(llava: dict[str, Any], shapes: dict[str, tuple[int, ...]]):
-    """The LlavaConfig of the converted model (STF projector marked, MBTF layers as feature layers)."""
-    from transformers import LlavaConfig
-
-    vision = vision_config(shapes)
+    """The llava-hf config of the converted model (STF projector marked, MBTF layers as feature layers)."""
+    vision = tower_config(shapes)
     width, depth = vision["hidden_size"], vision["num_hidden_layers"]
     layers = [llava.get("mm_vision_select_layer", -2), *PAPER_FEATURE_LAYERS[1:]]
     if depth <= max(layers) or shapes[f"{MBTF}0.weight"][1] != len(layers) * width:
@@ -133,16 +133,9 @@ def hf_config(llava: dict[str, Any], shapes: dict[str, tuple[int, ...]]):
     vocab = llava["vocab_size"]
     text = {"model_type": "llama", "vocab_size": vocab + 1, **{k: llava[k] for k in TEXT_FIELDS if k in llava}}
     text["pad_token_id"] = llava.get("pad_token_id", 0)
-    config = LlavaConfig(
-        text_config=text,
-        vision_config=vision,
-        image_token_index=vocab,
-        vision_feature_layer=layers,
-        vision_feature_select_strategy="default" if llava.get("mm_vision_select_feature", "patch") == "patch" else "full",
-        projector_hidden_act="gelu",
-        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
-        tie_word_embeddings=False,
-        pad_token_id=text["pad_token_id"],
+    config = llava_family.converted_config(
+        text, vision, image_token=vocab, feature_layers=layers,
+        select_strategy="default" if llava.get("mm_vision_select_feature", "patch") == "patch" else "full",
     )
     config.vtcbench_projector = {"type": "stf", "kernel": 2, "fused_tokens": 1}
     config.vtcbench_image_aspect_ratio = "pad" if aspect == "pad" else "square"
@@ -161,50 +154,27 @@ def convert_tensor(key: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor] |
     return prefix[1] + key[len(prefix[0]) :], tensor.contiguous()
 
 
-def image_processor(config):
-    """CLIP's preprocessing at the tower's resolution (resize the short side, centre-crop, OpenAI
-    CLIP mean and std), after LLaVA's `expand2square` when the config says
-    `vtcbench_image_aspect_ratio: pad`: `LlavaImageProcessor(do_pad=True)` pads centred in
-    `tuple(int(x * 255) for x in image_mean)`, the official background colour."""
-    import importlib.util
-
-    import transformers
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    # without torchvision (the CPU install) transformers 5 falls back to the PIL backend with a warning
-    pil = importlib.util.find_spec("torchvision") is None and hasattr(transformers, "LlavaImageProcessorPil")
-    cls = transformers.LlavaImageProcessorPil if pil else transformers.LlavaImageProcessor
-    size = config.vision_config.image_size
-    return cls(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
-        do_pad=getattr(config, "vtcbench_image_aspect_ratio", "square") == "pad",
-    )
-
-
 def _processor(src: Path, config):
     """LLaVA's tokenizer from the source folder with `<image>` added, or (no tokenizer there) the
-    offline one; `image_processor(config)` for the images."""
-    from transformers import AutoTokenizer, LlavaProcessor
+    offline one; the family's converted processor (CLIP's preprocessing, padded to a square when
+    the source says `image_aspect_ratio: pad`)."""
+    from transformers import AutoTokenizer
 
     from vtcbench.models import build_local_processor
 
+    image_token = family_of(config).image_token_id(config)
     if not any((src / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         tokenizer = build_local_processor(config).tokenizer
     else:
         tokenizer = AutoTokenizer.from_pretrained(src)
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-        if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_index:
-            raise VtcbenchError(
-                f"the tokenizer in {src} gives <image> id {tokenizer.convert_tokens_to_ids('<image>')}, not {config.image_token_index}"
-            )
+        tokenizer.add_special_tokens({"additional_special_tokens": [llava_family.IMAGE_PLACEHOLDER]})
+        found = tokenizer.convert_tokens_to_ids(llava_family.IMAGE_PLACEHOLDER)
+        if found != image_token:
+            raise VtcbenchError(f"the tokenizer in {src} gives {llava_family.IMAGE_PLACEHOLDER} id {found}, not {image_token}")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.unk_token
         tokenizer.padding_side = "left"
-    return LlavaProcessor(
-        image_processor=image_processor(config), tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1, image_token="<image>",
-    )
+    return llava_family.converted_processor(config, tokenizer)
 
 
 def convert_stf(src: Path, out: Path, *, overwrite: bool = False) -> Path:

@@ -36,6 +36,12 @@ CHECKPOINT_LAYOUT: tuple[tuple[str, str], ...] = (
 )
 
 
+#: llava-hf key prefixes of each part (what `convert_stf` writes an original-layout checkpoint to)
+HUB_LANGUAGE_MODEL, HUB_LM_HEAD, HUB_PROJECTOR, HUB_TOWER = (
+    dict(CHECKPOINT_LAYOUT)[prefix] for prefix in ("model.language_model.", "lm_head.", "model.multi_modal_projector.", "model.vision_tower.")
+)
+
+
 def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None, system: str = VICUNA_V1_SYSTEM) -> str:
     """LLaVA's `conv_vicuna_v1`: system prompt, `USER: <image>\\n...`, `ASSISTANT:`."""
     if IMAGE_PLACEHOLDER not in context and n_images:
@@ -227,3 +233,56 @@ class LlavaFamily(ModelFamily):
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint_layout(self) -> tuple[tuple[str, str], ...]:
         return CHECKPOINT_LAYOUT
+
+
+# -- checkpoints converted from LLaVA's original layout (vtcbench convert-stf) --------------------
+
+
+def converted_config(text: dict[str, Any], vision: dict[str, Any], *, image_token: int, feature_layers: list[int], select_strategy: str):
+    """The llava-hf `LlavaConfig` of a checkpoint converted from LLaVA's original layout: the
+    language model `text`, the CLIP tower `vision`, `<image>` as `image_token`, the tower's
+    `feature_layers` (a list: LLaVA-STF's MBTF reads several), LLaVA's GELU projector."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_index=image_token,
+        vision_feature_layer=feature_layers,
+        vision_feature_select_strategy=select_strategy,
+        projector_hidden_act="gelu",
+        image_seq_length=(vision["image_size"] // vision["patch_size"]) ** 2,
+        tie_word_embeddings=False,
+        pad_token_id=text["pad_token_id"],
+    )
+
+
+def converted_image_processor(config):
+    """CLIP's preprocessing at the tower's resolution (resize the short side, centre-crop, OpenAI
+    CLIP mean and std), after LLaVA's `expand2square` when the config says
+    `vtcbench_image_aspect_ratio: pad`: `LlavaImageProcessor(do_pad=True)` pads centred in
+    `tuple(int(x * 255) for x in image_mean)`, the official background colour."""
+    import transformers
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    # without torchvision (the CPU install) transformers 5 falls back to the PIL backend with a warning
+    pil = importlib.util.find_spec("torchvision") is None and hasattr(transformers, "LlavaImageProcessorPil")
+    cls = transformers.LlavaImageProcessorPil if pil else transformers.LlavaImageProcessor
+    size = config.vision_config.image_size
+    return cls(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD), do_convert_rgb=True,
+        do_pad=getattr(config, "vtcbench_image_aspect_ratio", "square") == "pad",
+    )
+
+
+def converted_processor(config, tokenizer):
+    """The `LlavaProcessor` of a converted checkpoint: `tokenizer` (with `<image>`) and
+    `converted_image_processor(config)`."""
+    from transformers import LlavaProcessor
+
+    return LlavaProcessor(
+        image_processor=converted_image_processor(config), tokenizer=tokenizer, patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy, num_additional_image_tokens=1,
+        image_token=IMAGE_PLACEHOLDER,
+    )

@@ -124,7 +124,7 @@ class STF(FusingMethod):
 
     def check_loaded(self, model: Any, processor: Any) -> None:
         """A converted LLaVA-STF model pads images to a square (`vtcbench_image_aspect_ratio: pad`,
-        `convert_stf.image_processor`); refuse a processor that would centre-crop them instead."""
+        `families/llava.py` `converted_image_processor`); refuse a processor that would centre-crop them instead."""
         if getattr(model.config, "vtcbench_image_aspect_ratio", None) == "pad" and not getattr(
             getattr(processor, "image_processor", None), "do_pad", False
         ):
