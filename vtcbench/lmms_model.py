@@ -90,20 +90,13 @@ class BadDocument(VtcbenchError):
         self.task, self.doc_id, self.cause = task, doc_id, cause
 
 
-class _Unreadable(Exception):
-    """Raised while reading a request's visuals: the document's image cannot be read."""
+class _Unanswerable(Exception):
+    """Raised while reading a request's visuals (its image cannot be read) or encoding it (request
+    `index`: its prompt does not fit the model's context)."""
 
-    def __init__(self, cause: str):
+    def __init__(self, cause: str, index: int | None = None):
         super().__init__(cause)
-        self.cause = cause
-
-
-class _PromptTooLong(Exception):
-    """Raised while encoding: the request at `index` does not fit the model's context."""
-
-    def __init__(self, index: int, cause: str):
-        super().__init__(cause)
-        self.index, self.cause = index, cause
+        self.cause, self.index = cause, index
 
 
 def _cause(error: BaseException) -> str:
@@ -240,7 +233,9 @@ class VtcbenchLMM(lmms):
                     done.add(answer[0])
                     yield answer
                 return
-            except _PromptTooLong as error:
+            except _Unanswerable as error:
+                if error.index is None:  # only encoding names its request here
+                    raise
                 bad = next(job for job in batch if job.index == error.index)
                 self._bad(bad.request, error.cause)
                 batch = [job for job in batch if job.index not in done and job.index != error.index]
@@ -270,7 +265,7 @@ class VtcbenchLMM(lmms):
                 continue
             try:
                 visuals = self._visuals(request)
-            except _Unreadable as error:
+            except _Unanswerable as error:
                 self._bad(request, error.cause)
                 continue
             kwargs = request.args[1] if request.request_type != "loglikelihood" else None
@@ -294,7 +289,7 @@ class VtcbenchLMM(lmms):
                 if isinstance(image, Image.Image):
                     image.load()  # the pixels too: a truncated file fails here, not in the processor
         except Exception as error:  # a data problem of this one document
-            raise _Unreadable(f"its image cannot be read ({_cause(error)})") from error
+            raise _Unanswerable(f"its image cannot be read ({_cause(error)})") from error
         if not all(isinstance(v, Image.Image) for v in flat):
             from vtcbench.tasks import short_name
 
@@ -308,7 +303,7 @@ class VtcbenchLMM(lmms):
         encoded = _Encoded(**vars(encode(self.processor, self.model, prompt, visuals)), request_index=index)
         length = int(encoded.input_ids.shape[0])
         if self.context is not None and length > self.context:
-            raise _PromptTooLong(index, f"its prompt of {length} tokens does not fit the model's context of {self.context}")
+            raise _Unanswerable(f"its prompt of {length} tokens does not fit the model's context of {self.context}", index)
         return encoded
 
     def _collate(self, items: list[_Encoded]) -> dict:

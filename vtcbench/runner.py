@@ -193,8 +193,6 @@ def task_objects_by_name(task_objects: list) -> dict[str, Any]:
     for entry in task_objects:
         if isinstance(entry, dict):
             found |= task_objects_by_name(list(entry.values()))
-        elif isinstance(entry, tuple):
-            found |= task_objects_by_name(list(entry[1:]))
         elif entry is not None and hasattr(entry, "config"):
             found[entry.config.task] = entry
     return found

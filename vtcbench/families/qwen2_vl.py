@@ -124,6 +124,7 @@ class Qwen2VLFamily(ModelFamily):
     model_types: ClassVar[tuple[str, ...]] = ("qwen2_vl", "qwen2_5_vl")
     description: ClassVar[str] = "Qwen2-VL / Qwen2.5-VL: native-resolution ViT, 2x2 merger, Qwen2 decoder with M-RoPE"
     position_rows: ClassVar[int] = 3
+    decoder_name: ClassVar[str] = "Qwen2"  # for model cards
     fixed_image_grid: ClassVar[bool] = False
     dynamic_resolution: ClassVar[bool] = True
     unsupported_methods: ClassVar[dict[str, str]] = {
@@ -166,7 +167,7 @@ class Qwen2VLFamily(ModelFamily):
             f"a {facts.vision_n_layers}-block ViT (hidden {facts.vision_hidden_size}, patch {facts.vision_patch_size}{attention}; "
             f"{w * facts.vision_patch_size}x{h * facts.vision_patch_size} px after the processor's resize: {h * w} patches)",
             f"the 2x2 patch merger ({facts.image_tokens} visual tokens)",
-            f"a {facts.n_layers}-layer Qwen2 decoder with M-RoPE (hidden {facts.hidden_size}, {facts.n_heads} heads, "
+            f"a {facts.n_layers}-layer {self.decoder_name} decoder with M-RoPE (hidden {facts.hidden_size}, {facts.n_heads} heads, "
             f"MLP {facts.intermediate_size})",
         )
 

@@ -28,6 +28,7 @@ class Qwen3VLFamily(Qwen2VLFamily):
     name: ClassVar[str] = "qwen3_vl"
     model_types: ClassVar[tuple[str, ...]] = ("qwen3_vl",)
     description: ClassVar[str] = "Qwen3-VL: Qwen2.5-VL's layout with q/k norms, interleaved M-RoPE and DeepStack"
+    decoder_name: ClassVar[str] = "Qwen3"
 
     def model_class(self, config: Any) -> type:
         from transformers import Qwen3VLForConditionalGeneration
