@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from oracles import OraclePlan, mrope_oracle_greedy
+from oracles import OraclePlan, language_model_inputs, mrope_oracle_greedy
 from PIL import Image
 
 from vtcbench.engine import compress
@@ -162,6 +162,43 @@ ORACLE_CASES = {
     "llavolta": ({"layer": 2, "stride": 2}, lambda n: OraclePlan("llavolta", {2: 2}, "pooled")),
     "llavolta-layer0": ({"layer": 0, "stride": 4}, lambda n: OraclePlan("llavolta", {0: 4}, "pooled")),
 }
+
+
+def official_mrope_rows(input_ids: list[int], image_token_id: int, grids: list[tuple[int, int, int]], merge: int) -> torch.Tensor:
+    """Qwen's own rule for an unpadded prompt of text and single-frame images (`get_rope_index` of
+    Qwen2-VL, Qwen2.5-VL and Qwen3-VL, e.g. QwenLM/Qwen2.5-VL's modeling code): a text token takes
+    the next id on all three rows; an image starts at that id, temporal row constant, height and
+    width rows advancing over its merged grid; the text after it continues at start + max(h, w)."""
+    rows, at, index, grids = [], 0, 0, iter(grids)
+    while index < len(input_ids):
+        if input_ids[index] != image_token_id:
+            rows.append([at, at, at])
+            at, index = at + 1, index + 1
+            continue
+        _, height, width = next(grids)
+        height, width = height // merge, width // merge
+        rows += [[at, at + row, at + column] for row in range(height) for column in range(width)]
+        at, index = at + max(height, width), index + height * width
+    return torch.tensor(rows).T
+
+
+@pytest.mark.parametrize("alias", MROPE_TOYS)
+def test_mrope_positions_are_qwens_official_ones(alias):
+    """The ids the model hands its language model, for a left-padded batch of a square and two
+    non-square images. transformers 5.5.0-5.5.3 fails this on Qwen2.5-VL (an image's temporal
+    row is start * tokens_per_second), which is why pyproject.toml's floor is 5.6."""
+    model, processor = toy(alias, "eager")
+    inputs = _inputs(model, processor, [0, 1, 3])
+    family = family_of(model)
+    image_token = family.image_token_id(model.config)
+    merge = model.config.vision_config.spatial_merge_size
+    with torch.no_grad():
+        given = language_model_inputs(model, inputs)["position_ids"][-3:]  # 5.24 adds a text row first
+    grids = iter(inputs["image_grid_thw"].tolist())
+    for row, (ids, mask) in enumerate(zip(inputs["input_ids"].tolist(), inputs["attention_mask"].bool())):
+        real = [token for token, keep in zip(ids, mask.tolist()) if keep]
+        expected = official_mrope_rows(real, image_token, [next(grids)], merge)
+        assert torch.equal(given[:, row, mask], expected), (row, given[:, row, mask], expected)
 
 
 @pytest.mark.parametrize("case", sorted(ORACLE_CASES))
