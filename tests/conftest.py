@@ -21,6 +21,9 @@ TINY_DEFAULTS: dict[str, dict] = {
     "random": {"layer": 1, "drop_ratio": 0.5},
     "kmeans": {"layer": 2, "clusters": 16},
     "avgpool": {"kernel": 2},
+    "dart": {"layer": 2, "pivot_image_tokens": 2, "pivot_text_tokens": 1, "truncation": 24},
+    "divprune": {"ratio": 0.25},
+    "visionzip": {"dominant": 12, "contextual": 4},
 }
 # ... and the same methods configured to keep every token.
 KEEP_ALL: dict[str, dict] = {
@@ -32,6 +35,12 @@ KEEP_ALL: dict[str, dict] = {
     "random": {"layer": 1, "drop_ratio": 0.0},
     "kmeans": {"layer": 2, "clusters": 64},
     "avgpool": {"kernel": 1},
+    "dart": {"layer": 2, "pivot_image_tokens": 64, "pivot_text_tokens": 1, "truncation": 0},
+    "divprune": {"ratio": 1.0},
+}
+#: methods with no keep-all configuration, and why
+NO_KEEP_ALL: dict[str, str] = {
+    "visionzip": "its tokens always include CLS's feature, which LLaVA's default select strategy drops",
 }
 
 

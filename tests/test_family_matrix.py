@@ -40,6 +40,7 @@ CASES = {
     "random-first": ("random", {"layer": 0, "drop_ratio": 0.5}),
     "random": ("random", {"layer": 2, "drop_ratio": 0.3}),
     "kmeans": ("kmeans", {"layer": 1, "clusters": 4, "iters": 3}),
+    "dart": ("dart", {"layer": 1, "pivot_image_tokens": 1, "pivot_text_tokens": 1, "truncation": 2}),
 }
 KEEP_ALL = {
     "fastv": {"layer": 1, "drop_ratio": 0.0},

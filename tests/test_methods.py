@@ -90,7 +90,7 @@ def test_set_options_are_typed_from_the_dataclass_fields():
 @pytest.mark.parametrize(
     ("name", "params", "fragment"),
     [
-        ("nosuch", {}, "valid choices: avgpool, fastv"),
+        ("nosuch", {}, "valid choices: avgpool, dart, divprune, fastv"),
         ("fastv", {"ratio": "0.5"}, "valid: layer, drop_ratio"),
         ("fastv", {"drop_ratio": "1.0"}, "valid range: [0, 1)"),
         ("fastv", {"drop_ratio": "-0.1"}, "drop_ratio=-0.1"),

@@ -89,7 +89,7 @@ class _Request:
     space0: Space | None = None
     space: Space | None = None  # current space while the prefill runs through the layers
     layer_space: dict[int, Space] = field(default_factory=dict)
-    scores: dict[int, torch.Tensor] = field(default_factory=dict)  # action layer -> [batch, seq]
+    scores: dict[int, _ScoreLayer] = field(default_factory=dict)  # action layer -> its score layer's input
     decoding: bool = False
     _sample_keys: list[int] | None = None
 
@@ -257,8 +257,7 @@ class CompressionEngine:
         if 0 in self.plan:
             if self.plan[0] == 0:
                 cos_sin = self.family.rope(self.language_model, embeds, position_ids)
-                with self.overhead():
-                    request.scores[0] = _query_attention(self.family, self.layers[0], embeds, cos_sin, space)
+                request.scores[0] = _ScoreLayer(self.family, self.layers[0], embeds, cos_sin, space)
             with self.overhead():
                 space, embeds = self._act(request, 0, space, embeds)
             request.lm_index, request.lm_filler = space.index0, space.filler
@@ -321,11 +320,9 @@ class CompressionEngine:
                 return args, self._decode_kwargs(request, space, kwargs)
             hidden = seam.hidden_states(args, kwargs)
             space = request.space
-            if index in self.score_layers:
+            if index in self.score_layers:  # read when the action layer's method asks (`LayerContext`)
                 embeddings = seam.rope_tables(self._prefill_kwargs(request, space, kwargs))
-                with self.overhead():
-                    scores = _query_attention(self.family, module, hidden, embeddings, space)
-                request.scores[self.score_layers[index]] = scores
+                request.scores[self.score_layers[index]] = _ScoreLayer(self.family, module, hidden, embeddings, space)
             if index in self.plan:
                 with self.overhead():
                     space, hidden = self._act(request, index, space, hidden)
@@ -362,7 +359,7 @@ class CompressionEngine:
         first kept slot (so the mask rows they gather are ordinary ones) and are masked as keys.
         """
         image_index = space.image_index
-        scores = request.scores.pop(layer, None)
+        scoring = request.scores.pop(layer, None)
         ctx = LayerContext(
             layer=layer,
             hidden_states=hidden,
@@ -372,7 +369,11 @@ class CompressionEngine:
             n_image_original_per_sample=request.n_image,
             n_layers=self.n_layers,
             keys_fn=request.sample_keys,
-            scores_fn=None if scores is None else (lambda: scores.gather(1, image_index)),
+            scores_fn=None if scoring is None else (lambda: scoring.attention().gather(1, image_index)),
+            score_keys_fn=None if scoring is None else scoring.keys,
+            valid=space.valid,
+            query=space.query,
+            final_norm=self.language_model.norm,
         )
         action = self.method.select(ctx)
         chosen = action.indices if isinstance(action, Keep) else action.anchors
@@ -630,6 +631,32 @@ def _query_attention(
     the query (a teacher-forced answer) masked."""
     visible = space.valid & (torch.arange(hidden.shape[1], device=hidden.device) <= space.query[:, None])
     return query_attention(family, layer, hidden, position_embeddings, space.query, visible)
+
+
+@dataclass
+class _ScoreLayer:
+    """A score layer's input, kept until its action layer's method reads what it needs: the
+    last prompt token's attention row, or every token's rotated keys (computed once each)."""
+
+    family: ModelFamily
+    layer: nn.Module
+    hidden: torch.Tensor
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    space: Space
+    _attention: torch.Tensor | None = None
+
+    def attention(self) -> torch.Tensor:
+        """[batch, seq]: the last prompt token's head-averaged attention (`_query_attention`)."""
+        if self._attention is None:
+            self._attention = _query_attention(self.family, self.layer, self.hidden, self.position_embeddings, self.space)
+        return self._attention
+
+    @torch.no_grad()
+    def keys(self) -> torch.Tensor:
+        """[batch, kv_heads, seq, head_dim]: every token's key after RoPE, as the layer's attention forms it."""
+        _, key = self.family.query_key(self.layer, self.hidden, self.space.query)
+        cos, sin = (table.expand(key.shape[0], -1, -1).unsqueeze(1) for table in self.family.scoring_tables(self.layer, self.position_embeddings))
+        return self.family.apply_rope(key, cos, sin)
 
 
 @torch.no_grad()

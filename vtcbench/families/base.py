@@ -113,6 +113,8 @@ class ModelFamily:
     dynamic_resolution: ClassVar[bool] = False
     #: methods that cannot run on this family, each with the one-line reason
     unsupported_methods: ClassVar[dict[str, str]] = {}
+    #: whether the vision tower has a CLS token whose attention methods may read (VisionZip)
+    tower_has_cls: ClassVar[bool] = False
 
     # -- loading -------------------------------------------------------------------------------
     def model_class(self, config: Any) -> type:
@@ -145,6 +147,15 @@ class ModelFamily:
 
     def projector(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError  # abstract
+
+    def tower_feature_layer(self, model: nn.Module) -> nn.Module:
+        """The vision-tower layer whose output the projector reads (methods that read the tower)."""
+        raise VtcbenchError(f"the {self.name} family exposes no vision-tower layer to methods")
+
+    def tower_cls_attention(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """From a tower layer's input [images, tokens, width]: CLS's softmax attention row per head
+        `[images, heads, tokens]` and every key per head `[images, heads, tokens, head_dim]`."""
+        raise VtcbenchError(f"the {self.name} family's vision tower has no CLS token")
 
     def set_projector(self, model: nn.Module, projector: nn.Module) -> None:
         """Install a trained projector in place of the family's own (STF, TokenConcat)."""
@@ -310,6 +321,8 @@ class ModelFamily:
         """Why this family cannot run `method` (a method or its class), or None."""
         if method.name in self.unsupported_methods:
             return self.unsupported_methods[method.name]
+        if method.reads_tower_cls and not self.tower_has_cls:
+            return "it reads the vision tower's CLS attention; this family's tower has no CLS token"
         if method.kind.needs_fixed_grid and not self.fixed_image_grid:
             return "it works on a fixed grid of image tokens before the LLM; this family gives each image its own count"
         return None

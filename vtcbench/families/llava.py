@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vtcbench.errors import VtcbenchError
 from vtcbench.families.base import ModelFacts, ModelFamily, decoder_facts
 
 VICUNA_V1_SYSTEM = (
@@ -71,6 +72,7 @@ class LlavaFamily(ModelFamily):
     name: ClassVar[str] = "llava"
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
     description: ClassVar[str] = "LLaVA-1.5: CLIP tower, MLP projector, LLaMA decoder; a fixed grid of image tokens"
+    tower_has_cls: ClassVar[bool] = True
 
     def model_class(self, config: Any) -> type:
         from transformers import LlavaForConditionalGeneration
@@ -124,6 +126,28 @@ class LlavaFamily(ModelFamily):
 
     def set_projector(self, model: nn.Module, projector: nn.Module) -> None:
         self.multimodal(model).multi_modal_projector = projector
+
+    def tower_feature_layer(self, model: nn.Module) -> nn.Module:
+        """The CLIP layer whose output is `hidden_states[vision_feature_layer]` (layer 22 of 24 for
+        LLaVA-1.5's -2); the tower is `CLIPVisionModel` with or without its wrapper (5.5 / 5.23+)."""
+        (index, *more) = self.feature_layers(model.config)
+        tower = self.vision_tower(model)
+        layers = getattr(tower, "vision_model", tower).encoder.layers
+        position = index % (len(layers) + 1)  # hidden_states[0] is the embeddings
+        if more or position == 0:
+            raise VtcbenchError(f"vision_feature_layer={model.config.vision_feature_layer}: a method reading the tower needs one CLIP layer's output")
+        return layers[position - 1]
+
+    def tower_cls_attention(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's eager attention row of CLS (`layer_norm1`, `q_proj`/`k_proj` with biases, `scale`,
+        softmax in float32 as `eager_attention_forward`), recomputed so any backend works."""
+        attention = layer.self_attn
+        images, length, _ = hidden.shape
+        normed = layer.layer_norm1(hidden)
+        q = attention.q_proj(normed[:, :1]).view(images, 1, -1, attention.head_dim).transpose(1, 2)
+        k = attention.k_proj(normed).view(images, length, -1, attention.head_dim).transpose(1, 2)
+        logits = (q @ k.transpose(-1, -2)) * attention.scale
+        return logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)[:, :, 0], k
 
     def feature_layers(self, config: Any) -> tuple[int, ...]:
         """The tower's hidden-state indices the projector reads (a list: concatenated, MBTF)."""

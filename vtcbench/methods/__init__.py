@@ -2,6 +2,8 @@
 
 from vtcbench.methods import (  # noqa: F401
     avgpool,
+    dart,
+    divprune,
     fastv,
     kmeans,
     llavolta,
@@ -11,6 +13,7 @@ from vtcbench.methods import (  # noqa: F401
     tokenconcat,
     vanilla,
     vico,
+    visionzip,
     voco,
 )
 from vtcbench.methods.base import (

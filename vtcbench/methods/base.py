@@ -94,6 +94,11 @@ class LayerContext:
     n_layers: int
     keys_fn: Callable[[], list[int]]  # a stable per-sample key (hash of the prompt's token ids), on demand
     scores_fn: Callable[[], torch.Tensor] | None = None
+    #: the score layer's keys after RoPE, [batch, kv_heads, seq, head_dim], on demand (DART)
+    score_keys_fn: Callable[[], torch.Tensor] | None = None
+    valid: torch.Tensor | None = None  # [batch, seq] bool: not padding
+    query: torch.Tensor | None = None  # [batch]: the last prompt token's column
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the language model's last norm
     _scores: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -130,6 +135,12 @@ class LayerContext:
             self._scores = self.scores_fn()
         return self._scores
 
+    def score_keys(self) -> torch.Tensor:
+        """The score layer's rotated keys of every token, [batch, kv_heads, seq, head_dim]."""
+        if self.score_keys_fn is None:
+            raise RuntimeError(f"layer {self.layer}: the method's plan names no score layer")
+        return self.score_keys_fn()
+
     def image_hidden(self) -> torch.Tensor:
         """Hidden states of the current image tokens, [batch, n, d]."""
         index = self.image_index.unsqueeze(-1).expand(-1, -1, self.hidden_states.shape[-1])
@@ -142,6 +153,32 @@ class LayerContext:
 
 
 @dataclass
+class TowerFeatures:
+    """What a method selecting before the projector sees of the vision tower's feature layer
+    (the layer whose output the projector reads): its output with CLS first, and on demand CLS's
+    attention row and every key, from that layer's own projections (`family.tower_cls_attention`)."""
+
+    output: torch.Tensor  # [images, 1 + patches, width]: CLS, then the patches
+    attention_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    _attention: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._attention is None:
+            self._attention = self.attention_fn()
+        return self._attention
+
+    @property
+    def cls_attention(self) -> torch.Tensor:
+        """[images, heads, 1 + patches]: CLS's softmax attention over every token, per head."""
+        return self._read()[0]
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """[images, heads, 1 + patches, head_dim]: the layer's keys."""
+        return self._read()[1]
+
+
+@dataclass
 class Method:
     """Base of all methods. Subclasses are dataclasses registered with `@register`."""
 
@@ -150,6 +187,8 @@ class Method:
     position_policy: ClassVar[PositionPolicy] = "keep"
     description: ClassVar[str] = ""
     trainable: ClassVar[bool] = True  # the engine's hooks keep gradients to the kept tokens
+    #: reads the vision tower's CLS attention (`pre_projector`); families without CLS refuse it
+    reads_tower_cls: ClassVar[bool] = False
     #: what a checkpoint must hold for this method (one line), or None for a training-free method;
     #: `check_model` refuses a model without it
     needs_weights: ClassVar[str | None] = None
@@ -190,6 +229,11 @@ class Method:
     def pre_llm_tokens(self, n_image: int) -> int:
         return n_image
 
+    def pre_projector(self, tower: TowerFeatures) -> torch.Tensor:
+        """The projector's input from the tower's feature layer (methods with `reads_tower_cls`):
+        [images, n', width] in place of the n patch features."""
+        raise TypeError(f"{self.name} does not select inside the vision tower")
+
     # -- methods that change the prompt and the attention mask (voco) -------------------------
     def prompt(self, question: str, system: str) -> str | None:
         """The method's own single-turn prompt with one image, or None for the model's (vicuna_v1)."""
@@ -219,6 +263,21 @@ class Method:
     def action_count(self, layer: int, n_current: int, n_image_original: int, n_layers: int) -> int:
         """Image tokens left by this layer's action: what `select` returns, for FLOPs without a model."""
         raise NotImplementedError  # abstract: every in-LLM method defines it
+
+    def score_layer_macs(self, facts: ModelFacts, n: int) -> int:
+        """What reading a score layer of n tokens costs: the last token's attention row (q_proj
+        on one token, k_proj on the sequence, q.K over heads)."""
+        d = facts.hidden_size
+        return d * d + n * d * facts.n_kv_heads * facts.head_dim + n * d
+
+    def selection_macs(self, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[int]) -> int:
+        """The method's own work besides its score layers (matrix products only, as the op
+        counter counts): k-means' distances, a pre-LLM selection's similarities. Default: none."""
+        return 0
+
+    def projector_tokens(self, n_image: int) -> int:
+        """Tokens the projector maps (a method that selects before the projector maps fewer)."""
+        return n_image
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
         """Check hyperparameters against a model's depth and visual-token count."""

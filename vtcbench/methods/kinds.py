@@ -112,7 +112,15 @@ class PreLLMKind(MethodKind):
     def engine_hooks(self, engine: CompressionEngine) -> list[RemovableHandle]:
         method = engine.method
         projector = engine.family.projector(engine.model)
-        return [projector.register_forward_hook(lambda module, args, output: method.pre_llm(output))]
+
+        def after_projector(module, args, output):
+            with engine.overhead():
+                return method.pre_llm(output)
+
+        hooks = [projector.register_forward_hook(after_projector)]
+        if method.reads_tower_cls:
+            hooks += _tower_hooks(engine, projector)
+        return hooks
 
     def prepare(self, engine: CompressionEngine, inputs: dict) -> dict:
         """Shrink each image's run of placeholder tokens to what the method outputs: pooling
@@ -140,6 +148,33 @@ class PreLLMKind(MethodKind):
                 f"{engine.method.name} shortens the prompt to {pooled} image tokens per image; "
                 "pass the inputs through engine.prepare(inputs) first"
             )
+
+
+def _tower_hooks(engine: CompressionEngine, projector: nn.Module) -> list[RemovableHandle]:
+    """Read the tower's feature layer (its input and its output, CLS included) and hand the
+    projector what the method selects from it (`Method.pre_projector`) instead of the patches."""
+    from vtcbench import transformers_seam as seam
+    from vtcbench.methods.base import TowerFeatures
+
+    family, method = engine.family, engine.method
+    layer = family.tower_feature_layer(engine.model)
+    seen: dict[str, torch.Tensor] = {}
+
+    def read_layer(module, args, kwargs, output):
+        seen["input"], seen["output"] = seam.hidden_states(args, kwargs), seam.layer_output(output)
+
+    def before_projector(module, args):
+        output, hidden = seen.pop("output"), seen.pop("input")
+        if tuple(args[0].shape) != (output.shape[0], output.shape[1] - 1, output.shape[2]):
+            raise VtcbenchError(
+                f"{method.name}: the projector reads {tuple(args[0].shape)}, not the feature layer's patches "
+                f"{tuple(output[:, 1:].shape)} (a select strategy other than 'default'?)"
+            )
+        with engine.overhead():
+            tower = TowerFeatures(output, lambda: family.tower_cls_attention(layer, hidden))
+            return (method.pre_projector(tower), *args[1:])
+
+    return [layer.register_forward_hook(read_layer, with_kwargs=True), projector.register_forward_pre_hook(before_projector)]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 
 from vtcbench.errors import VtcbenchError
+from vtcbench.families import ModelFacts
 from vtcbench.methods.base import (
     LayerContext,
     Method,
@@ -63,6 +64,11 @@ class KMeans(Method):
 
     def action_count(self, layer: int, n_current: int, n_image_original: int, n_layers: int) -> int:
         return self.clusters
+
+    def selection_macs(self, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[int]) -> int:
+        """Per Lloyd round: distances and centroid sums, n * k * d each."""
+        n = image_tokens_per_layer[self.layer - 1] if self.layer else n_image
+        return self.iters * 2 * n * self.clusters * facts.hidden_size
 
     def select(self, ctx: LayerContext) -> Replace:
         """Cluster each sample's own image tokens (the first `n_image_per_sample[b]` of its row):

@@ -45,8 +45,8 @@ def vision_encoder_macs(facts: ModelFacts) -> int:
 
 
 def projector_macs(facts: ModelFacts) -> int:
-    """The projector (LLaVA's two-layer MLP, Qwen's 2x2 merger) on every image token before any
-    compression."""
+    """The projector (LLaVA's two-layer MLP, Qwen's 2x2 merger) on every image token (a method
+    that selects before the projector scales it by `Method.projector_tokens`)."""
     return facts.projector_macs
 
 
@@ -68,19 +68,14 @@ def fused_projector_macs(method: FusingMethod, facts: ModelFacts, n_image: int) 
 def method_overhead_macs(
     method: Method, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[int], text_tokens: int
 ) -> int:
-    """The method's own cost: recomputing the last token's attention row at each score layer
-    (q_proj on one token, k_proj on the sequence, q.K over heads), or k-means' distances."""
-    d, d_kv = facts.hidden_size, facts.n_kv_heads * facts.head_dim
+    """The method's own cost: reading each score layer (`Method.score_layer_macs`: the last
+    token's attention row, or DART's keys) and its selection (`Method.selection_macs`)."""
     total = 0
     for score_layer in (s for s in method.plan(facts.n_layers).values() if s is not None):
         # the score layer's input, before any action at that layer (PyramidDrop scores, then drops)
         entering = image_tokens_per_layer[score_layer - 1] if score_layer else method.pre_llm_tokens(n_image)
-        n = entering + text_tokens
-        total += d * d + n * d * d_kv + n * d
-    if method.name == "kmeans":  # per Lloyd round: distances and centroid sums, n * k * d each
-        n = image_tokens_per_layer[method.layer - 1] if method.layer else n_image
-        total += method.iters * 2 * n * method.clusters * d
-    return total
+        total += method.score_layer_macs(facts, entering + text_tokens)
+    return total + method.selection_macs(facts, n_image, image_tokens_per_layer)
 
 
 @dataclass(frozen=True)
@@ -138,7 +133,8 @@ def analytic_flops(
         tflops_lm_head=facts.hidden_size * facts.vocab_size / tera,
         tflops_vision_encoder=vision_encoder_macs(facts) / tera,
         tflops_projector=(
-            fused_projector_macs(method, facts, n_image) if isinstance(method, FusingMethod) else projector_macs(facts)
+            fused_projector_macs(method, facts, n_image) if isinstance(method, FusingMethod)
+            else projector_macs(facts) * method.projector_tokens(n_image) // n_image
         ) / tera,
         tflops_method_overhead=method_overhead_macs(method, facts, n_image, counts, text_tokens) / tera,
     )

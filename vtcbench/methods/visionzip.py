@@ -1,0 +1,106 @@
+"""VisionZip (Yang et al., CVPR 2025, "VisionZip: Longer is Better but Not Necessary in Vision
+Language Models"): dominant tokens by CLS attention, the rest merged into a few contextual ones,
+before the projector.
+
+Paper section 3.2 (dominant and contextual token selection) and the official code,
+`dvlab-research/VisionZip` `visionzip/clip_encoder.py` (`CLIPVisionTower_VisionZip.forward`),
+`visionzip/utils.py` (the key metric) and `visionzip/main.py` (`visionzip(model, dominant,
+contextual)`; its README runs LLaVA-1.5 with `dominant=54, contextual=10`, 64 tokens). From the
+tower's feature layer (layer -2 of CLIP: its attention, its keys and its output, all three the
+same layer's), per image:
+
+- dominant: CLS and the `dominant - 1` patches CLS attends to most (attention summed over heads),
+  in token order;
+- contextual: of the remaining tokens (in token order), `contextual` targets at a stride of
+  `remaining // contextual`; every other remaining token goes to the target whose key (averaged
+  over heads, L2-normalised) is most similar; a contextual token is its target's feature plus
+  the mean of the features assigned to it;
+- the projector maps `[dominant tokens, contextual tokens]` (`dominant + contextual` in all, CLS's
+  feature among them, as the official path skips LLaVA's CLS-dropping `feature_select`), and the
+  prompt is shortened to that many image tokens with compact positions.
+
+Differences: the official code reads the eager attention weights and a patched attention's keys;
+here both come from recomputing the layer's CLS row and keys on its input, so the tower may run
+under any attention backend. With `contextual=0` no tokens are merged (the official code divides
+by it). Its 128- and 192-token settings (108+20, 162+30) and LLaVA-NeXT's per-crop rule are in
+the paper, not in the released code; LLaVA-NeXT and the Qwen line have no fixed grid or no CLS
+and refuse it.
+"""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vtcbench.errors import VtcbenchError
+from vtcbench.families import ModelFacts
+from vtcbench.methods.base import Method, TowerFeatures, check_positive, register
+from vtcbench.methods.kinds import PRE_LLM, MethodKind
+
+
+@register
+@dataclass
+class VisionZip(Method):
+    """VisionZip (section 3.2; official code `dvlab-research/VisionZip`, `visionzip/clip_encoder.py`):
+    CLS and the dominant patches by CLS attention, plus contextual tokens merged by key similarity."""
+
+    dominant: int = 54
+    contextual: int = 10
+
+    name: ClassVar[str] = "visionzip"
+    kind: ClassVar[MethodKind] = PRE_LLM
+    reads_tower_cls: ClassVar[bool] = True
+    trainable: ClassVar[bool] = False  # the selection reads the tower under no_grad hooks
+    description: ClassVar[str] = "keep CLS-attended dominant tokens and merge the rest into contextual ones, before the projector"
+
+    def __post_init__(self) -> None:
+        check_positive(self.name, "dominant", self.dominant)
+        if self.contextual < 0:
+            raise VtcbenchError(f"{self.name}: contextual={self.contextual} is out of range; valid: an integer >= 0")
+
+    def validate_for(self, n_image: int, n_layers: int) -> None:
+        if self.dominant + self.contextual > n_image + 1:
+            raise VtcbenchError(
+                f"{self.name}: dominant={self.dominant} + contextual={self.contextual} exceed the {n_image} patches and CLS; "
+                f"valid: dominant + contextual <= {n_image + 1}"
+            )
+
+    def pre_llm_tokens(self, n_image: int) -> int:
+        return self.dominant + self.contextual
+
+    def projector_tokens(self, n_image: int) -> int:
+        return self.dominant + self.contextual
+
+    def selection_macs(self, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[int]) -> int:
+        """CLS's query and every key at the feature layer, CLS's attention row, the key
+        similarities of the merged tokens to the targets and their one-hot sums."""
+        n, c = facts.vision_n_tokens, facts.vision_hidden_size
+        merged = n - self.dominant - self.contextual
+        head_dim = c // facts.vision_n_heads
+        return c * c + n * c * c + n * c + merged * self.contextual * (head_dim + c)
+
+    def pre_llm(self, image_features: torch.Tensor) -> torch.Tensor:
+        return image_features  # the selection happened before the projector
+
+    @torch.no_grad()
+    def pre_projector(self, tower: TowerFeatures) -> torch.Tensor:
+        hidden = tower.output  # [images, 1 + n, width]
+        images, length, width = hidden.shape
+        top = tower.cls_attention[:, :, 1:].sum(dim=1).topk(self.dominant - 1, dim=1).indices + 1
+        chosen = torch.cat([top.new_zeros(images, 1), top], dim=1)
+        rest = torch.ones(images, length, dtype=torch.bool, device=hidden.device).scatter(1, chosen, False)
+        dominant = hidden[~rest].view(images, self.dominant, width)
+        if not self.contextual:
+            return dominant
+        metric = tower.keys.mean(dim=1)[rest].view(images, length - self.dominant, -1)
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        others = hidden[rest].view(images, length - self.dominant, width)
+        step = max(1, metric.shape[1] // self.contextual)
+        targets = torch.arange(0, metric.shape[1], step, device=hidden.device)[: self.contextual]
+        merged = ~torch.isin(torch.arange(metric.shape[1], device=hidden.device), targets)
+        similarity = metric[:, merged] @ metric[:, targets].transpose(1, 2)
+        assign = torch.zeros(images, int(merged.sum()), self.contextual, dtype=hidden.dtype, device=hidden.device)
+        assign.scatter_(2, similarity.argmax(dim=2, keepdim=True), 1)
+        counts = assign.sum(dim=1).clamp(min=1)[..., None]
+        contextual = others[:, targets] + assign.transpose(1, 2) @ others[:, merged] / counts
+        return torch.cat([dominant, contextual], dim=1)
