@@ -24,6 +24,7 @@ TINY_DEFAULTS: dict[str, dict] = {
     "dart": {"layer": 2, "pivot_image_tokens": 2, "pivot_text_tokens": 1, "truncation": 24},
     "divprune": {"ratio": 0.25},
     "visionzip": {"dominant": 12, "contextual": 4},
+    "vispruner": {"tokens": 16, "important_ratio": 0.5},
 }
 # ... and the same methods configured to keep every token.
 KEEP_ALL: dict[str, dict] = {
@@ -37,6 +38,7 @@ KEEP_ALL: dict[str, dict] = {
     "avgpool": {"kernel": 1},
     "dart": {"layer": 2, "pivot_image_tokens": 64, "pivot_text_tokens": 1, "truncation": 0},
     "divprune": {"ratio": 1.0},
+    "vispruner": {"tokens": 64, "important_ratio": 1.0},
 }
 #: methods with no keep-all configuration, and why
 NO_KEEP_ALL: dict[str, str] = {

@@ -48,6 +48,16 @@ def test_defaults_follow_the_design_table():
     assert get_method("kmeans").params()["clusters"] == 72
     assert get_method("avgpool").params() == {"kernel": 2}
     assert get_method("voco").params() == {"voco_tokens": 2}
+    # dvlab-research/VisionZip README.md: `model = visionzip(model, dominant=54, contextual=10)` (LLaVA-1.5, 64 tokens)
+    assert get_method("visionzip").params() == {"dominant": 54, "contextual": 10}
+    # ZichenWen1/DART scripts/v1_5/eval/textvqa.sh: --pruned_layer 2 --pivot_image_token 4 --pivot_text_token 4,
+    # and the README's `bash scripts/v1_5/eval/textvqa.sh 0.778 128` (max_num_trunction 128)
+    assert get_method("dart").params() == {"layer": 2, "pivot_image_tokens": 4, "pivot_text_tokens": 4, "truncation": 128}
+    # Theia-4869/VisPruner README.md: `bash scripts/v1_5/eval/mme.sh 64 0.75` ("48 important tokens and 16
+    # diverse tokens"); its argparse default (model_vqa_loader.py: --visual_token_num 576) prunes nothing
+    assert get_method("vispruner").params() == {"tokens": 64, "important_ratio": 0.75}
+    # vbdi/divprune run_Divprune.sh: SUBSET_RATIO=0.098
+    assert get_method("divprune").params() == {"ratio": 0.098}
 
 
 @pytest.mark.parametrize(

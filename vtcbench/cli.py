@@ -197,7 +197,7 @@ def flops(
         (f"TFLOPs, decoder on image + {text_tokens} text tokens", f"{report.tflops_total:.3g}"),
         ("TFLOPs, vision encoder", f"{report.tflops_vision_encoder:.3g}"),
         ("TFLOPs, projector", f"{report.tflops_projector:.3g}"),
-        ("TFLOPs, method's own scoring", f"{report.tflops_method_overhead:.3g}"),
+        ("TFLOPs, method's own selection (scores, similarities)", f"{report.tflops_method_overhead:.3g}"),
     ]
     for row in rows:
         table.add_row(*row)
@@ -671,7 +671,7 @@ def _print_profile(record) -> None:
     console.print("energy: " + (f"{energy.joules_per_sample:.2f} J/sample" if energy.joules_per_sample is not None
                                 else f"unavailable ({energy.unavailable_reason})"))
     flops, measured = record.flops, record.opcount
-    analytic_lm = flops["tflops_total"] + flops["tflops_lm_head"] + flops["tflops_method_overhead"]
+    analytic_lm = flops["tflops_language_model"]
     console.print(f"TFLOPs (MACs): image tokens {flops['tflops_image']:.4g}, decoder full sequence "
                   f"{flops['tflops_total']:.4g}, vision {flops['tflops_vision_encoder']:.4g}, "
                   f"method overhead {flops['tflops_method_overhead']:.3g}")

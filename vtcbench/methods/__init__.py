@@ -14,6 +14,7 @@ from vtcbench.methods import (  # noqa: F401
     vanilla,
     vico,
     visionzip,
+    vispruner,
     voco,
 )
 from vtcbench.methods.base import (

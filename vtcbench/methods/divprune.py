@@ -68,7 +68,7 @@ class DivPrune(Method):
         """[images, k] token indices in the order they were chosen."""
         unit = image_features / image_features.norm(dim=-1, keepdim=True)
         distance = 1.0 - unit @ unit.transpose(1, 2)  # [images, n, n], symmetric
-        k = self.pre_llm_tokens(image_features.shape[1])
+        k = self.pre_llm_tokens(int(image_features.shape[1]))
         rows = torch.arange(image_features.shape[0], device=image_features.device)
         nearest = distance.topk(2, dim=1, largest=False).values[:, 1]  # each token's nearest other one
         chosen = [nearest.argmax(dim=1)]

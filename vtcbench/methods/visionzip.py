@@ -59,10 +59,10 @@ class VisionZip(Method):
             raise VtcbenchError(f"{self.name}: contextual={self.contextual} is out of range; valid: an integer >= 0")
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
-        if self.dominant + self.contextual > n_image + 1:
+        if self.dominant + self.contextual > n_image:  # the prompt carries n_image placeholders
             raise VtcbenchError(
-                f"{self.name}: dominant={self.dominant} + contextual={self.contextual} exceed the {n_image} patches and CLS; "
-                f"valid: dominant + contextual <= {n_image + 1}"
+                f"{self.name}: dominant={self.dominant} + contextual={self.contextual} exceed the {n_image} image tokens; "
+                f"valid: dominant + contextual <= {n_image}"
             )
 
     def pre_llm_tokens(self, n_image: int) -> int:
@@ -88,7 +88,7 @@ class VisionZip(Method):
         images, length, width = hidden.shape
         top = tower.cls_attention[:, :, 1:].sum(dim=1).topk(self.dominant - 1, dim=1).indices + 1
         chosen = torch.cat([top.new_zeros(images, 1), top], dim=1)
-        rest = torch.ones(images, length, dtype=torch.bool, device=hidden.device).scatter(1, chosen, False)
+        rest = torch.ones(images, length, dtype=torch.bool, device=hidden.device).scatter(1, chosen, torch.zeros_like(chosen, dtype=torch.bool))
         dominant = hidden[~rest].view(images, self.dominant, width)
         if not self.contextual:
             return dominant

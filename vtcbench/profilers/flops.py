@@ -96,6 +96,9 @@ class FlopsReport:
     tflops_vision_encoder: float
     tflops_projector: float  # LLaVA's MLP, or a fusing method's trained projector (STF, TokenConcat)
     tflops_method_overhead: float
+    #: the decoder on every token, the LM head and the method's work inside the decoder (what the
+    #: op counter attributes to the language model; a pre-LLM selection is not part of it)
+    tflops_language_model: float
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -117,6 +120,9 @@ def analytic_flops(
     counts = method.image_tokens_per_layer(n_image, facts.n_layers)
     visual_total = sum(counts)
     tera = TERA / CONVENTIONS[convention]
+    total = sum(layer_macs(n + text_tokens, facts) for n in counts) / tera
+    lm_head = facts.hidden_size * facts.vocab_size / tera
+    overhead = method_overhead_macs(method, facts, n_image, counts, text_tokens) / tera
     return FlopsReport(
         model=model,
         method=method.name,
@@ -129,12 +135,13 @@ def analytic_flops(
         visual_token_total=visual_total,
         compression_ratio=n_image * facts.n_layers / visual_total if visual_total else float("inf"),
         tflops_image=sum(layer_macs(n, facts, grouped_query=False) for n in counts) / tera,
-        tflops_total=sum(layer_macs(n + text_tokens, facts) for n in counts) / tera,
-        tflops_lm_head=facts.hidden_size * facts.vocab_size / tera,
+        tflops_total=total,
+        tflops_lm_head=lm_head,
         tflops_vision_encoder=vision_encoder_macs(facts) / tera,
         tflops_projector=(
             fused_projector_macs(method, facts, n_image) if isinstance(method, FusingMethod)
             else projector_macs(facts) * method.projector_tokens(n_image) // n_image
         ) / tera,
-        tflops_method_overhead=method_overhead_macs(method, facts, n_image, counts, text_tokens) / tera,
+        tflops_method_overhead=overhead,
+        tflops_language_model=total + lm_head + (overhead if method.kind.in_llm else 0),
     )

@@ -101,18 +101,26 @@ def count_ops(model: nn.Module, inputs: dict, method: Method | None = None) -> O
             return 0
         return sum(flops.get(f"{root}.{names[module]}", {}).values()) // 2
 
+    def overhead_in(module: nn.Module) -> int:  # the method's MACs while `module` ran (its hooks included)
+        return sum(flops for parents, flops in meter.intervals if f"{root}.{names[module]}" in parents) // 2
+
     family = family_of(model)
-    language = macs(family.language_model(model)) + macs(model.get_output_embeddings())
+    language_module = family.language_model(model)
+    # the language model's figure includes the method's work inside it (in-LLM scoring), as the
+    # analytic `tflops_language_model` does; a selection at the projector is the method's alone
+    language = macs(language_module) + macs(model.get_output_embeddings())
     tower, projector_module = family.vision_tower(model), family.projector(model)
-    projector = macs(projector_module)
-    vision = macs(tower) - (projector if any(m is projector_module for m in tower.modules()) else 0)  # Qwen's merger is inside its tower
+    inside = any(m is projector_module for m in tower.modules())  # Qwen's merger is inside its tower
+    projector = macs(projector_module) - overhead_in(projector_module)
+    vision = macs(tower) - overhead_in(tower) - (projector if inside else 0)
+    overhead = meter.flops // 2
     total = counter.get_total_flops() // 2
     return OpCount(
         language_model_macs=language,
         vision_tower_macs=vision,
         projector_macs=projector,
-        method_overhead_macs=meter.flops // 2,
-        other_macs=total - language - vision - projector,
+        method_overhead_macs=overhead,
+        other_macs=total - language - vision - projector - (overhead - overhead_in(language_module)),
     )
 
 
@@ -122,6 +130,7 @@ class _Meter:
     def __init__(self, counter: FlopCounterMode):
         self.counter = counter
         self.flops = 0
+        self.intervals: list[tuple[frozenset[str], int]] = []  # (modules running, FLOPs) per stretch of work
         self._start = 0
 
     def __call__(self) -> _Meter:
@@ -131,7 +140,9 @@ class _Meter:
         self._start = self.counter.get_total_flops()
 
     def __exit__(self, *exc) -> None:
-        self.flops += self.counter.get_total_flops() - self._start
+        flops = self.counter.get_total_flops() - self._start
+        self.flops += flops
+        self.intervals.append((frozenset(self.counter.mod_tracker.parents), flops))
 
 
 # -- formulas FlopCounterMode lacks (FLOPs = 2 * MACs, from shapes, as torch's own formulas) -----------

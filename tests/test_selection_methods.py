@@ -1,0 +1,400 @@
+"""VisionZip, VisPruner, DivPrune and DART against oracles written from their official algorithms, at their
+defaults and at their boundary settings, on the tiny LLaVA (and DART on the tiny Qwen2.5-VL).
+
+The oracles share nothing with `vtcbench/methods/`: VisionZip's reads transformers' eager
+attention weights and hidden states and follows `dvlab-research/VisionZip`
+`visionzip/clip_encoder.py` line by line, VisPruner's `Theia-4869/VisPruner` `llava_arch.py`;
+DivPrune's reruns the greedy max-min from scratch at
+every step (the behaviour of `vbdi/divprune` `llava_arch.py`, written from the paper); DART's
+reads the keys from the KV cache a plain forward returns and follows `ZichenWen1/DART`
+`modeling_llama_self.py` (`get_retained_image_token`) line by line, Python sets included.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import pixels, prompt_ids
+from oracles import OraclePlan, mrope_oracle_greedy, oracle_greedy
+from PIL import Image
+
+from vtcbench.engine import compress
+from vtcbench.errors import VtcbenchError
+from vtcbench.families import family_of
+from vtcbench.methods import get_method
+from vtcbench.models import load_model
+from vtcbench.transformers_seam import returned_cache
+
+N_BEFORE, N_AFTER = 5, 7  # text around the 64 image tokens of the tiny LLaVA
+
+
+def _inputs(model, seed: int = 0) -> dict:
+    ids = prompt_ids(model, N_BEFORE, N_AFTER, seed)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels(seed)}
+
+
+def _shortened(model, inputs: dict, n_image: int) -> dict:
+    """The prompt with `n_image` image placeholders, as a pre-LLM method's prompt is."""
+    ids = inputs["input_ids"]
+    is_image = ids[0] == model.config.image_token_index
+    first, count = int(is_image.nonzero()[0]), int(is_image.sum())
+    ids = torch.cat([ids[:, :first], ids[:, first : first + n_image], ids[:, first + count :]], dim=1)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _engine_logits(model, method, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits of the prompt under the engine, what the projector handed the LLM)."""
+    seen = {}
+    projector = family_of(model).projector(model)
+    with torch.no_grad(), compress(model, method) as engine:
+        handle = projector.register_forward_hook(lambda module, args, output: seen.update(tokens=output))
+        try:
+            logits = model(**engine.prepare(inputs)).logits
+        finally:
+            handle.remove()
+    return logits, seen["tokens"]
+
+
+def _logits_with_image_tokens(model, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """A plain forward of the shortened prompt with `tokens` [1, k, d] as its image tokens."""
+    ids = inputs["input_ids"]
+    is_image = ids == model.config.image_token_index
+    embeds = model.get_input_embeddings()(ids).masked_scatter(is_image[..., None], tokens.to(torch.float32))
+    with torch.no_grad():
+        return model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).logits
+
+
+# -- VisionZip -------------------------------------------------------------------------------------
+
+
+def visionzip_oracle(model, pixel_values: torch.Tensor, dominant: int, contextual: int) -> torch.Tensor:
+    """`CLIPVisionTower_VisionZip.forward` (visionzip/clip_encoder.py), with `dominant_num =
+    dominant - 1` as `visionzip()` sets it and the key metric of `utils.py` (k_proj of layer -2,
+    mean over heads), on transformers' eager attention weights and hidden states."""
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
+        attn_weights = out.attentions[-2]
+        hidden_states = out.hidden_states[-2]
+        layer = getattr(tower, "vision_model", tower).encoder.layers[-2]
+        keys = layer.self_attn.k_proj(layer.layer_norm1(out.hidden_states[-3]))
+        bsz, length, _ = keys.shape
+        metric = keys.view(bsz, length, layer.self_attn.num_heads, -1).transpose(1, 2).mean(1)
+        dominant_num, contextual_num = dominant - 1, contextual
+        cls_idx = 0
+        cls_attention = attn_weights[:, :, cls_idx, cls_idx + 1 :]
+        cls_attention_sum = cls_attention.sum(dim=1)
+        topk_indices = cls_attention_sum.topk(dominant_num, dim=1).indices + 1
+        all_indices = torch.cat([torch.zeros((hidden_states.shape[0], 1), dtype=topk_indices.dtype), topk_indices], dim=1)
+        mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
+        dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(hidden_states.shape[0], dominant_num + 1, hidden_states.shape[2])
+        if contextual_num == 0:  # the official code divides by it; vtcbench merges nothing
+            return dominant_tokens
+        metric_filtered = metric[mask].view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
+        hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(
+            hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), hidden_states.shape[2])
+        metric_normalized = metric_filtered / metric_filtered.norm(dim=-1, keepdim=True)
+        step = max(1, metric_normalized.shape[1] // contextual_num)
+        target_indices = torch.arange(0, metric_normalized.shape[1], step)[:contextual_num]
+        target_tokens = metric_normalized[:, target_indices, :]
+        tokens_to_merge = metric_normalized[:, ~torch.isin(torch.arange(metric_normalized.shape[1]), target_indices), :]
+        similarity = torch.bmm(tokens_to_merge, target_tokens.transpose(1, 2))
+        assign_one_hot = torch.zeros(tokens_to_merge.shape[0], tokens_to_merge.shape[1], contextual_num, dtype=hidden_states_filtered.dtype)
+        assign_one_hot.scatter_(2, similarity.argmax(dim=2).unsqueeze(-1), 1)
+        counts = assign_one_hot.sum(dim=1).clamp(min=1).unsqueeze(-1)
+        hidden_to_merge = hidden_states_filtered[:, ~torch.isin(torch.arange(hidden_states_filtered.shape[1]), target_indices), :]
+        aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
+        target_hidden = hidden_states_filtered[:, target_indices, :]
+        contextual_tokens = target_hidden + aggregated_hidden
+        return torch.cat([dominant_tokens, contextual_tokens], dim=1)
+
+
+VISIONZIP_CASES = {  # 64 patches + CLS on the tiny LLaVA
+    "scaled default": {"dominant": 12, "contextual": 4},
+    "official 54+10": {"dominant": 54, "contextual": 10},
+    "CLS only": {"dominant": 1, "contextual": 0},
+    "most dominant": {"dominant": 64, "contextual": 0},
+    "most contextual": {"dominant": 1, "contextual": 63},
+    "one contextual": {"dominant": 3, "contextual": 1},
+}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", sorted(VISIONZIP_CASES))
+def test_visionzip_equals_the_official_selection(tiny, case, attn):
+    params = VISIONZIP_CASES[case]
+    model = tiny(attn)
+    method = get_method("visionzip", **params)
+    inputs = _inputs(model, seed=1)
+    logits, tokens = _engine_logits(model, method, inputs)
+    with torch.no_grad():
+        expected = model.model.multi_modal_projector(visionzip_oracle(tiny("eager"), inputs["pixel_values"], **params))
+    torch.testing.assert_close(tokens, expected, atol=1e-6, rtol=1e-6)
+    short = _shortened(model, inputs, method.pre_llm_tokens(64))
+    torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, expected), atol=1e-5, rtol=1e-5)
+
+
+# -- VisPruner ------------------------------------------------------------------------------------
+
+
+def vispruner_oracle(model, pixel_values: torch.Tensor, visual_token_num: int, important_ratio: float) -> torch.Tensor:
+    """`encode_images` of Theia-4869/VisPruner (llava/model/llava_arch.py) and its `feature_select`
+    (clip_encoder.py), on transformers' eager attention weights: the kept patch features."""
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
+    image_features = out.hidden_states[-2][:, 1:]
+    image_attentions = out.attentions[-2][:, :, 0, 1:]
+    B, N, C = image_features.shape  # noqa: N806
+    important_token_num = int(visual_token_num * important_ratio)
+    diverse_token_num = visual_token_num - important_token_num
+    image_attentions = image_attentions.mean(dim=1)
+    token_indices = image_attentions.argsort(dim=-1, descending=True)
+    important_indices = token_indices[:, :important_token_num]
+    residual_indices = token_indices[:, important_token_num:]
+    image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
+    while diverse_token_num > 0:
+        R = residual_indices.shape[1]  # noqa: N806
+        r = min(8, R - diverse_token_num)
+        if r <= 0:
+            break
+        residual_tokens = image_normalized[torch.arange(B).unsqueeze(-1).expand(-1, R), residual_indices]
+        a, b = residual_tokens[..., ::2, :], residual_tokens[..., 1::2, :]
+        scores = a @ b.transpose(-1, -2)
+        scores = scores.max(dim=-1).values
+        distinct_indices = scores.argsort(dim=-1, descending=True)[:, r:]
+        residual_indices = torch.cat([
+            residual_indices[..., ::2][torch.arange(B).unsqueeze(-1).expand(-1, R // 2 - r), distinct_indices],
+            residual_indices[..., 1::2]
+        ], dim=-1)
+    if diverse_token_num > 0:
+        selected_indices = torch.cat([important_indices, residual_indices], dim=-1)
+    else:
+        selected_indices = important_indices
+    index_masks = torch.zeros(B, N, dtype=torch.bool)
+    index_masks.scatter_(1, selected_indices, True)
+    return image_features[index_masks].view(B, visual_token_num, C)
+
+
+VISPRUNER_CASES = {  # (tokens, important_ratio) on the tiny LLaVA's 64 patches
+    "scaled default": (16, 0.5),
+    "three quarters important": (32, 0.75),
+    "few diverse": (24, 0.5),
+    "all diverse": (8, 0.0),
+    "important only": (16, 1.0),
+    "one token": (1, 1.0),
+    "every token": (64, 1.0),
+}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("case", sorted(VISPRUNER_CASES))
+def test_vispruner_equals_the_official_selection(tiny, case, attn):
+    tokens, ratio = VISPRUNER_CASES[case]
+    model = tiny(attn)
+    method = get_method("vispruner", tokens=tokens, important_ratio=ratio)
+    inputs = _inputs(model, seed=4)
+    logits, projected = _engine_logits(model, method, inputs)
+    with torch.no_grad():
+        expected = model.model.multi_modal_projector(vispruner_oracle(tiny("eager"), inputs["pixel_values"], tokens, ratio))
+    torch.testing.assert_close(projected, expected, atol=1e-6, rtol=1e-6)
+    short = _shortened(model, inputs, tokens)
+    torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, expected), atol=1e-5, rtol=1e-5)
+
+
+# -- DivPrune --------------------------------------------------------------------------------------
+
+
+def divprune_oracle(features: torch.Tensor, k: int) -> list[int]:
+    """The greedy max-min subset of one image's tokens [n, d] (cosine distance), every step from
+    scratch: first the token whose nearest other is farthest, then the token farthest from its
+    nearest chosen one; returned in token order."""
+    unit = features / features.norm(dim=1, keepdim=True)
+    distance = 1.0 - unit @ unit.T
+    chosen: list[int] = []
+    for step in range(k):
+        if step == 0:
+            scores = distance.topk(2, dim=0, largest=False).values[1]
+        else:
+            scores = distance[chosen].min(dim=0).values
+        chosen.append(int(scores.argmax()))
+    assert len(set(chosen)) == k  # no token twice on these features
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("ratio", [0.098, 0.25, 1 / 64, 1.0])
+def test_divprune_equals_the_greedy_max_min_subset(tiny, ratio):
+    model = tiny("eager")
+    method = get_method("divprune", ratio=ratio)
+    k = method.pre_llm_tokens(64)
+    inputs = _inputs(model, seed=2)
+    logits, tokens = _engine_logits(model, method, inputs)
+    with torch.no_grad():
+        features = model.model.multi_modal_projector(prompt_embeddings_features(model, inputs["pixel_values"]))[0]
+    kept = divprune_oracle(features, k)
+    torch.testing.assert_close(tokens[0], features[kept], atol=0, rtol=0)
+    short = _shortened(model, inputs, k)
+    torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, features[kept][None]), atol=1e-5, rtol=1e-5)
+
+
+def prompt_embeddings_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projector's input for one image: CLIP layer -2 without CLS (LLaVA's default)."""
+    with torch.no_grad():
+        out = model.model.vision_tower(pixel_values, output_hidden_states=True)
+    return out.hidden_states[model.config.vision_feature_layer][:, 1:]
+
+
+def test_divprune_counts_follow_the_official_rounding():
+    """int(round(ratio * N)): 56 of LLaVA-1.5's 576 at the official 0.098 (Python rounds half to even)."""
+    method = get_method("divprune")
+    assert method.pre_llm_tokens(576) == 56
+    assert get_method("divprune", ratio=0.5 / 64 * 3).pre_llm_tokens(64) == 2  # 1.5 -> 2
+    assert get_method("divprune", ratio=0.5 / 64 * 5).pre_llm_tokens(64) == 2  # 2.5 -> 2
+
+
+# -- DART ------------------------------------------------------------------------------------------
+
+
+def dart_official(last_layer_state, any_states, image_token_start_index, image_token_length, pivot_image_token,
+                  pivot_text_token, max_num_trunction) -> torch.Tensor:
+    """`DART.get_retained_image_token` (modeling_llama_self.py), batch of one, as written there."""
+    import math
+
+    TOKEN_TOPK = math.ceil(max_num_trunction // (pivot_image_token + pivot_text_token))  # noqa: N806
+    any_states = any_states.permute(0, 2, 1, 3).reshape(any_states.shape[0], any_states.shape[2], -1)
+    k_states_image_token = any_states[0][image_token_start_index:image_token_start_index + image_token_length, :]
+    k_states_query_token = any_states[0][image_token_start_index + image_token_length:, :]
+    k_states_image_token_L1_norm = torch.norm(k_states_image_token, p=1, dim=-1)  # noqa: N806
+    k_states_query_token_L1_norm = torch.norm(k_states_query_token, p=1, dim=-1)  # noqa: N806
+    image_indices = (k_states_image_token_L1_norm.topk(pivot_image_token).indices + image_token_start_index).tolist()
+    query_indices = (k_states_query_token_L1_norm.topk(pivot_text_token).indices + image_token_start_index + image_token_length).tolist()
+    indices_set = set(image_indices + query_indices)
+    valid_indices = set(range(image_token_start_index, image_token_start_index + image_token_length)) - set(image_indices)
+    valid_indices_list = list(valid_indices)
+    for item in list(indices_set):
+        valid_vectors = last_layer_state[0][valid_indices_list, :]
+        cos_sim = -torch.nn.functional.cosine_similarity(last_layer_state[0][item, :], valid_vectors, dim=-1)
+        top_k_indices = cos_sim.topk(TOKEN_TOPK).indices
+        top_k_real_indices = [valid_indices_list[i] for i in top_k_indices]
+        indices_set.update(top_k_real_indices)
+        valid_indices.difference_update(top_k_real_indices)
+        valid_indices_list = list(valid_indices)
+    indices_set.difference_update(query_indices)
+    return torch.tensor(sorted(indices_set)) - image_token_start_index
+
+
+def dart_kept(model, inputs: dict, image_token_id: int, layer: int, pivots: tuple[int, int], truncation: int) -> torch.Tensor:
+    """DART's kept image tokens (ranks) from a plain forward: the keys layer K-1 caches (after
+    RoPE, repeated for grouped-query heads as the official code's `repeat_kv` leaves them) and
+    layer K's input through the final norm."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True, output_hidden_states=True)
+    keys = returned_cache(out).layers[layer - 1].keys
+    n_heads = model.config.get_text_config().num_attention_heads
+    keys = keys.repeat_interleave(n_heads // keys.shape[1], dim=1)
+    norm = family_of(model).language_model(model).norm
+    is_image = (inputs["input_ids"][0] == image_token_id).nonzero().flatten()
+    start, length = int(is_image[0]), len(is_image)
+    with torch.no_grad():
+        return dart_official(norm(out.hidden_states[layer]), keys, start, length, *pivots, truncation)
+
+
+DART_CASES = {  # (layer, pivot image, pivot text, truncation) on the 4-layer tiny LLaVA, 64 image tokens
+    "scaled default": (2, 2, 1, 24),
+    "official pivots": (2, 4, 4, 56),
+    "first layer": (1, 4, 4, 24),
+    "last layer": (3, 4, 4, 24),
+    "pivots only": (2, 4, 4, 0),
+    "one pivot each": (2, 1, 1, 62),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DART_CASES))
+def test_dart_equals_the_official_selection_and_an_oracle_of_the_kept_tokens(tiny, case):
+    layer, pivot_image, pivot_text, truncation = DART_CASES[case]
+    model = tiny("eager")
+    inputs = _inputs(model, seed=3)
+    image_token = model.config.image_token_index
+    kept = dart_kept(model, inputs, image_token, layer, (pivot_image, pivot_text), truncation)
+    method = get_method("dart", layer=layer, pivot_image_tokens=pivot_image, pivot_text_tokens=pivot_text, truncation=truncation)
+    assert len(kept) == method.action_count(layer, 64, 64, 4)
+    with torch.no_grad(), compress(model, method) as engine:
+        engine.record_kept = True
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert engine.kept_image_tokens[layer] == [kept.tolist()]
+    plan = OraclePlan("dart", {layer: len(kept)}, "keep", fixed={layer: kept})
+    tokens, logits = oracle_greedy(model, inputs["input_ids"], inputs["pixel_values"], plan, 4)
+    assert out.sequences[0, -4:].tolist() == tokens
+    torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], torch.stack(logits), atol=1e-4, rtol=1e-4)
+
+
+def test_dart_visits_pivots_in_python_set_order():
+    """The official loop's order is CPython's set order, not the score or index order; with it a
+    contested token goes to the pivot visited first (here 640 before 37, as the docstring says)."""
+    assert list(set([400, 37, 250, 600] + [640, 612, 615, 700])) == [640, 612, 37, 615, 400, 600, 250, 700]
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_dart_on_qwen2_5_vl_equals_the_official_selection_on_m_rope(layer):
+    """On M-RoPE the keys are those the cache holds (rotated by the three position rows) and the
+    kept tokens keep their 3-D ids, as the official Qwen2.5-VL port does."""
+    model, processor = load_model("tiny-qwen2.5-vl", random_weights=True, attn_implementation="eager")
+    family = family_of(model)
+    image = Image.fromarray((torch.rand(112, 84, 3, generator=torch.Generator().manual_seed(4)) * 255).byte().numpy())
+    text = family.prompt("how many are there in the picture , please ?", 1, system=family.system_prompt(model.config))
+    inputs = dict(processor(images=[image], text=[text], return_tensors="pt"))
+    image_token = family.image_token_id(model.config)
+    kept = dart_kept(model, inputs, image_token, layer, (2, 2), 8)
+    method = get_method("dart", layer=layer, pivot_image_tokens=2, pivot_text_tokens=2, truncation=8)
+    with torch.no_grad(), compress(model, method) as engine:
+        engine.record_kept = True
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert engine.kept_image_tokens[layer] == [kept.tolist()]
+    plan = OraclePlan("dart", {layer: len(kept)}, "keep", fixed={layer: kept})
+    tokens, logits = mrope_oracle_greedy(model, inputs, image_token, plan, 3)
+    assert out.sequences[0, -3:].tolist() == tokens
+    torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], torch.stack(logits), atol=1e-4, rtol=1e-4)
+
+
+# -- refusals ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "params", "message"),
+    [
+        ("visionzip", {"dominant": 60, "contextual": 10}, "dominant=60 + contextual=10 exceed the 64 image tokens; valid: dominant + contextual <= 64"),
+        ("visionzip", {"dominant": 0}, "dominant=0 is out of range"),
+        ("vispruner", {"tokens": 65}, "tokens=65 exceeds the 64 image tokens; valid range: 1..64"),
+        ("vispruner", {"tokens": 15, "important_ratio": 0.5}, "leaves 57 patches to pair, an odd number"),
+        ("vispruner", {"tokens": 16, "important_ratio": 0.75}, "reaches a round of 12 tokens that must drop 8 of its 6 A tokens"),
+        ("divprune", {"ratio": 0.005}, "ratio=0.005 keeps no token of 64; valid range: [0.007812, 1]"),
+        ("divprune", {"ratio": 1.5}, "ratio=1.5 is out of range; valid range: (0, 1]"),
+        ("dart", {"layer": 0}, "layer=0 is outside this model's decoder layers; valid range: 1..3"),
+        ("dart", {"truncation": 128}, "keep 132 of 64 image tokens; valid truncation: 0..63"),
+    ],
+)
+def test_bad_settings_are_refused_in_one_line(tiny, name, params, message):
+    model = tiny("sdpa")
+    with pytest.raises(VtcbenchError) as error:
+        method = get_method(name, **params)
+        with compress(model, method):
+            pass
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_dart_refuses_more_text_pivots_than_text_after_the_image(tiny):
+    model = tiny("sdpa")
+    ids = prompt_ids(model, 3, 2, seed=0)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels(0)}
+    with torch.no_grad(), compress(model, get_method("dart", pivot_text_tokens=4, truncation=24)):
+        with pytest.raises(VtcbenchError, match="^dart: pivot_text_tokens=4 exceeds the 2 tokens after the image$"):
+            model(**inputs)
+
+
+@pytest.mark.parametrize("model_type", ["llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_pre_llm_selections_refuse_families_without_a_fixed_grid_or_cls(model_type):
+    family = family_of(model_type)
+    for name in ("visionzip", "vispruner", "divprune"):
+        with pytest.raises(VtcbenchError, match=f"^{name} cannot run on the {family.name} family: [^\n]+$"):
+            family.check_method(get_method(name))
