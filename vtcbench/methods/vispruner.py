@@ -31,7 +31,13 @@ import torch
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import ModelFacts
-from vtcbench.methods.base import Method, TowerFeatures, check_positive, check_ratio, register
+from vtcbench.methods.base import (
+    Method,
+    TowerFeatures,
+    check_positive,
+    check_ratio,
+    register,
+)
 from vtcbench.methods.kinds import PRE_LLM, MethodKind
 
 ROUND = 8  # A tokens dropped per round at most (the official `min(8, R - diverse_token_num)`)
