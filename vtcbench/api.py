@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from vtcbench.families import family_of
+from vtcbench.budgets import parse_budget, solve
+from vtcbench.families import ModelFacts, family_of
 from vtcbench.methods import Method, check_before_loading, get_method, parse_set_options
 from vtcbench.models import load_config, load_model
 from vtcbench.shapes import Scene
@@ -20,9 +22,16 @@ class Answer:
     image_tokens_per_layer: list[int]
 
 
-def method_from_options(name: str, set_options: list[str]) -> Method:
-    """`--method NAME --set k=v ...` -> a validated method (model-independent checks)."""
-    return get_method(name, **parse_set_options(set_options))
+def method_from_options(name: str, set_options: list[str], budget: str | None = None, facts: ModelFacts | None = None) -> Method:
+    """`--method NAME --set k=v ... [--budget tokens=N]` -> a validated method (model-independent
+    checks); with a budget, the setting `vtcbench.budgets.solve` chooses for the model's `facts`,
+    which it prints."""
+    params = parse_set_options(set_options)
+    if budget is None:
+        return get_method(name, **params)
+    solved = solve(name, params, parse_budget(budget), facts)
+    print(solved.describe(), file=sys.stderr)
+    return solved.method
 
 
 def check_method_for_model(method: Method, model: str) -> None:

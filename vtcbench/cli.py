@@ -35,6 +35,11 @@ ModelOption = Annotated[str, typer.Option("--model", help="alias, hub id or loca
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="method hyperparameter key=value (repeatable; lists: 8,16,24)")
 ]
+BudgetOption = Annotated[
+    str | None,
+    typer.Option(help="tokens=N (mean visual tokens per decoder layer) or tflops=X (image-token TFLOPs): the method's "
+                      "setting that costs that much, chosen and printed (docs/methods.md#budgets)"),
+]
 
 
 def user_errors(command):
@@ -107,6 +112,7 @@ def generate(
     method: MethodOption = "fastv",
     model: ModelOption = "vtc-tiny",
     set_: SetOption = None,
+    budget: BudgetOption = None,
     prompt: Annotated[str, typer.Option(help="the question about the image")] = "What letter is written in the image?",
     image: Annotated[Path | None, typer.Option(help="image file (default: a vtcshapes scene)")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1)] = 16,
@@ -117,8 +123,10 @@ def generate(
 ) -> None:
     """Answer one question about one image with a method applied; show visual tokens per layer."""
     from vtcbench.api import answer, check_method_for_model, method_from_options
+    from vtcbench.families import model_facts
+    from vtcbench.models import load_config
 
-    compression = method_from_options(method, set_ or [])
+    compression = method_from_options(method, set_ or [], budget, model_facts(load_config(model)) if budget else None)
     check_method_for_model(compression, model)
     if image is not None and not image.is_file():
         raise VtcbenchError(f"--image {str(image)!r} is not a file")
@@ -158,6 +166,7 @@ def flops(
     method: MethodOption = "vanilla",
     model: ModelOption = "llava-1.5-7b",
     set_: SetOption = None,
+    budget: BudgetOption = None,
     image_tokens: Annotated[int | None, typer.Option(help="visual tokens per sample (default: the model's)")] = None,
     text_tokens: Annotated[int, typer.Option(help="text tokens in the prompt (full-sequence figure)")] = 64,
     image_size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT of the image, for dynamic-resolution families (Qwen); default 1024x768")] = None,
@@ -167,17 +176,18 @@ def flops(
     """Analytic FLOPs (multiply-accumulates, the papers' FLOPs; --convention flops: 2 per MAC), visual tokens per layer, compression ratio."""
     from vtcbench.api import method_from_options
     from vtcbench.families import family_of, model_facts
+    from vtcbench.methods import method_class
     from vtcbench.models import load_config
     from vtcbench.profilers.flops import analytic_flops
 
     _check_format(fmt)
     _check_count("--image-tokens", image_tokens, 1)
     _check_count("--text-tokens", text_tokens, 1)
-    compression = method_from_options(method, set_ or [])
     config = load_config(model)
     size = _image_size(image_size, family_of(config), model)
-    family_of(config).check_method(compression)
     facts = model_facts(config, image_size=size)
+    family_of(config).check_method(method_class(method))
+    compression = method_from_options(method, set_ or [], budget, facts)
     report = analytic_flops(
         compression, facts, model=model, image_tokens=image_tokens, text_tokens=text_tokens, convention=convention,
     )
@@ -210,6 +220,7 @@ def profile(
     method: MethodOption = "vanilla",
     model: ModelOption = "llava-1.5-7b",
     set_: SetOption = None,
+    budget: BudgetOption = None,
     random_weights: Annotated[bool, typer.Option(help="build the architecture with random weights, offline")] = False,
     image_tokens: Annotated[int | None, typer.Option(help="visual tokens (random weights: any square, e.g. 144)")] = None,
     text_tokens: Annotated[int, typer.Option(help="non-image prompt tokens")] = 64,
@@ -228,7 +239,7 @@ def profile(
     """Latency per phase, memory, energy and FLOPs of one method on synthetic inputs (no dataset)."""
     from vtcbench.api import method_from_options
     from vtcbench.families import family_of, model_facts
-    from vtcbench.methods import check_before_loading
+    from vtcbench.methods import check_before_loading, method_class
     from vtcbench.models import load_config, load_model, random_model
     from vtcbench.profilers.session import Shape
 
@@ -238,13 +249,14 @@ def profile(
         ("--batch", batch, 1), ("--layers", layers, 1), ("--iterations", iterations, 1), ("--warmup", warmup, 0),
     ):
         _check_count(option, value, minimum)
-    compression = method_from_options(method, set_ or [])
     device, dtype = _device_and_dtype(device, dtype)
     config = load_config(model)
     facts = model_facts(config)
     if not random_weights and (layers is not None or image_tokens not in (None, facts.image_tokens)):
         raise VtcbenchError("--layers and a different --image-tokens change the architecture; add --random-weights")
     family_of(config).resize_config(config, image_tokens=None if image_tokens == facts.image_tokens else image_tokens, layers=layers)
+    family_of(config).check_method(method_class(method))
+    compression = method_from_options(method, set_ or [], budget, model_facts(config))
     facts = check_before_loading(compression, config, train=train)
     processor = None
     if random_weights:
@@ -286,6 +298,7 @@ def run(
     model: ModelOption = "vtc-tiny",
     tasks: Annotated[str, typer.Option(help="comma-separated short names or lmms-eval task names")] = "vtcshapes",
     set_: SetOption = None,
+    budget: BudgetOption = None,
     limit: Annotated[int | None, typer.Option(help="at most this many samples per task")] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per generate() call")] = 1,
     out: Annotated[Path, typer.Option(help="folder for run folders")] = Path("results"),
@@ -305,7 +318,7 @@ def run(
                                                      "or whose prompt does not fit (listed in summary.json) instead of stopping")] = False,
 ) -> None:
     """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
-    from vtcbench.methods import parse_set_options
+    from vtcbench.api import method_from_options
     from vtcbench.runner import RunConfig, check_run
     from vtcbench.runner import run as run_evaluation
 
@@ -313,8 +326,10 @@ def run(
     for option, value in (("--limit", limit), ("--batch-size", batch_size), ("--num-processes", num_processes)):
         _check_count(option, value, 1)
     _check_count("--keep-indices", keep_indices, 0)
+    params = method_from_options(method, set_ or [], budget, _run_facts(model) if budget else None).params() if budget else None
     config = RunConfig(
-        model=model, method=method, params=parse_set_options(set_ or []), tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        model=model, method=method, params=params or _set_params(set_), tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        budget=budget,
         limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
         attn_implementation=attn, overwrite=overwrite, allow_judge=allow_judge, allow_submission=allow_submission,
         fidelity=fidelity, keep_indices=keep_indices, skip_bad_documents=skip_bad_documents, show_progress=sys.stderr.isatty(),
@@ -327,6 +342,20 @@ def run(
     result = run_evaluation(dataclasses.replace(config, device=device, dtype=dtype))  # checks everything before it loads
     if result.summary:  # rank 0 (or the only process)
         _print_summary(result)
+
+
+def _set_params(set_: list[str] | None) -> dict:
+    from vtcbench.methods import parse_set_options
+
+    return parse_set_options(set_ or [])
+
+
+def _run_facts(model: str):
+    """The model's facts, for solving a budget before `run` loads anything."""
+    from vtcbench.families import model_facts
+    from vtcbench.models import load_config
+
+    return model_facts(load_config(model))
 
 
 @app.command("redundancy-sweep")
@@ -583,7 +612,7 @@ def _print_summary(result) -> None:
 def report(
     fmt: Annotated[str, typer.Option("--format", help="markdown | latex | csv | json | html")] = "markdown",
     results: Annotated[Path, typer.Option(help="folder of run folders (the --out of run / redundancy-sweep)")] = Path("results"),
-    layout: Annotated[str, typer.Option(help="auto | efficiency | inference | compressors | ablation | sweep")] = "auto",
+    layout: Annotated[str, typer.Option(help="auto | efficiency | inference | compressors | ablation | iso | sweep")] = "auto",
     runs: Annotated[str | None, typer.Option(help="glob on run-folder names, e.g. 'vtc-tiny__*'")] = None,
     methods: Annotated[str | None, typer.Option(help="comma-separated methods to show")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated tasks (short or lmms-eval names)")] = None,

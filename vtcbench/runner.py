@@ -48,6 +48,7 @@ class RunConfig:
     fidelity: bool = False
     keep_indices: int = 0  # record the kept image tokens of the first N documents per task
     skip_bad_documents: bool = False  # record and leave out documents that cannot be answered, instead of stopping
+    budget: str | None = None  # the --budget that chose `params` (a label for reports; the params are the identity)
     show_progress: bool = True
 
     def identity(self, method: Method, lmms_tasks: list[str]) -> dict[str, Any]:
@@ -114,6 +115,8 @@ def _load_and_evaluate(config: RunConfig, method: Method, names: list[str], mana
     if results is None:  # a non-zero data-parallel rank: rank 0 writes the summary
         return RunResult(folder=folder.path, summary={})
     summary = summarize(results, folder, method, model, names, skipped)
+    if config.budget:
+        summary["budget"] = config.budget
     folder.write_summary(summary)
     return RunResult(folder=folder.path, summary=summary)
 
@@ -300,6 +303,7 @@ def summarize(
                                        text_tokens=max(1, round(text_tokens)))
                 entry["tflops_image"] = flops.tflops_image
                 entry["tflops_total"] = flops.tflops_total
+                entry["tflops_method_overhead"] = flops.tflops_method_overhead
             entry["prefill_ms_median"] = statistics.median(r["prefill_ms"] for r in generated)
             per_token = [r["decode_ms"] / (r["new_tokens"] - 1) for r in generated if r["new_tokens"] > 1]
             entry["decode_ms_per_token_median"] = statistics.median(per_token) if per_token else None

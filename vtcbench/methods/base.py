@@ -23,7 +23,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -189,6 +189,10 @@ class Method:
     trainable: ClassVar[bool] = True  # the engine's hooks keep gradients to the kept tokens
     #: reads the vision tower's CLS attention (`pre_projector`); families without CLS refuse it
     reads_tower_cls: ClassVar[bool] = False
+    #: the hyperparameters a budget chooses (`budget_candidates`), or () with the reason in
+    #: `budget_refusal` (vtcbench/budgets.py)
+    budget_knobs: ClassVar[tuple[str, ...]] = ()
+    budget_refusal: ClassVar[str] = "it keeps every visual token"
     #: what a checkpoint must hold for this method (one line), or None for a training-free method;
     #: `check_model` refuses a model without it
     needs_weights: ClassVar[str | None] = None
@@ -278,6 +282,11 @@ class Method:
     def projector_tokens(self, n_image: int) -> int:
         """Tokens the projector maps (a method that selects before the projector maps fewer)."""
         return n_image
+
+    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
+        """Every setting of `budget_knobs` (the other hyperparameters as they are), for a budget
+        to choose among; settings a model cannot run are left to `validate_for` to reject."""
+        return iter(())
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
         """Check hyperparameters against a model's depth and visual-token count."""

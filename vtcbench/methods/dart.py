@@ -26,6 +26,8 @@ Keys come from recomputing layer K-1's projections on its input (the official co
 from a patched attention), so every attention backend gives the same selection.
 """
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -73,6 +75,11 @@ class DART(Method):
                 f"{self.name}: {self.pivot_image_tokens} image pivots and truncation={self.truncation} keep {kept} of "
                 f"{n_image} image tokens; valid truncation: 0..{most + self.pivot_image_tokens + self.pivot_text_tokens - 1}"
             )
+
+    budget_knobs: ClassVar[tuple[str, ...]] = ("truncation",)
+
+    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
+        return (dataclasses.replace(self, truncation=truncation) for truncation in range(0, n_image + 1))
 
     def plan(self, n_layers: int) -> dict[int, int | None]:
         return {self.layer: self.layer - 1}

@@ -20,6 +20,8 @@ LLaVA-NeXT the official code selects over the whole unpadded sequence of the fir
 rows included); pre-LLM methods here need a fixed grid, so only LLaVA-1.5 runs it.
 """
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,6 +48,11 @@ class DivPrune(Method):
 
     def __post_init__(self) -> None:
         check_ratio(self.name, "ratio", self.ratio, low_open=True, high_closed=True)
+
+    budget_knobs: ClassVar[tuple[str, ...]] = ("ratio",)
+
+    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
+        return (dataclasses.replace(self, ratio=kept / n_image) for kept in range(1, n_image + 1))
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
         if self.pre_llm_tokens(n_image) < 1:

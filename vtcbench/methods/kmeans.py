@@ -14,6 +14,8 @@ width), the floor of the mean of its members' ids, the rule above applied to eac
 Qwen3-VL it also receives the mean of its members' DeepStack features.
 """
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -58,6 +60,11 @@ class KMeans(Method):
             raise VtcbenchError(
                 f"{self.name}: clusters={self.clusters} exceeds the {n_image} image tokens; valid range: 1..{n_image}"
             )
+
+    budget_knobs: ClassVar[tuple[str, ...]] = ("clusters",)
+
+    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
+        return (dataclasses.replace(self, clusters=clusters) for clusters in range(1, n_image + 1))
 
     def plan(self, n_layers: int) -> dict[int, int | None]:
         return {self.layer: None}

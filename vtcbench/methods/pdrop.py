@@ -18,11 +18,19 @@ no compacted form, so the kept tokens keep their original ids (as the Qwen ports
 PyramidDrop-style methods do); this is a difference from the LLaVA rule above.
 """
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
 from vtcbench.errors import VtcbenchError
-from vtcbench.methods.base import PositionPolicy, ScoredDrop, check_ratio, register
+from vtcbench.methods.base import (
+    Method,
+    PositionPolicy,
+    ScoredDrop,
+    check_ratio,
+    register,
+)
 
 
 class StagedDrop(ScoredDrop):
@@ -36,6 +44,12 @@ class StagedDrop(ScoredDrop):
 
     def plan(self, n_layers: int) -> dict[int, int | None]:
         return {layer: layer for layer in self.stage_layers(n_layers)}
+
+    budget_knobs: ClassVar[tuple[str, ...]] = ("keep_ratio",)
+
+    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
+        """keep_ratio on a grid of 0.001."""
+        return (dataclasses.replace(self, keep_ratio=step / 1000) for step in range(1, 1001))
 
     def action_count(self, layer: int, n_current: int, n_image_original: int, n_layers: int) -> int:
         stage = self.stage_layers(n_layers).index(layer) + 1

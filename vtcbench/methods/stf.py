@@ -56,6 +56,7 @@ class FusingMethod(Method):
     """A pre-LLM method whose trained projector fuses k x k windows (STF, TokenConcat)."""
 
     kind: ClassVar[MethodKind] = PRE_LLM
+    budget_refusal: ClassVar[str] = "its kernel is the one its projector was trained with"
     kernel: int
     fused_tokens: int = 1
 

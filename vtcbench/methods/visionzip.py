@@ -27,6 +27,8 @@ the paper, not in the released code; LLaVA-NeXT and the Qwen line have no fixed 
 and refuse it.
 """
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -57,6 +59,14 @@ class VisionZip(Method):
         check_positive(self.name, "dominant", self.dominant)
         if self.contextual < 0:
             raise VtcbenchError(f"{self.name}: contextual={self.contextual} is out of range; valid: an integer >= 0")
+
+    budget_knobs: ClassVar[tuple[str, ...]] = ("dominant", "contextual")
+
+    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
+        """T tokens at the official split, 10 contextual in 64 (54+10; the paper's 108+20, 162+30)."""
+        for total in range(1, n_image + 1):
+            contextual = round(total * 10 / 64)
+            yield dataclasses.replace(self, dominant=total - contextual, contextual=contextual)
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
         if self.dominant + self.contextual > n_image:  # the prompt carries n_image placeholders

@@ -24,6 +24,8 @@ Settings where the number of remaining tokens is odd crash the official pairing;
 refused. LLaVA-NeXT (per crop) and the Qwen line (no CLS) are refused.
 """
 
+import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -61,6 +63,11 @@ class VisPruner(Method):
     def __post_init__(self) -> None:
         check_positive(self.name, "tokens", self.tokens)
         check_ratio(self.name, "important_ratio", self.important_ratio, high_closed=True)
+
+    budget_knobs: ClassVar[tuple[str, ...]] = ("tokens",)
+
+    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
+        return (dataclasses.replace(self, tokens=tokens) for tokens in range(1, n_image + 1))
 
     @property
     def important(self) -> int:

@@ -39,6 +39,7 @@ class Voco(Method):
     name: ClassVar[str] = "voco"
     kind: ClassVar[MethodKind] = CACHE
     description: ClassVar[str] = "VoCo-LLaMA: the text sees only K VoCo tokens' cache entries, which attended to the image"
+    budget_refusal: ClassVar[str] = "its number of VoCo tokens is the one it was trained with"
     needs_weights: ClassVar[str | None] = "a VoCo-trained checkpoint (its tokenizer has <voco>): vtcbench train --method voco"
 
     def __post_init__(self) -> None:

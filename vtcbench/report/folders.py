@@ -42,6 +42,11 @@ class Run:
         return dict(self.identity.get("params") or {})
 
     @property
+    def budget(self) -> str | None:
+        """The `--budget` that chose the run's setting, or None."""
+        return self.summary.get("budget")
+
+    @property
     def is_sweep(self) -> bool:
         return "curves" in self.summary
 

@@ -37,7 +37,7 @@ from vtcbench.report.model import (
 )
 from vtcbench.report.plots import report_figures
 
-LAYOUTS = ("auto", "efficiency", "inference", "compressors", "ablation", "sweep")
+LAYOUTS = ("auto", "efficiency", "inference", "compressors", "ablation", "iso", "sweep")
 SWEEP_KEPT_BY = {"attention": "the last instruction token's attention", "pool": "average pooling", "random": "random choice"}
 
 
@@ -214,6 +214,43 @@ def ablation_table(context: Context) -> Table:
     return _sort(Table(title, columns, rows, footnotes), context.options.sort)
 
 
+def iso_table(context: Context) -> Table:
+    """Methods at equal cost (`run --budget`): per budget, each method's chosen setting, the cost
+    it reaches, its selection's own TFLOPs, its prefill time, and the tasks with each one's paired
+    difference from vanilla."""
+    columns = [
+        Column("budget", "budget", "text"), METHOD, Column("tokens", "visual tokens", "tokens"),
+        Column("tflops", "TFLOPs", "tflops"), Column("overhead", "selection TFLOPs", "tflops"),
+        Column("prefill_ms", "prefill ms", "ms"), *_task_columns(context),
+    ]
+    reference = [run for run in context.rows if run.method == context.reference]
+    budgeted = sorted((run for run in context.rows if run.budget), key=lambda run: (_budget_order(run.budget), run.method))
+    if not budgeted:
+        raise VtcbenchError("--layout iso: none of the selected runs was made with --budget (vtcbench run --budget tokens=N)")
+    rows = [
+        Row({"budget": run.budget or "-", "method": context.label(run), "tokens": context.tokens(run),
+             "tflops": context.tflops(run), "overhead": context.task_mean(run, lambda e: e.get("tflops_method_overhead")),
+             "prefill_ms": context.prefill(run), **context.score_cells(run)}, run.name)
+        for run in [*reference, *budgeted]
+    ]
+    footnotes = [
+        ("budget: what `vtcbench run --budget` asked for; each method's setting is the one of its budget knob whose cost "
+         "is closest (docs/methods.md#budgets); visual tokens and TFLOPs are what the run reached."),
+        "visual tokens: mean over decoder layers of the image tokens entering each layer, per sample, averaged over samples.",
+        ("TFLOPs: analytic multiply-accumulates of the decoder on the image tokens only (the papers' convention); "
+         "selection TFLOPs: the method's own work (its scores, keys, similarities), apart; prefill ms: median time to the "
+         "first token, the selection included."),
+        *_several_tasks_note(context),
+        *context.footnotes(),
+    ]
+    return Table(_title("Methods at equal cost", context), columns, rows, footnotes, ranked=False)
+
+
+def _budget_order(budget: str) -> tuple[str, float]:
+    measure, _, value = budget.partition("=")
+    return measure, float(value)
+
+
 def sweep_table(run: Run) -> Table:
     """A redundancy sweep's grid: a row per layer K, a column per retained share r (r = 1 is vanilla)."""
     curves = run.summary["curves"]
@@ -252,6 +289,7 @@ LAYOUT_TABLES: dict[str, Callable[[Context], Table]] = {
     "inference": inference_table,
     "compressors": compressors_table,
     "ablation": ablation_table,
+    "iso": iso_table,
 }
 
 
