@@ -6,6 +6,12 @@ Methods run at their defaults (docs/methods.md), scaled to vtc-tiny's 6 layers w
 default is a layer list (PyramidDrop: L/4, L/2, 3L/4 = 1, 3, 4). Prints a markdown table of
 accuracy per question family, mean visual tokens per layer and analytic image TFLOPs.
 Rerunning resumes (finished runs are read back). Run: python benchmarks/vtcshapes_methods.py
+
+With --budget (e.g. tokens=16), every training-free method the model's family runs is set to
+that cost instead (`vtcbench run --budget`, docs/methods.md#budgets), vanilla as the reference.
+A 16-token mean is out of reach on a 6-layer model for a method acting from layer 2, so the
+single-layer in-LLM methods act from layer 1 (their first legal layer: `BUDGET_SETTINGS`), and
+VisPruner splits its tokens half and half (its default 0.75 cannot pair 16 tokens of 64).
 """
 
 from __future__ import annotations
@@ -18,6 +24,11 @@ from vtcbench.runner import RunConfig, run
 from vtcbench.shapes import FAMILIES
 
 METHODS = ("vanilla", "fastv", "pdrop", "llavolta", "random", "avgpool")
+#: settings the budget does not choose, with --budget (see the docstring)
+BUDGET_SETTINGS = {
+    "dart": {"layer": "1"}, "fastv": {"layer": "1"}, "kmeans": {"layer": "1"}, "llavolta": {"layer": "1"},
+    "random": {"layer": "1"}, "vispruner": {"important_ratio": "0.5"},
+}
 
 
 def main() -> None:
@@ -27,20 +38,33 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("results"))
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--keep-indices", type=int, default=0, help="record kept tokens of the first N questions")
+    parser.add_argument("--budget", default=None, help="tokens=N or tflops=X: every training-free method at that cost")
     args = parser.parse_args()
 
-    from vtcbench.families import family_of
+    from vtcbench.budgets import parse_budget, solve
+    from vtcbench.families import family_of, model_facts
+    from vtcbench.methods import METHODS as REGISTRY
     from vtcbench.models import load_config
 
-    family = family_of(load_config(args.model))
-    methods = args.methods.split(",") if args.methods else [m for m in METHODS if family.refusal(get_method(m)) is None]
+    model_config = load_config(args.model)
+    family = family_of(model_config)
+    if args.budget:
+        default = ["vanilla", *(name for name, cls in sorted(REGISTRY.items()) if cls.budget_knobs)]
+    else:
+        default = list(METHODS)
+    methods = args.methods.split(",") if args.methods else [m for m in default if family.refusal(get_method(m)) is None]
     rows = []
     for method in methods:
-        config = RunConfig(
-            model=args.model, method=method, tasks=["vtcshapes"], out=args.out, batch_size=args.batch_size,
-            keep_indices=args.keep_indices, show_progress=False,
+        params = {}
+        if args.budget and method != "vanilla":
+            solved = solve(method, BUDGET_SETTINGS.get(method, {}), parse_budget(args.budget), model_facts(model_config))
+            params = solved.method.params()
+            print(solved.describe())
+        run_config = RunConfig(
+            model=args.model, method=method, params=params, tasks=["vtcshapes"], out=args.out, batch_size=args.batch_size,
+            keep_indices=args.keep_indices, show_progress=False, budget=args.budget if method != "vanilla" else None,
         )
-        summary = run(config).summary
+        summary = run(run_config).summary
         (entry,) = summary["tasks"].values()
         metrics = {key.split(",")[0]: value for key, value in entry["metrics"].items()}
         tokens = entry["mean_image_tokens_per_layer"]
