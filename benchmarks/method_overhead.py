@@ -1,0 +1,87 @@
+"""Each method's selection time as a share of its prefill, side by side (goal: under 2%).
+
+For every training-free method at its LLaVA-1.5 defaults: the whole prefill forward (tower,
+projector, selection, language model; median over iterations, the methods taking turns each
+round so drift hits them alike) and, inside it, the time the method's own work takes (the
+engine's `overhead` seam: scoring, keys, similarities, rebuilding the sequence; for the pre-LLM
+selections, the work at the projector). The analytic selection TFLOPs (`tflops_method_overhead`)
+is printed beside it.
+
+Shape: as benchmarks/flops_to_time.py, llava-1.5-7b (random weights) on a GPU; on CPU its 32
+decoder layers and 576 image tokens at a quarter of the width (hidden 1024, ffn 2752, 8 heads)
+and a 2-layer CLIP tower. Run: python benchmarks/method_overhead.py [--iterations 3] [--full-width]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from flops_to_time import build_model
+
+from vtcbench.engine import compress
+from vtcbench.families import model_facts
+from vtcbench.methods import METHODS, get_method
+from vtcbench.profilers.flops import analytic_flops
+from vtcbench.profilers.latency import PhaseTimer
+from vtcbench.profilers.session import Shape, synthetic_inputs
+
+GOAL = 0.02
+
+
+@torch.no_grad()
+def time_prefill(model, method, inputs, timer: PhaseTimer) -> tuple[float, float]:
+    """(whole prefill forward ms, the method's own work ms) of one forward."""
+    with compress(model, method) as engine:
+        engine.overhead = lambda: timer.phase("overhead")
+        prepared = engine.prepare(inputs)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        model(**prepared, use_cache=True, logits_to_keep=1)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        total = (time.perf_counter() - started) * 1000
+    return total, sum(timer.read().get("overhead", [0.0]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=3)
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--full-width", action="store_true", help="on CPU too, the real 7B width (needs ~28 GB)")
+    args = parser.parse_args()
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build_model(device, args.full_width)
+    facts = model_facts(model)
+    shape = Shape(image_tokens=facts.image_tokens, text_tokens=args.text_tokens, new_tokens=1, batch=1)
+    inputs = synthetic_inputs(model, shape)
+    names = sorted(name for name, cls in METHODS.items() if not cls.needs_weights and name != "vanilla")
+    methods = {name: get_method(name) for name in names}
+    timer = PhaseTimer(device)
+    for method in methods.values():  # warm-up, one each
+        time_prefill(model, method, inputs, timer)
+    prefill: dict[str, list[float]] = {name: [] for name in methods}
+    overhead: dict[str, list[float]] = {name: [] for name in methods}
+    for _ in range(args.iterations):
+        for name, method in methods.items():
+            total, extra = time_prefill(model, method, inputs, timer)
+            prefill[name].append(total)
+            overhead[name].append(extra)
+
+    width = f"hidden {facts.hidden_size}, ffn {facts.intermediate_size}, {facts.n_layers} layers"
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
+          f"{model.dtype}, {width}, {facts.image_tokens} image + {args.text_tokens} text tokens, "
+          f"{args.iterations} iterations, medians")
+    print(f"{'method':<10} {'prefill ms':>11} {'selection ms':>13} {'share':>7} {'selection TFLOPs':>17}  goal {GOAL:.0%}")
+    for name, method in methods.items():
+        ms, extra = statistics.median(prefill[name]), statistics.median(overhead[name])
+        tflops = analytic_flops(method, facts, model="bench", text_tokens=args.text_tokens).tflops_method_overhead
+        print(f"{name:<10} {ms:>11.1f} {extra:>13.2f} {extra / ms:>7.2%} {tflops:>17.3g}  {'ok' if extra / ms < GOAL else 'misses'}")
+
+
+if __name__ == "__main__":
+    main()
