@@ -358,6 +358,57 @@ def _run_facts(model: str):
     return model_facts(load_config(model))
 
 
+@app.command()
+@user_errors
+def grid(
+    file: Annotated[Path, typer.Argument(help="the grid file (YAML: results, models, methods, tasks, options)")],
+    executor: Annotated[str, typer.Option(help="local (one cell after another here) | slurm (a submitit job array) | "
+                                               "debug (submitit's in-process executor)")] = "local",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the cells and their run folders; run nothing")] = False,
+    status: Annotated[bool, typer.Option("--status", help="print each cell's state (done, running, failed, pending)")] = False,
+    slurm_partition: Annotated[str | None, typer.Option(help="slurm: the partition")] = None,
+    gpus_per_job: Annotated[int | None, typer.Option(help="slurm: GPUs per cell")] = None,
+    cpus_per_job: Annotated[int | None, typer.Option(help="slurm: CPUs per cell")] = None,
+    mem_gb: Annotated[int | None, typer.Option(help="slurm: memory per cell, GB")] = None,
+    timeout_min: Annotated[int | None, typer.Option(help="slurm: time limit per cell, minutes")] = None,
+) -> None:
+    """Run a grid of `vtcbench run` cells (models x methods x budgets) here or on a cluster; resumable."""
+    from vtcbench.errors import choices_error
+    from vtcbench.grid import EXECUTORS, load_grid, run_local, submit
+
+    _quiet_lmms_eval_logging()
+    if executor not in EXECUTORS:
+        raise choices_error("--executor", executor, EXECUTORS)
+    plan = load_grid(file)  # every cell checked before anything runs or is submitted
+    for cell, why in plan.left_out:
+        console.print(f"[dim]left out: {cell}: {why}[/]")
+    if dry_run or status:
+        _print_grid(plan)
+        return
+    todo = [cell for cell in plan.cells if plan.status(cell) != "done"]
+    console.print(f"{len(plan.cells)} cells, {len(plan.cells) - len(todo)} done, {len(todo)} to run ({executor})")
+    if todo and executor == "local":
+        run_local(plan, todo, console.print)
+    elif todo:
+        parameters = dict(slurm_partition=slurm_partition, gpus_per_node=gpus_per_job, cpus_per_task=cpus_per_job,
+                          mem_gb=mem_gb, timeout_min=timeout_min)
+        submit(plan, todo, executor, parameters, console.print)
+    _print_grid(plan)
+    if any(plan.status(cell) == "failed" for cell in plan.cells):
+        raise typer.Exit(1)
+
+
+def _print_grid(plan) -> None:
+    table = Table(title=f"grid: {len(plan.cells)} cells under {plan.results}")
+    for column in ("cell", "state", "run folder / log"):
+        table.add_column(column)
+    for cell in plan.cells:
+        state = plan.status(cell)
+        where = str(plan.log(cell)) if state == "failed" else cell.folder
+        table.add_row(cell.label(), state, where)
+    console.print(table)
+
+
 @app.command("redundancy-sweep")
 @user_errors
 def redundancy_sweep(

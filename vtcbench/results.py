@@ -43,6 +43,11 @@ def run_identity(config: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:10]
 
 
+def folder_name(identity: dict[str, Any]) -> str:
+    """A run folder's name: model, method and the identity's hash."""
+    return _slug(f"{identity['model']}__{identity['method']}__{run_identity(identity)}")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")
 
@@ -70,7 +75,7 @@ class RunFolder:
         overwrite: bool = False,
     ) -> RunFolder:
         """Create the run folder for `identity`, or resume it; refuse to mix code revisions."""
-        name = _slug(f"{identity['model']}__{identity['method']}__{run_identity(identity)}")
+        name = folder_name(identity)
         path = Path(out_dir) / name
         config = {"identity": identity, "provenance": provenance, **(extra or {})}
         if path.exists() and overwrite:

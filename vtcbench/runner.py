@@ -20,7 +20,7 @@ from vtcbench.methods import Method, check_before_loading, get_method
 from vtcbench.models import load_config, load_model
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.provenance import provenance
-from vtcbench.results import RunFolder
+from vtcbench.results import RunFolder, folder_name
 from vtcbench.tasks.registry import LOCAL_PREFIX
 
 if TYPE_CHECKING:
@@ -131,14 +131,9 @@ def load_for(config) -> tuple[Any, Any]:
     return load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=config.device)
 
 
-def task_names(infos: list, data_dir: Path | None, workdir: Path) -> tuple[list[str], Any]:
-    """lmms-eval task names and the TaskManager that knows them.
-
-    With --data-dir every task runs on local data (include YAMLs in `workdir`); without it, hub
-    tasks keep their names, and shipped tasks (vtcshapes) still run locally on their default
-    data, so a mixed run needs a manager that knows both the work folder and lmms-eval's tasks.
-    """
-    from vtcbench.tasks import local_task_config, shipped_data, task_manager
+def lmms_task_names(infos: list, data_dir: Path | None, workdir: Path) -> list[str]:
+    """The lmms-eval task name of each task (a local task's include YAML written in `workdir`)."""
+    from vtcbench.tasks import local_task_config, shipped_data
 
     names: list[str] = []
     for info in infos:
@@ -148,6 +143,27 @@ def task_names(infos: list, data_dir: Path | None, workdir: Path) -> tuple[list[
             names.append(local_task_config(info, data_dir, workdir))
         else:
             names.append(info.lmms_name)
+    return names
+
+
+def run_folder_name(config: RunConfig) -> str:
+    """The name of the run folder `run(config)` writes (under `config.out`), without writing it."""
+    method, infos = check_run(config)
+    with tempfile.TemporaryDirectory(prefix="vtcbench-tasks-") as workdir:
+        names = lmms_task_names(infos, config.data_dir, Path(workdir))
+    return folder_name(config.identity(method, names))
+
+
+def task_names(infos: list, data_dir: Path | None, workdir: Path) -> tuple[list[str], Any]:
+    """lmms-eval task names and the TaskManager that knows them.
+
+    With --data-dir every task runs on local data (include YAMLs in `workdir`); without it, hub
+    tasks keep their names, and shipped tasks (vtcshapes) still run locally on their default
+    data, so a mixed run needs a manager that knows both the work folder and lmms-eval's tasks.
+    """
+    from vtcbench.tasks import task_manager
+
+    names = lmms_task_names(infos, data_dir, workdir)
     n_local = sum(info.shipped_yaml is not None or data_dir is not None for info in infos)
     if n_local == len(infos):
         return names, task_manager(workdir, include_defaults=False)
