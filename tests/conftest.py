@@ -25,6 +25,7 @@ TINY_DEFAULTS: dict[str, dict] = {
     "divprune": {"ratio": 0.25},
     "visionzip": {"dominant": 12, "contextual": 4},
     "vispruner": {"tokens": 16, "important_ratio": 0.5},
+    "sparsevlm": {"tokens": 192},
 }
 # ... and the same methods configured to keep every token.
 KEEP_ALL: dict[str, dict] = {
@@ -43,6 +44,7 @@ KEEP_ALL: dict[str, dict] = {
 #: methods with no keep-all configuration, and why
 NO_KEEP_ALL: dict[str, str] = {
     "visionzip": "its tokens always include CLS's feature, which LLaVA's default select strategy drops",
+    "sparsevlm": "each pruning keeps at most N - 1 of N tokens (the official min(count, N - 1))",
 }
 
 

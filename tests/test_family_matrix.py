@@ -41,6 +41,7 @@ CASES = {
     "random": ("random", {"layer": 2, "drop_ratio": 0.3}),
     "kmeans": ("kmeans", {"layer": 1, "clusters": 4, "iters": 3}),
     "dart": ("dart", {"layer": 1, "pivot_image_tokens": 1, "pivot_text_tokens": 1, "truncation": 2}),
+    "sparsevlm": ("sparsevlm", {"tokens": 192}),
 }
 KEEP_ALL = {
     "fastv": {"layer": 1, "drop_ratio": 0.0},

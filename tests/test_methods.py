@@ -56,6 +56,11 @@ def test_defaults_follow_the_design_table():
     # Theia-4869/VisPruner README.md: `bash scripts/v1_5/eval/mme.sh 64 0.75` ("48 important tokens and 16
     # diverse tokens"); its argparse default (model_vqa_loader.py: --visual_token_num 576) prunes nothing
     assert get_method("vispruner").params() == {"tokens": 64, "important_ratio": 0.75}
+    # Gumpest/SparseVLMs score.py: RETAIN_TOKN = int(os.getenv("RETAIN_TOKN", "192")), and its v2.0 table
+    assert get_method("sparsevlm").params() == {"tokens": 192}
+    from vtcbench.methods.sparsevlm import COUNTS, HEADS, LAYERS
+    assert COUNTS == {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)}
+    assert LAYERS == (2, 6, 15) and HEADS == 14  # modelling_sparse_llama.py pruning_loc; score.py topk(14)
     # vbdi/divprune run_Divprune.sh: SUBSET_RATIO=0.098
     assert get_method("divprune").params() == {"ratio": 0.098}
 

@@ -1,4 +1,4 @@
-"""VisionZip, VisPruner, DivPrune and DART against oracles written from their official algorithms, at their
+"""VisionZip, VisPruner, DivPrune, DART and SparseVLM+ against oracles written from their official algorithms, at their
 defaults and at their boundary settings, on the tiny LLaVA (and DART on the tiny Qwen2.5-VL).
 
 The oracles share nothing with `vtcbench/methods/`: VisionZip's reads transformers' eager
@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import pixels, prompt_ids
-from oracles import OraclePlan, mrope_oracle_greedy, oracle_greedy
+from oracles import OraclePlan, mrope_oracle_greedy, oracle_greedy, prompt_embeddings
 from PIL import Image
 
 from vtcbench.engine import compress
@@ -354,6 +354,92 @@ def test_dart_on_qwen2_5_vl_equals_the_official_selection_on_m_rope(layer):
     plan = OraclePlan("dart", {layer: len(kept)}, "keep", fixed={layer: kept})
     tokens, logits = mrope_oracle_greedy(model, inputs, image_token, plan, 3)
     assert out.sequences[0, -3:].tolist() == tokens
+    torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], torch.stack(logits), atol=1e-4, rtol=1e-4)
+
+
+# -- SparseVLM+ -------------------------------------------------------------------------------------
+
+SPARSEVLM_COUNTS = {192: (300, 200, 118), 64: (66, 34, 20)}  # Gumpest/SparseVLMs score.py, V2_0
+
+
+@torch.no_grad()
+def sparsevlm_oracle_logits(model, embeds, is_image, tokens: int, raters, fixed: dict) -> torch.Tensor:
+    """The v2.0 layer loop of `modelling_sparse_llama.py` on one unpadded prompt: at each pruning
+    layer the layer's own eager attention, divided by the RoPE of all-ones q and k (`rope_weights`),
+    `select_attn_head_by_sum` and `attn_postprocess_topk`; the layer's output pruned, positions
+    kept. `fixed` (pruning layer -> kept image ranks) is filled at the first call and reused."""
+    import math
+
+    from oracles import _causal_mask
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    lm = model.model.language_model
+    n_layers, n0 = len(lm.layers), int(is_image.sum())
+    pruning_loc = [round(layer * n_layers / 32) for layer in (2, 6, 15)]
+    sparse_token_list = [round(count * n0 / 576) for count in SPARSEVLM_COUNTS[tokens]]
+    hidden, positions, image = embeds, torch.arange(embeds.shape[1])[None], is_image.clone()
+    for layer_idx, decoder_layer in enumerate(lm.layers):
+        mask = _causal_mask(hidden.shape[1], hidden.dtype)
+        pe = lm.rotary_emb(hidden, positions)
+        out = decoder_layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=positions)
+        out = out[0] if isinstance(out, tuple) else out
+        if layer_idx in pruning_loc and layer_idx + 1 < n_layers:
+            v_token_start = int(image.nonzero()[0])
+            v_token_num = int(image.sum())
+            text_token_start = v_token_start + v_token_num
+            if layer_idx not in fixed:
+                attn = decoder_layer.self_attn
+                _, attn_logits = attn(hidden_states=decoder_layer.input_layernorm(hidden), position_embeddings=pe, attention_mask=mask)
+                bs, seq = hidden.shape[:2]
+                num_heads, head_dim = attn_logits.shape[1], attn.head_dim
+                query_states = hidden.new_ones(bs, seq, num_heads, head_dim).transpose(1, 2)
+                key_states = hidden.new_ones(bs, seq, num_heads, head_dim).transpose(1, 2)
+                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *pe)
+                rope_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(head_dim)
+                attn_logits = attn_logits / rope_weights
+                cur_text_token_idx = raters + text_token_start
+                each_head = attn_logits[0][:, cur_text_token_idx, v_token_start:text_token_start]
+                heads = each_head.sum((1, 2)).topk(max(1, round(14 * num_heads / 32)))[1]
+                attn_logits = attn_logits[:, heads].mean(1)
+                relation = attn_logits[:, cur_text_token_idx, v_token_start: v_token_start + v_token_num].mean(1)
+                count = min(sparse_token_list[pruning_loc.index(layer_idx)], v_token_num - 1)
+                fixed[layer_idx] = relation[0].topk(count).indices.sort().values
+            keep = ~image
+            keep[image.nonzero().flatten()[fixed[layer_idx]]] = True
+            out, positions, image = out[:, keep], positions[:, keep], image[keep]
+        hidden = out
+    return model.lm_head(lm.norm(hidden))[0]
+
+
+def sparsevlm_raters(embeds, is_image) -> torch.Tensor:
+    """`modelling_sparse_llama.py`'s text raters, on the decoder's input embeddings."""
+    v_token_start = int(is_image.nonzero()[0])
+    text_token_start = v_token_start + int(is_image.sum())
+    v_t = embeds[:, v_token_start:text_token_start, :]
+    t_t = embeds[:, text_token_start:, :]
+    m_v_t = (v_t @ t_t.transpose(1, 2)).softmax(2).mean(1)
+    return torch.where(m_v_t > m_v_t.mean())[1]
+
+
+@pytest.mark.parametrize("tokens", [192, 64])
+def test_sparsevlm_equals_the_official_v2_layer_loop(tiny, tokens):
+    model = tiny("eager")
+    inputs = _inputs(model, seed=6)
+    method = get_method("sparsevlm", tokens=tokens)
+    with torch.no_grad(), compress(model, method) as engine:
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        counts = engine.applied_image_tokens_per_layer
+    assert counts == method.image_tokens_per_layer(64, 4)
+    embeds = prompt_embeddings(model, inputs["input_ids"], inputs["pixel_values"])
+    is_image = (inputs["input_ids"] == model.config.image_token_index)[0]
+    raters, fixed, tokens_out, logits = sparsevlm_raters(embeds, is_image), {}, [], []
+    for _ in range(4):
+        step = sparsevlm_oracle_logits(model, embeds, is_image, tokens, raters, fixed)[-1]
+        tokens_out.append(int(step.argmax()))
+        logits.append(step)
+        embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[tokens_out[-1]]]))], dim=1)
+        is_image = torch.cat([is_image, torch.zeros(1, dtype=torch.bool)])
+    assert out.sequences[0, -4:].tolist() == tokens_out
     torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], torch.stack(logits), atol=1e-4, rtol=1e-4)
 
 

@@ -90,6 +90,7 @@ class _Request:
     space: Space | None = None  # current space while the prefill runs through the layers
     layer_space: dict[int, Space] = field(default_factory=dict)
     scores: dict[int, _ScoreLayer] = field(default_factory=dict)  # action layer -> its score layer's input
+    embeddings0: torch.Tensor | None = None  # the language model's input embeddings at prefill (layer-0 space)
     decoding: bool = False
     _sample_keys: list[int] | None = None
 
@@ -242,6 +243,7 @@ class CompressionEngine:
         valid = request.image_mask.new_ones(batch, length) if attention_mask is None else attention_mask.bool()
         position_ids = self.family.positions_in(kwargs.get("position_ids"), batch, length, embeds.device)
         request.original_length = length
+        request.embeddings0 = embeds
         query = length - 1 if self.prompt_length is None else self.prompt_length - 1
         space = Space(
             index0=torch.arange(length, device=embeds.device).expand(batch, -1),
@@ -320,14 +322,21 @@ class CompressionEngine:
                 return args, self._decode_kwargs(request, space, kwargs)
             hidden = seam.hidden_states(args, kwargs)
             space = request.space
-            if index in self.score_layers:  # read when the action layer's method asks (`LayerContext`)
+            # this layer's input, read when the action layer's method asks (`LayerContext`): before
+            # this layer's own action when it scores for itself (PyramidDrop ranks, then drops),
+            # after it when it scores for a later one (SparseVLM's consecutive pruning layers)
+            action = self.score_layers.get(index)
+            if action == index:
                 embeddings = seam.rope_tables(self._prefill_kwargs(request, space, kwargs))
-                request.scores[self.score_layers[index]] = _ScoreLayer(self.family, module, hidden, embeddings, space)
+                request.scores[action] = _ScoreLayer(self.family, module, hidden, embeddings, space)
             if index in self.plan:
                 with self.overhead():
                     space, hidden = self._act(request, index, space, hidden)
                 request.space = space
                 args, kwargs = seam.with_hidden_states(args, kwargs, hidden)
+            if action is not None and action != index:
+                embeddings = seam.rope_tables(self._prefill_kwargs(request, space, kwargs))
+                request.scores[action] = _ScoreLayer(self.family, module, hidden, embeddings, space)
             request.layer_space[index] = space
             return args, self._prefill_kwargs(request, space, kwargs)
 
@@ -371,6 +380,9 @@ class CompressionEngine:
             keys_fn=request.sample_keys,
             scores_fn=None if scoring is None else (lambda: scoring.attention().gather(1, image_index)),
             score_keys_fn=None if scoring is None else scoring.keys,
+            score_layer=scoring,
+            index0=space.index0,
+            embeddings0=request.embeddings0,
             valid=space.valid,
             query=space.query,
             final_norm=self.language_model.norm,
@@ -651,12 +663,40 @@ class _ScoreLayer:
             self._attention = _query_attention(self.family, self.layer, self.hidden, self.position_embeddings, self.space)
         return self._attention
 
+    def _tables(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's RoPE tables as `[batch, 1, seq, head_dim]` (as apply_rotary_pos_emb takes them)."""
+        cos, sin = self.family.scoring_tables(self.layer, self.position_embeddings)
+        return cos.expand(batch, -1, -1).unsqueeze(1), sin.expand(batch, -1, -1).unsqueeze(1)
+
     @torch.no_grad()
     def keys(self) -> torch.Tensor:
         """[batch, kv_heads, seq, head_dim]: every token's key after RoPE, as the layer's attention forms it."""
         _, key = self.family.query_key(self.layer, self.hidden, self.space.query)
-        cos, sin = (table.expand(key.shape[0], -1, -1).unsqueeze(1) for table in self.family.scoring_tables(self.layer, self.position_embeddings))
-        return self.family.apply_rope(key, cos, sin)
+        return self.family.apply_rope(key, *self._tables(key.shape[0]))
+
+    @torch.no_grad()
+    def attention_rows(self, columns: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, m, seq]: the softmax attention of the queries at `columns` [batch, m]
+        over every key, per head, as eager attention computes it (causal, padding masked)."""
+        q, key = self.family.query_key(self.layer, self.hidden, columns)
+        cos, sin = self._tables(q.shape[0])
+        index = columns[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
+        q = self.family.apply_rope(q, cos.gather(2, index), sin.gather(2, index))
+        key = self.family.apply_rope(key, cos, sin).repeat_interleave(q.shape[1] // key.shape[1], dim=1)
+        logits = (q @ key.transpose(-1, -2)).float() * self.layer.self_attn.scaling
+        positions = torch.arange(key.shape[2], device=key.device)
+        visible = self.space.valid[:, None, :] & (positions[None, None, :] <= columns[:, :, None])  # [batch, m, seq]
+        return logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
+
+    @torch.no_grad()
+    def rope_dot(self, columns: torch.Tensor) -> torch.Tensor:
+        """[batch, m, seq]: RoPE(1) at `columns` . RoPE(1) at every position / sqrt(head_dim), the
+        positional part of a q.k product of all-ones vectors (SparseVLM+'s gravity term)."""
+        cos, sin = self._tables(columns.shape[0])
+        ones = torch.ones_like(cos)
+        rotated = self.family.apply_rope(ones, cos, sin)  # [batch, 1, seq, head_dim]
+        index = columns[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
+        return (rotated.gather(2, index) @ rotated.transpose(-1, -2))[:, 0] / cos.shape[-1] ** 0.5
 
 
 @torch.no_grad()

@@ -98,6 +98,12 @@ def decoder_facts(text: Any) -> dict[str, int]:
     )
 
 
+def query_rows(hidden: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Rows `query` ([batch] or [batch, m] columns) of `hidden` [batch, seq, d], as [batch, m, d]."""
+    index = query[:, None] if query.ndim == 1 else query
+    return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
 class ModelFamily:
     """One model family. Subclasses are registered in `vtcbench.families.FAMILIES`."""
 
@@ -280,16 +286,17 @@ class ModelFamily:
 
     # -- the scoring row -------------------------------------------------------------------------
     def query_key(self, layer: nn.Module, hidden: torch.Tensor, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """From a decoder layer's input `hidden` [batch, seq, d]: the query of column `query`
-        [batch] as `[batch, heads, 1, head_dim]` and every key as `[batch, kv_heads, seq, head_dim]`,
-        both before RoPE. Default: a LLaMA-style block (`input_layernorm`, then `q_proj`/`k_proj`,
-        biases included where the family has them); a family with q/k norms overrides it."""
+        """From a decoder layer's input `hidden` [batch, seq, d]: the queries of columns `query`
+        ([batch], or [batch, m] for several per row) as `[batch, heads, m, head_dim]` and every
+        key as `[batch, kv_heads, seq, head_dim]`, both before RoPE. Default: a LLaMA-style block
+        (`input_layernorm`, then `q_proj`/`k_proj`, biases included where the family has them);
+        a family with q/k norms overrides it."""
         attention = layer.self_attn
         batch, length, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
-        rows = torch.arange(batch, device=hidden.device)
         head_dim = attention.head_dim
-        q = attention.q_proj(normed[rows, query][:, None]).view(batch, 1, -1, head_dim).transpose(1, 2)
+        picked = query_rows(normed, query)
+        q = attention.q_proj(picked).view(batch, picked.shape[1], -1, head_dim).transpose(1, 2)
         k = attention.k_proj(normed).view(batch, length, -1, head_dim).transpose(1, 2)
         return q, k
 

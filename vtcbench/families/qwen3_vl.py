@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from vtcbench.families.base import query_rows
 from vtcbench.families.qwen2_vl import Qwen2VLFamily
 
 
@@ -42,9 +43,9 @@ class Qwen3VLFamily(Qwen2VLFamily):
         attention = layer.self_attn
         batch, length, _ = hidden.shape
         normed = layer.input_layernorm(hidden)
-        rows = torch.arange(batch, device=hidden.device)
         head_dim = attention.head_dim
-        q = attention.q_norm(attention.q_proj(normed[rows, query][:, None]).view(batch, 1, -1, head_dim)).transpose(1, 2)
+        picked = query_rows(normed, query)
+        q = attention.q_norm(attention.q_proj(picked).view(batch, picked.shape[1], -1, head_dim)).transpose(1, 2)
         k = attention.k_norm(attention.k_proj(normed).view(batch, length, -1, head_dim)).transpose(1, 2)
         return q, k
 

@@ -9,6 +9,7 @@ from vtcbench.methods import (  # noqa: F401
     llavolta,
     pdrop,
     random_drop,
+    sparsevlm,
     stf,
     tokenconcat,
     vanilla,

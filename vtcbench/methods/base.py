@@ -99,6 +99,11 @@ class LayerContext:
     valid: torch.Tensor | None = None  # [batch, seq] bool: not padding
     query: torch.Tensor | None = None  # [batch]: the last prompt token's column
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the language model's last norm
+    #: the score layer, for methods that read more than `scores` and `score_keys` (SparseVLM's
+    #: rater rows: `attention_rows(columns)`, `rope_dot(columns)`; vtcbench/engine.py `_ScoreLayer`)
+    score_layer: Any = None
+    index0: torch.Tensor | None = None  # [batch, seq]: each current column's column in the layer-0 sequence
+    embeddings0: torch.Tensor | None = None  # [batch, seq0, d]: the language model's input embeddings
     _scores: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -268,7 +273,7 @@ class Method:
         """Image tokens left by this layer's action: what `select` returns, for FLOPs without a model."""
         raise NotImplementedError  # abstract: every in-LLM method defines it
 
-    def score_layer_macs(self, facts: ModelFacts, n: int) -> int:
+    def score_layer_macs(self, facts: ModelFacts, n: int, text_tokens: int) -> int:
         """What reading a score layer of n tokens costs: the last token's attention row (q_proj
         on one token, k_proj on the sequence, q.K over heads)."""
         d = facts.hidden_size

@@ -87,7 +87,7 @@ class DART(Method):
     def action_count(self, layer: int, n_current: int, n_image_original: int, n_layers: int) -> int:
         return self.pivot_image_tokens + (self.pivot_image_tokens + self.pivot_text_tokens) * self.per_pivot
 
-    def score_layer_macs(self, facts: ModelFacts, n: int) -> int:
+    def score_layer_macs(self, facts: ModelFacts, n: int, text_tokens: int) -> int:
         """Keys of the score layer (and the query projection `family.query_key` also forms);
         DART reads no attention row, and its cosine similarities are not matrix products."""
         return facts.hidden_size * facts.hidden_size + n * facts.hidden_size * facts.n_kv_heads * facts.head_dim

@@ -74,7 +74,7 @@ def method_overhead_macs(
     for score_layer in (s for s in method.plan(facts.n_layers).values() if s is not None):
         # the score layer's input, before any action at that layer (PyramidDrop scores, then drops)
         entering = image_tokens_per_layer[score_layer - 1] if score_layer else method.pre_llm_tokens(n_image)
-        total += method.score_layer_macs(facts, entering + text_tokens)
+        total += method.score_layer_macs(facts, entering + text_tokens, text_tokens)
     return total + method.selection_macs(facts, n_image, image_tokens_per_layer)
 
 
