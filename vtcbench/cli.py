@@ -319,6 +319,7 @@ def run(
 ) -> None:
     """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
     from vtcbench.api import method_from_options
+    from vtcbench.methods import parse_set_options
     from vtcbench.runner import RunConfig, check_run
     from vtcbench.runner import run as run_evaluation
 
@@ -326,9 +327,10 @@ def run(
     for option, value in (("--limit", limit), ("--batch-size", batch_size), ("--num-processes", num_processes)):
         _check_count(option, value, 1)
     _check_count("--keep-indices", keep_indices, 0)
-    params = method_from_options(method, set_ or [], budget, _run_facts(model) if budget else None).params() if budget else None
+    # a budget is solved here, from the model's config, before anything loads
+    params = method_from_options(method, set_ or [], budget, _run_facts(model)).params() if budget else parse_set_options(set_ or [])
     config = RunConfig(
-        model=model, method=method, params=params or _set_params(set_), tasks=[t.strip() for t in tasks.split(",") if t.strip()],
+        model=model, method=method, params=params, tasks=[t.strip() for t in tasks.split(",") if t.strip()],
         budget=budget,
         limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
         attn_implementation=attn, overwrite=overwrite, allow_judge=allow_judge, allow_submission=allow_submission,
@@ -342,12 +344,6 @@ def run(
     result = run_evaluation(dataclasses.replace(config, device=device, dtype=dtype))  # checks everything before it loads
     if result.summary:  # rank 0 (or the only process)
         _print_summary(result)
-
-
-def _set_params(set_: list[str] | None) -> dict:
-    from vtcbench.methods import parse_set_options
-
-    return parse_set_options(set_ or [])
 
 
 def _run_facts(model: str):

@@ -379,7 +379,6 @@ class CompressionEngine:
             n_layers=self.n_layers,
             keys_fn=request.sample_keys,
             scores_fn=None if scoring is None else (lambda: scoring.attention().gather(1, image_index)),
-            score_keys_fn=None if scoring is None else scoring.keys,
             score_layer=scoring,
             index0=space.index0,
             embeddings0=request.embeddings0,

@@ -94,13 +94,11 @@ class LayerContext:
     n_layers: int
     keys_fn: Callable[[], list[int]]  # a stable per-sample key (hash of the prompt's token ids), on demand
     scores_fn: Callable[[], torch.Tensor] | None = None
-    #: the score layer's keys after RoPE, [batch, kv_heads, seq, head_dim], on demand (DART)
-    score_keys_fn: Callable[[], torch.Tensor] | None = None
     valid: torch.Tensor | None = None  # [batch, seq] bool: not padding
     query: torch.Tensor | None = None  # [batch]: the last prompt token's column
     final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None  # the language model's last norm
-    #: the score layer, for methods that read more than `scores` and `score_keys` (SparseVLM's
-    #: rater rows: `attention_rows(columns)`, `rope_dot(columns)`; vtcbench/engine.py `_ScoreLayer`)
+    #: the score layer's input, read on demand (vtcbench/engine.py `_ScoreLayer`): `keys()` (DART),
+    #: `attention_rows(columns)` and `rope_dot(columns)` (SparseVLM's raters); None without one
     score_layer: Any = None
     index0: torch.Tensor | None = None  # [batch, seq]: each current column's column in the layer-0 sequence
     embeddings0: torch.Tensor | None = None  # [batch, seq0, d]: the language model's input embeddings
@@ -142,9 +140,9 @@ class LayerContext:
 
     def score_keys(self) -> torch.Tensor:
         """The score layer's rotated keys of every token, [batch, kv_heads, seq, head_dim]."""
-        if self.score_keys_fn is None:
+        if self.score_layer is None:
             raise RuntimeError(f"layer {self.layer}: the method's plan names no score layer")
-        return self.score_keys_fn()
+        return self.score_layer.keys()
 
     def image_hidden(self) -> torch.Tensor:
         """Hidden states of the current image tokens, [batch, n, d]."""
