@@ -65,11 +65,14 @@ def answer(
     dtype: str = "float32",
     attn_implementation: str = "sdpa",
     device: str = "cpu",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> Answer:
     """Greedy answer to one question about one image with `method` applied, the way its kind
     answers (`method.kind.session`: under the engine, or from VoCo-LLaMA's compressed cache)."""
     model, processor = load_model(
-        model_name, random_weights=random_weights, dtype=dtype, attn_implementation=attn_implementation, device=device
+        model_name, random_weights=random_weights, dtype=dtype, attn_implementation=attn_implementation, device=device,
+        device_map=device_map, max_memory=max_memory,
     )
     picture = Image.open(image).convert("RGB") if image else example_image()
     family_of(model).check_image_size(*picture.size)

@@ -35,6 +35,11 @@ ModelOption = Annotated[str, typer.Option("--model", help="alias, hub id or loca
 SetOption = Annotated[
     list[str] | None, typer.Option("--set", help="method hyperparameter key=value (repeatable; lists: 8,16,24)")
 ]
+DeviceMapOption = Annotated[
+    str | None, typer.Option(help="split the model over devices as it loads: auto | balanced | balanced_low_0 | sequential | "
+                                  "a JSON file of module -> device (accelerate's dispatch; the rest offloaded to disk)")
+]
+MaxMemoryOption = Annotated[str | None, typer.Option(help="with --device-map: per device its limit, e.g. 0=70GiB,1=70GiB,cpu=200GiB")]
 BudgetOption = Annotated[
     str | None,
     typer.Option(help="tokens=N (mean visual tokens per decoder layer) or tflops=X (image-token TFLOPs): the method's "
@@ -120,6 +125,8 @@ def generate(
     dtype: str = "float32",
     attn: Annotated[str, typer.Option(help="eager | sdpa | flash_attention_2")] = "sdpa",
     device: str = "cpu",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
 ) -> None:
     """Answer one question about one image with a method applied; show visual tokens per layer."""
     from vtcbench.api import answer, check_method_for_model, method_from_options
@@ -140,6 +147,7 @@ def generate(
         dtype=dtype,
         attn_implementation=attn,
         device=device,
+        **_dispatch_options(device_map, max_memory),
     )
     console.print(f"[bold]{method}[/] {compression.params()} on [bold]{model}[/]")
     console.print(f"answer: {result.text!r}")
@@ -316,6 +324,8 @@ def run(
     keep_indices: Annotated[int, typer.Option(help="record the kept image tokens of the first N documents per task (retention pictures)")] = 0,
     skip_bad_documents: Annotated[bool, typer.Option("--skip-bad-documents", help="leave out documents whose image cannot be read "
                                                      "or whose prompt does not fit (listed in summary.json) instead of stopping")] = False,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
 ) -> None:
     """Evaluate a method on benchmarks through lmms-eval; one resumable run folder per configuration."""
     from vtcbench.api import method_from_options
@@ -335,7 +345,10 @@ def run(
         limit=limit, seed=seed, batch_size=batch_size, out=out, data_dir=data_dir, random_weights=random_weights,
         attn_implementation=attn, overwrite=overwrite, allow_judge=allow_judge, allow_submission=allow_submission,
         fidelity=fidelity, keep_indices=keep_indices, skip_bad_documents=skip_bad_documents, show_progress=sys.stderr.isatty(),
+        **_dispatch_options(device_map, max_memory),
     )
+    if num_processes > 1 and device_map is not None:
+        raise VtcbenchError("--device-map with --num-processes is not supported yet: each process would spread over every GPU")
     if num_processes > 1:  # input checked once, here; then every process runs this same command
         check_run(config)
         _relaunch_data_parallel(num_processes)
@@ -344,6 +357,16 @@ def run(
     result = run_evaluation(dataclasses.replace(config, device=device, dtype=dtype))  # checks everything before it loads
     if result.summary:  # rank 0 (or the only process)
         _print_summary(result)
+
+
+def _dispatch_options(device_map: str | None, max_memory: str | None) -> dict:
+    """`--device-map` / `--max-memory`, checked and parsed (one line on bad input)."""
+    from vtcbench.models import parse_device_map, parse_max_memory
+
+    if max_memory is not None and device_map is None:
+        raise VtcbenchError("--max-memory limits --device-map's dispatch; add --device-map auto")
+    return {"device_map": parse_device_map(device_map) if device_map else None,
+            "max_memory": parse_max_memory(max_memory) if max_memory else None}
 
 
 def _run_facts(model: str):

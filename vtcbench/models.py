@@ -18,6 +18,8 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -316,14 +318,20 @@ def load_model(
     attn_implementation: str = "sdpa",
     device: str = "cpu",
     seed: int = 0,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ) -> tuple[nn.Module, Any]:
     """Load ``(model, processor)`` in eval mode on ``device``.
 
     ``random_weights`` builds the architecture from the (shipped) config under ``torch.manual_seed(seed)`` in
     a forked RNG, so the same seed gives the same weights and the caller's RNG stream is left untouched.
     Real weights come from the hub id or the local folder; any offline failure becomes one VtcbenchError line.
+    ``device_map`` (and ``max_memory``) split the model over devices as it loads, through accelerate's
+    dispatch (`parse_device_map`, `parse_max_memory`); what does not fit is offloaded to a temporary folder.
     """
     torch_dtype = _validate(dtype, attn_implementation)
+    if device_map is not None and random_weights:
+        raise VtcbenchError("--device-map dispatches a checkpoint's weights as they load; it needs real weights, not --random-weights")
     spec = resolve_model(name)
     torch_device = check_device(device)
     source = spec.source if spec is not None else os.path.expanduser(name)
@@ -352,7 +360,8 @@ def load_model(
             config = AutoConfig.from_pretrained(source)
             with _quiet_if(getattr(config, "vtcbench_projector", None) is not None):  # its projector keys are ours to load
                 model, loading_info = _model_class(config).from_pretrained(
-                    source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True
+                    source, config=config, dtype=torch_dtype, attn_implementation=attn_implementation, output_loading_info=True,
+                    **_dispatch(device_map, max_memory),
                 )
             processor = family_of(config).load_processor(config, source)
         except OSError as exc:  # covers LocalEntryNotFoundError, OfflineModeIsEnabled, HTTP errors
@@ -362,7 +371,55 @@ def load_model(
         if getattr(config, "vtcbench_projector", None) is not None:
             loading_info = _load_trained_projector(model, Path(source), loading_info)
         check_loaded_keys(loading_info, label)
+        if device_map is not None:  # accelerate placed every part; moving it would undo that
+            return model.eval(), processor
     return model.to(torch_device).eval(), processor
+
+
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+_MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
+
+
+def parse_device_map(text: str) -> str | dict:
+    """`--device-map`: one of accelerate's strategies, or a JSON file mapping module names to devices."""
+    if text in DEVICE_MAPS:
+        return text
+    path = Path(text)
+    if not path.is_file():
+        raise VtcbenchError(f"--device-map {text!r} is neither a strategy ({', '.join(DEVICE_MAPS)}) nor a JSON file")
+    try:
+        mapping = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise VtcbenchError(f"--device-map {text!r} is not valid JSON ({error.msg}, line {error.lineno})") from None
+    if not isinstance(mapping, dict) or not mapping:
+        raise VtcbenchError(f"--device-map {text!r} must hold a JSON object of module name -> device")
+    return mapping
+
+
+def parse_max_memory(text: str) -> dict:
+    """`--max-memory 0=70GiB,1=70GiB,cpu=200GiB`: per device (a GPU index, cpu, or disk) its limit."""
+    limits: dict = {}
+    for item in text.split(","):
+        device, sep, size = (part.strip() for part in item.partition("="))
+        if not sep or not (device.isdigit() or device in ("cpu", "disk", "mps")) or not _MEMORY.match(size):
+            raise VtcbenchError(
+                f"--max-memory {item.strip()!r} is not DEVICE=SIZE (DEVICE: a GPU index, cpu, disk or mps; SIZE: e.g. 70GiB, 500MB)"
+            )
+        limits[int(device) if device.isdigit() else device] = size
+    return limits
+
+
+def _dispatch(device_map: str | dict | None, max_memory: dict | None) -> dict:
+    """`from_pretrained`'s dispatch arguments; an offload folder that lives as long as the process."""
+    if device_map is None:
+        if max_memory is not None:
+            raise VtcbenchError("--max-memory limits --device-map's dispatch; add --device-map auto")
+        return {}
+    import atexit
+
+    offload = tempfile.mkdtemp(prefix="vtcbench-offload-")
+    atexit.register(shutil.rmtree, offload, ignore_errors=True)
+    return {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload}
 
 
 @contextmanager

@@ -49,6 +49,8 @@ class RunConfig:
     keep_indices: int = 0  # record the kept image tokens of the first N documents per task
     skip_bad_documents: bool = False  # record and leave out documents that cannot be answered, instead of stopping
     budget: str | None = None  # the --budget that chose `params` (a label for reports; the params are the identity)
+    device_map: str | dict | None = None  # split the model over devices as it loads (not part of the identity)
+    max_memory: dict | None = None
     show_progress: bool = True
 
     def identity(self, method: Method, lmms_tasks: list[str]) -> dict[str, Any]:
@@ -127,8 +129,10 @@ def load_for(config) -> tuple[Any, Any]:
         return load_model(
             config.model, random_weights=True, dtype=config.dtype,
             attn_implementation=config.attn_implementation, device=config.device, seed=config.seed,
+            device_map=config.device_map,  # refused there: a dispatch needs a checkpoint
         )
-    return load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=config.device)
+    return load_model(config.model, dtype=config.dtype, attn_implementation=config.attn_implementation, device=config.device,
+                      device_map=config.device_map, max_memory=config.max_memory)
 
 
 def lmms_task_names(infos: list, data_dir: Path | None, workdir: Path) -> list[str]:
