@@ -82,6 +82,8 @@ class SweepConfig:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     device: str = "cpu"
+    device_map: str | dict | None = None  # `runner.load_for` reads it; the sweep's CLI does not offer it yet
+    max_memory: dict | None = None
     overwrite: bool = False
     show_progress: bool = True
 
