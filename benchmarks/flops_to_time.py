@@ -64,29 +64,44 @@ def time_prefill(model, method, inputs, timer: PhaseTimer) -> tuple[float, float
     return phases["prefill"][0], sum(phases.get("overhead", [0.0]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=5)
+def arguments(doc: str, iterations: int) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--iterations", type=int, default=iterations)
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--full-width", action="store_true", help="on CPU too, the real 7B width (needs ~28 GB)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
+
+def bench_model(args: argparse.Namespace):
+    """(device, model, its facts, one synthetic prompt at the model's image tokens)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(device, args.full_width)
     facts = model_facts(model)
     shape = Shape(image_tokens=facts.image_tokens, text_tokens=args.text_tokens, new_tokens=1, batch=1)
-    inputs = synthetic_inputs(model, shape)
-    methods = {name: get_method(name, **params) for name, params in METHODS.items()}
-    timer = PhaseTimer(device)
-    for method in methods.values():  # warm-up, one each
-        time_prefill(model, method, inputs, timer)
+    return device, model, facts, synthetic_inputs(model, shape)
+
+
+def take_turns(methods: dict, time_one, iterations: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """(prefill ms, overhead ms) per method: one warm-up each, then the methods in turn each round,
+    so a shared machine's drift hits them alike."""
+    for method in methods.values():
+        time_one(method)
     prefill: dict[str, list[float]] = {name: [] for name in methods}
     overhead: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.iterations):
+    for _ in range(iterations):
         for name, method in methods.items():
-            total, extra = time_prefill(model, method, inputs, timer)
+            total, extra = time_one(method)
             prefill[name].append(total)
             overhead[name].append(extra)
+    return prefill, overhead
+
+
+def main() -> None:
+    args = arguments(__doc__, iterations=5)
+    device, model, facts, inputs = bench_model(args)
+    methods = {name: get_method(name, **params) for name, params in METHODS.items()}
+    timer = PhaseTimer(device)
+    prefill, overhead = take_turns(methods, lambda method: time_prefill(model, method, inputs, timer), args.iterations)
 
     flops = {name: analytic_flops(m, facts, model="bench", text_tokens=args.text_tokens).tflops_total for name, m in methods.items()}
     width = f"hidden {facts.hidden_size}, ffn {facts.intermediate_size}, {facts.n_layers} layers"

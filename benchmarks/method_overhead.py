@@ -14,19 +14,16 @@ and a 2-layer CLIP tower. Run: python benchmarks/method_overhead.py [--iteration
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
-from flops_to_time import build_model
+from flops_to_time import arguments, bench_model, take_turns
 
 from vtcbench.engine import compress
-from vtcbench.families import model_facts
 from vtcbench.methods import METHODS, get_method
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.profilers.latency import PhaseTimer
-from vtcbench.profilers.session import Shape, synthetic_inputs
 
 GOAL = 0.02
 
@@ -48,29 +45,12 @@ def time_prefill(model, method, inputs, timer: PhaseTimer) -> tuple[float, float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=3)
-    parser.add_argument("--text-tokens", type=int, default=64)
-    parser.add_argument("--full-width", action="store_true", help="on CPU too, the real 7B width (needs ~28 GB)")
-    args = parser.parse_args()
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(device, args.full_width)
-    facts = model_facts(model)
-    shape = Shape(image_tokens=facts.image_tokens, text_tokens=args.text_tokens, new_tokens=1, batch=1)
-    inputs = synthetic_inputs(model, shape)
+    args = arguments(__doc__, iterations=3)
+    device, model, facts, inputs = bench_model(args)
     names = sorted(name for name, cls in METHODS.items() if not cls.needs_weights and name != "vanilla")
     methods = {name: get_method(name) for name in names}
     timer = PhaseTimer(device)
-    for method in methods.values():  # warm-up, one each
-        time_prefill(model, method, inputs, timer)
-    prefill: dict[str, list[float]] = {name: [] for name in methods}
-    overhead: dict[str, list[float]] = {name: [] for name in methods}
-    for _ in range(args.iterations):
-        for name, method in methods.items():
-            total, extra = time_prefill(model, method, inputs, timer)
-            prefill[name].append(total)
-            overhead[name].append(extra)
+    prefill, overhead = take_turns(methods, lambda method: time_prefill(model, method, inputs, timer), args.iterations)
 
     width = f"hidden {facts.hidden_size}, ffn {facts.intermediate_size}, {facts.n_layers} layers"
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "

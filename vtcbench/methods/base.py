@@ -31,7 +31,7 @@ import torch
 
 from vtcbench.errors import VtcbenchError, choices_error
 from vtcbench.families import ModelFacts, family_of, model_facts
-from vtcbench.methods.kinds import IN_LLM, NONE, MethodKind
+from vtcbench.methods.kinds import IN_LLM, NONE, PRE_LLM, MethodKind
 
 PositionPolicy = Literal["keep", "compact", "pooled"]
 #: what each policy does on M-RoPE (Qwen-VL: temporal, height, width ids), where the engine keeps
@@ -325,6 +325,27 @@ class ScoredDrop(Method):
         real = torch.arange(top.shape[1], device=top.device) < torch.tensor(ks, device=top.device)[:, None]
         indices = torch.where(real, top, ctx.n_image).sort(dim=-1).values
         return Keep(torch.where(real, indices, 0), counts=tuple(ks))
+
+
+class TowerSelection(Method):
+    """Select (and merge) the tower's feature-layer tokens from CLS's attention, before the
+    projector (VisionZip, VisPruner): the projector maps only what is kept, and the prompt is
+    shortened to it. Subclasses give `pre_projector` and `pre_llm_tokens`."""
+
+    kind: ClassVar[MethodKind] = PRE_LLM
+    reads_tower_cls: ClassVar[bool] = True
+    trainable: ClassVar[bool] = False  # the selection reads the tower under no_grad hooks
+
+    def pre_llm(self, image_features: torch.Tensor) -> torch.Tensor:
+        return image_features  # the selection happened before the projector
+
+    def projector_tokens(self, n_image: int) -> int:
+        return self.pre_llm_tokens(n_image)
+
+    def cls_row_macs(self, facts: ModelFacts) -> int:
+        """CLS's query, the feature layer's keys and CLS's attention row."""
+        n, c = facts.vision_n_tokens, facts.vision_hidden_size
+        return c * c + n * c * c + n * c
 
 
 # -- trained-weights helpers ---------------------------------------------------------------------

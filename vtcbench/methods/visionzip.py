@@ -36,13 +36,18 @@ import torch
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import ModelFacts
-from vtcbench.methods.base import Method, TowerFeatures, check_positive, register
-from vtcbench.methods.kinds import PRE_LLM, MethodKind
+from vtcbench.methods.base import (
+    Method,
+    TowerFeatures,
+    TowerSelection,
+    check_positive,
+    register,
+)
 
 
 @register
 @dataclass
-class VisionZip(Method):
+class VisionZip(TowerSelection):
     """VisionZip (section 3.2; official code `dvlab-research/VisionZip`, `visionzip/clip_encoder.py`):
     CLS and the dominant patches by CLS attention, plus contextual tokens merged by key similarity."""
 
@@ -50,9 +55,6 @@ class VisionZip(Method):
     contextual: int = 10
 
     name: ClassVar[str] = "visionzip"
-    kind: ClassVar[MethodKind] = PRE_LLM
-    reads_tower_cls: ClassVar[bool] = True
-    trainable: ClassVar[bool] = False  # the selection reads the tower under no_grad hooks
     description: ClassVar[str] = "keep CLS-attended dominant tokens and merge the rest into contextual ones, before the projector"
 
     def __post_init__(self) -> None:
@@ -78,19 +80,12 @@ class VisionZip(Method):
     def pre_llm_tokens(self, n_image: int) -> int:
         return self.dominant + self.contextual
 
-    def projector_tokens(self, n_image: int) -> int:
-        return self.dominant + self.contextual
-
     def selection_macs(self, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[int]) -> int:
         """CLS's query and every key at the feature layer, CLS's attention row, the key
         similarities of the merged tokens to the targets and their one-hot sums."""
-        n, c = facts.vision_n_tokens, facts.vision_hidden_size
-        merged = n - self.dominant - self.contextual
-        head_dim = c // facts.vision_n_heads
-        return c * c + n * c * c + n * c + merged * self.contextual * (head_dim + c)
-
-    def pre_llm(self, image_features: torch.Tensor) -> torch.Tensor:
-        return image_features  # the selection happened before the projector
+        c = facts.vision_hidden_size
+        merged = facts.vision_n_tokens - self.dominant - self.contextual
+        return self.cls_row_macs(facts) + merged * self.contextual * (c // facts.vision_n_heads + c)
 
     @torch.no_grad()
     def pre_projector(self, tower: TowerFeatures) -> torch.Tensor:

@@ -36,18 +36,18 @@ from vtcbench.families import ModelFacts
 from vtcbench.methods.base import (
     Method,
     TowerFeatures,
+    TowerSelection,
     check_positive,
     check_ratio,
     register,
 )
-from vtcbench.methods.kinds import PRE_LLM, MethodKind
 
 ROUND = 8  # A tokens dropped per round at most (the official `min(8, R - diverse_token_num)`)
 
 
 @register
 @dataclass
-class VisPruner(Method):
+class VisPruner(TowerSelection):
     """VisPruner (section 3; official code `Theia-4869/VisPruner`, `llava/model/llava_arch.py`):
     important patches by CLS attention, diverse patches by thinning near-duplicates."""
 
@@ -55,9 +55,6 @@ class VisPruner(Method):
     important_ratio: float = 0.75
 
     name: ClassVar[str] = "vispruner"
-    kind: ClassVar[MethodKind] = PRE_LLM
-    reads_tower_cls: ClassVar[bool] = True
-    trainable: ClassVar[bool] = False  # the selection reads the tower under no_grad hooks
     description: ClassVar[str] = "keep CLS-attended patches plus diverse ones (duplicates thinned), before the projector"
 
     def __post_init__(self) -> None:
@@ -103,16 +100,10 @@ class VisPruner(Method):
     def pre_llm_tokens(self, n_image: int) -> int:
         return self.tokens
 
-    def projector_tokens(self, n_image: int) -> int:
-        return self.tokens
-
     def selection_macs(self, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[int]) -> int:
         """CLS's query, the layer's keys and CLS's row; each round's A x B similarities."""
-        n, c = facts.vision_n_tokens, facts.vision_hidden_size
-        return c * c + n * c * c + n * c + sum((remaining // 2) ** 2 * c for remaining, _ in self.rounds(n_image))
-
-    def pre_llm(self, image_features: torch.Tensor) -> torch.Tensor:
-        return image_features  # the selection happened before the projector
+        c = facts.vision_hidden_size
+        return self.cls_row_macs(facts) + sum((remaining // 2) ** 2 * c for remaining, _ in self.rounds(n_image))
 
     @torch.no_grad()
     def pre_projector(self, tower: TowerFeatures) -> torch.Tensor:
