@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from vtcbench.errors import VtcbenchError
-from vtcbench.families import ModelFacts
+from vtcbench.families import FAMILIES, ModelFacts
 from vtcbench.methods import Method, get_method
 
 Measure = Literal["tokens", "tflops"]
@@ -76,6 +76,7 @@ def cost(method: Method, facts: ModelFacts, measure: Measure) -> float:
 def solve(name: str, params: dict, budget: Budget, facts: ModelFacts) -> Solved:
     """The setting of method `name` (with `params` fixed) whose cost is closest to the budget."""
     base = get_method(name, **params)
+    FAMILIES[facts.family].check_method(base)  # a family's refusal before any budget's
     if not base.budget_knobs:
         raise VtcbenchError(f"--budget: {name} has no setting that changes its cost ({base.budget_refusal})")
     knob = ", ".join(base.budget_knobs)

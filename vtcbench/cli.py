@@ -184,7 +184,6 @@ def flops(
     """Analytic FLOPs (multiply-accumulates, the papers' FLOPs; --convention flops: 2 per MAC), visual tokens per layer, compression ratio."""
     from vtcbench.api import method_from_options
     from vtcbench.families import family_of, model_facts
-    from vtcbench.methods import method_class
     from vtcbench.models import load_config
     from vtcbench.profilers.flops import analytic_flops
 
@@ -194,8 +193,8 @@ def flops(
     config = load_config(model)
     size = _image_size(image_size, family_of(config), model)
     facts = model_facts(config, image_size=size)
-    family_of(config).check_method(method_class(method))
     compression = method_from_options(method, set_ or [], budget, facts)
+    family_of(config).check_method(compression)
     report = analytic_flops(
         compression, facts, model=model, image_tokens=image_tokens, text_tokens=text_tokens, convention=convention,
     )
@@ -247,7 +246,7 @@ def profile(
     """Latency per phase, memory, energy and FLOPs of one method on synthetic inputs (no dataset)."""
     from vtcbench.api import method_from_options
     from vtcbench.families import family_of, model_facts
-    from vtcbench.methods import check_before_loading, method_class
+    from vtcbench.methods import check_before_loading
     from vtcbench.models import load_config, load_model, random_model
     from vtcbench.profilers.session import Shape
 
@@ -263,7 +262,6 @@ def profile(
     if not random_weights and (layers is not None or image_tokens not in (None, facts.image_tokens)):
         raise VtcbenchError("--layers and a different --image-tokens change the architecture; add --random-weights")
     family_of(config).resize_config(config, image_tokens=None if image_tokens == facts.image_tokens else image_tokens, layers=layers)
-    family_of(config).check_method(method_class(method))
     compression = method_from_options(method, set_ or [], budget, model_facts(config))
     facts = check_before_loading(compression, config, train=train)
     processor = None

@@ -635,19 +635,11 @@ def _decode_columns(kept: torch.Tensor, prompt_length: int, total: int) -> torch
     return torch.cat([kept, new], dim=1)
 
 
-def _query_attention(
-    family: ModelFamily, layer: nn.Module, hidden: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor], space: Space
-) -> torch.Tensor:
-    """The space's query row (the last prompt token) over its keys: padding keys and keys after
-    the query (a teacher-forced answer) masked."""
-    visible = space.valid & (torch.arange(hidden.shape[1], device=hidden.device) <= space.query[:, None])
-    return query_attention(family, layer, hidden, position_embeddings, space.query, visible)
-
-
 @dataclass
 class _ScoreLayer:
     """A score layer's input, kept until its action layer's method reads what it needs: the
-    last prompt token's attention row, or every token's rotated keys (computed once each)."""
+    last prompt token's attention row (computed once), attention rows of other queries, or
+    every token's rotated keys."""
 
     family: ModelFamily
     layer: nn.Module
@@ -657,10 +649,18 @@ class _ScoreLayer:
     _attention: torch.Tensor | None = None
 
     def attention(self) -> torch.Tensor:
-        """[batch, seq]: the last prompt token's head-averaged attention (`_query_attention`)."""
+        """[batch, seq]: the last prompt token's head-averaged attention."""
         if self._attention is None:
-            self._attention = _query_attention(self.family, self.layer, self.hidden, self.position_embeddings, self.space)
+            self._attention = self.attention_rows(self.space.query[:, None]).mean(dim=1)[:, 0]
         return self._attention
+
+    def attention_rows(self, columns: torch.Tensor) -> torch.Tensor:
+        """[batch, heads, m, seq]: the attention of the queries at `columns` [batch, m] over every
+        key, per head: padding keys and keys after the query (causal; a teacher-forced answer
+        after the last prompt token) masked."""
+        positions = torch.arange(self.hidden.shape[1], device=self.hidden.device)
+        visible = self.space.valid[:, None, :] & (positions <= columns[:, :, None])
+        return attention_rows(self.family, self.layer, self.hidden, self.position_embeddings, columns, visible)
 
     def _tables(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's RoPE tables as `[batch, 1, seq, head_dim]` (as apply_rotary_pos_emb takes them)."""
@@ -674,26 +674,11 @@ class _ScoreLayer:
         return self.family.apply_rope(key, *self._tables(key.shape[0]))
 
     @torch.no_grad()
-    def attention_rows(self, columns: torch.Tensor) -> torch.Tensor:
-        """[batch, heads, m, seq]: the softmax attention of the queries at `columns` [batch, m]
-        over every key, per head, as eager attention computes it (causal, padding masked)."""
-        q, key = self.family.query_key(self.layer, self.hidden, columns)
-        cos, sin = self._tables(q.shape[0])
-        index = columns[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
-        q = self.family.apply_rope(q, cos.gather(2, index), sin.gather(2, index))
-        key = self.family.apply_rope(key, cos, sin).repeat_interleave(q.shape[1] // key.shape[1], dim=1)
-        logits = (q @ key.transpose(-1, -2)).float() * self.layer.self_attn.scaling
-        positions = torch.arange(key.shape[2], device=key.device)
-        visible = self.space.valid[:, None, :] & (positions[None, None, :] <= columns[:, :, None])  # [batch, m, seq]
-        return logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)
-
-    @torch.no_grad()
     def rope_dot(self, columns: torch.Tensor) -> torch.Tensor:
         """[batch, m, seq]: RoPE(1) at `columns` . RoPE(1) at every position / sqrt(head_dim), the
         positional part of a q.k product of all-ones vectors (SparseVLM+'s gravity term)."""
         cos, sin = self._tables(columns.shape[0])
-        ones = torch.ones_like(cos)
-        rotated = self.family.apply_rope(ones, cos, sin)  # [batch, 1, seq, head_dim]
+        rotated = self.family.apply_rope(torch.ones_like(cos), cos, sin)  # [batch, 1, seq, head_dim]
         index = columns[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
         return (rotated.gather(2, index) @ rotated.transpose(-1, -2))[:, 0] / cos.shape[-1] ** 0.5
 
@@ -708,27 +693,38 @@ def query_attention(
     visible: torch.Tensor,
     past_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """softmax(q . K * scaling) of one query per sample, averaged over heads, [batch, keys].
+    """softmax(q . K * scaling) of one query per sample (column `query` [batch]), averaged over
+    heads, [batch, keys]; `attention_rows` for one row, `visible` [batch, keys]."""
+    return attention_rows(family, layer, hidden, position_embeddings, query[:, None], visible[:, None], past_keys).mean(dim=1)[:, 0]
 
-    The row eager attention would return, recomputed from the decoder layer's input `hidden`
+
+@torch.no_grad()
+def attention_rows(
+    family: ModelFamily,
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    columns: torch.Tensor,
+    visible: torch.Tensor,
+    past_keys: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """softmax(q . K * scaling) of the queries at `columns` [batch, m], per head, [batch, heads, m, keys].
+
+    The rows eager attention would return, recomputed from the decoder layer's input `hidden`
     [batch, new, d] so any attention backend works: the family's norms and projections
-    (`family.query_key`: the `query` column [batch] only, every key), its RoPE
-    (`position_embeddings`: the tables the layer is handed for the new tokens), keys repeated
-    for grouped-query heads, the attention's `scaling`. The keys are `past_keys` (a layer's KV
-    cache, already rotated, [batch, kv_heads, cached, head_dim]) then the new tokens' own;
-    `visible` [batch, cached + new] masks the rest.
+    (`family.query_key`: the `columns` only, every key), its RoPE (`position_embeddings`: the
+    tables the layer is handed for the new tokens), keys repeated for grouped-query heads, the
+    attention's `scaling`. The keys are `past_keys` (a layer's KV cache, already rotated,
+    [batch, kv_heads, cached, head_dim]) then the new tokens' own; `visible` [batch, m, cached + new]
+    masks the rest.
     """
-    attention = layer.self_attn
-    batch = hidden.shape[0]
-    rows = torch.arange(batch, device=hidden.device)
-    q, key = family.query_key(layer, hidden, query)
-    cos, sin = (table.expand(batch, -1, -1).unsqueeze(1) for table in family.scoring_tables(layer, position_embeddings))  # as apply_rotary_pos_emb
-    query_cos, query_sin = (table[rows, :, query][:, :, None] for table in (cos, sin))
-    q = family.apply_rope(q, query_cos, query_sin)
+    q, key = family.query_key(layer, hidden, columns)
+    cos, sin = (table.expand(hidden.shape[0], -1, -1).unsqueeze(1) for table in family.scoring_tables(layer, position_embeddings))
+    index = columns[:, None, :, None].expand(-1, 1, -1, cos.shape[-1])
+    q = family.apply_rope(q, cos.gather(2, index), sin.gather(2, index))
     key = family.apply_rope(key, cos, sin)
     if past_keys is not None:
         key = torch.cat([past_keys.to(key.dtype), key], dim=-2)
     key = key.repeat_interleave(q.shape[1] // key.shape[1], dim=1)  # grouped-query heads (transformers' repeat_kv)
-    logits = (q @ key.transpose(-1, -2)).float() * attention.scaling  # [batch, heads, 1, keys]
-    logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=1)[:, 0]
+    logits = (q @ key.transpose(-1, -2)).float() * layer.self_attn.scaling  # [batch, heads, m, keys]
+    return logits.masked_fill(~visible[:, None], float("-inf")).softmax(dim=-1)

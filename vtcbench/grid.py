@@ -146,7 +146,7 @@ def _cell(results: Path, model: str, method: str, sets: dict[str, str], budget: 
     from vtcbench.families import family_of, model_facts
     from vtcbench.methods import get_method, method_class
     from vtcbench.models import load_config
-    from vtcbench.runner import RunConfig, check_run, run_folder_name
+    from vtcbench.runner import RunConfig, run_folder_name
 
     config = load_config(model)
     reason = family_of(config).refusal(method_class(method))
@@ -166,8 +166,7 @@ def _cell(results: Path, model: str, method: str, sets: dict[str, str], budget: 
             fidelity=options.get("fidelity", False), allow_judge=options.get("allow_judge", False),
             allow_submission=options.get("allow_submission", False),
         )
-        check_run(run_config)
-        folder = run_folder_name(run_config)
+        folder = run_folder_name(run_config)  # checks the run as `vtcbench run` does
     except VtcbenchError as error:
         raise VtcbenchError(f"{where}: {error}") from None
     argv = ["run", "--model", model, "--method", method, "--tasks", ",".join(tasks), "--out", str(results)]

@@ -9,9 +9,8 @@ tokens with ordinary compact positions, as a model trained with pooling would se
 Difference: STF trains with its pooling; this baseline applies it to a model trained without.
 """
 
-import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,8 +46,8 @@ class AvgPool(Method):
 
     budget_knobs: ClassVar[tuple[str, ...]] = ("kernel",)
 
-    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
-        return (dataclasses.replace(self, kernel=kernel) for kernel in range(1, math.isqrt(n_image) + 1))
+    def budget_values(self, n_image: int, n_layers: int) -> Iterable:
+        return range(1, math.isqrt(n_image) + 1)
 
     def pre_llm_tokens(self, n_image: int) -> int:
         return n_image // self.kernel**2

@@ -23,7 +23,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -286,10 +286,18 @@ class Method:
         """Tokens the projector maps (a method that selects before the projector maps fewer)."""
         return n_image
 
+    def budget_values(self, n_image: int, n_layers: int) -> Iterable:
+        """Every value of the one `budget_knobs` entry a budget chooses among (none by default)."""
+        return ()
+
     def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
         """Every setting of `budget_knobs` (the other hyperparameters as they are), for a budget
-        to choose among; settings a model cannot run are left to `validate_for` to reject."""
-        return iter(())
+        to choose among; settings a model cannot run are left to `validate_for` to reject. One
+        knob: its `budget_values`; a method with several overrides this."""
+        if not self.budget_knobs:
+            return iter(())
+        (knob,) = self.budget_knobs
+        return (dataclasses.replace(self, **{knob: value}) for value in self.budget_values(n_image, n_layers))
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
         """Check hyperparameters against a model's depth and visual-token count."""

@@ -26,8 +26,7 @@ Keys come from recomputing layer K-1's projections on its input (the official co
 from a patched attention), so every attention backend gives the same selection.
 """
 
-import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -78,8 +77,8 @@ class DART(Method):
 
     budget_knobs: ClassVar[tuple[str, ...]] = ("truncation",)
 
-    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
-        return (dataclasses.replace(self, truncation=truncation) for truncation in range(0, n_image + 1))
+    def budget_values(self, n_image: int, n_layers: int) -> Iterable:
+        return range(0, n_image + 1)
 
     def plan(self, n_layers: int) -> dict[int, int | None]:
         return {self.layer: self.layer - 1}

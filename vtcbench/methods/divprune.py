@@ -20,8 +20,7 @@ LLaVA-NeXT the official code selects over the whole unpadded sequence of the fir
 rows included); pre-LLM methods here need a fixed grid, so only LLaVA-1.5 runs it.
 """
 
-import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -51,8 +50,8 @@ class DivPrune(Method):
 
     budget_knobs: ClassVar[tuple[str, ...]] = ("ratio",)
 
-    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
-        return (dataclasses.replace(self, ratio=kept / n_image) for kept in range(1, n_image + 1))
+    def budget_values(self, n_image: int, n_layers: int) -> Iterable:
+        return (kept / n_image for kept in range(1, n_image + 1))
 
     def validate_for(self, n_image: int, n_layers: int) -> None:
         if self.pre_llm_tokens(n_image) < 1:

@@ -16,12 +16,11 @@ On M-RoPE (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) the kept tokens keep all three origin
 (temporal, height, width), as the official Qwen ports of token dropping do.
 """
 
-import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
-from vtcbench.methods.base import Method, ScoredDrop, check_ratio, register
+from vtcbench.methods.base import ScoredDrop, check_ratio, register
 
 
 @register
@@ -47,8 +46,8 @@ class FastV(ScoredDrop):
 
     budget_knobs: ClassVar[tuple[str, ...]] = ("drop_ratio",)
 
-    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
-        return (dataclasses.replace(self, drop_ratio=1 - kept / n_image) for kept in range(1, n_image + 1))
+    def budget_values(self, n_image: int, n_layers: int) -> Iterable:
+        return (1 - kept / n_image for kept in range(1, n_image + 1))
 
     def action_count(self, layer: int, n_current: int, n_image_original: int, n_layers: int) -> int:
         return round(n_image_original * (1 - self.drop_ratio))

@@ -14,8 +14,7 @@ width), the floor of the mean of its members' ids, the rule above applied to eac
 Qwen3-VL it also receives the mean of its members' DeepStack features.
 """
 
-import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -63,8 +62,8 @@ class KMeans(Method):
 
     budget_knobs: ClassVar[tuple[str, ...]] = ("clusters",)
 
-    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
-        return (dataclasses.replace(self, clusters=clusters) for clusters in range(1, n_image + 1))
+    def budget_values(self, n_image: int, n_layers: int) -> Iterable:
+        return range(1, n_image + 1)
 
     def plan(self, n_layers: int) -> dict[int, int | None]:
         return {self.layer: None}

@@ -18,14 +18,12 @@ no compacted form, so the kept tokens keep their original ids (as the Qwen ports
 PyramidDrop-style methods do); this is a difference from the LLaVA rule above.
 """
 
-import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.methods.base import (
-    Method,
     PositionPolicy,
     ScoredDrop,
     check_ratio,
@@ -47,9 +45,9 @@ class StagedDrop(ScoredDrop):
 
     budget_knobs: ClassVar[tuple[str, ...]] = ("keep_ratio",)
 
-    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
+    def budget_values(self, n_image: int, n_layers: int) -> Iterable:
         """keep_ratio on a grid of 0.001."""
-        return (dataclasses.replace(self, keep_ratio=step / 1000) for step in range(1, 1001))
+        return (step / 1000 for step in range(1, 1001))
 
     def action_count(self, layer: int, n_current: int, n_image_original: int, n_layers: int) -> int:
         stage = self.stage_layers(n_layers).index(layer) + 1

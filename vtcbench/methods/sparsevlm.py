@@ -30,16 +30,15 @@ shapes the layers are the official ones scaled to the depth (round(l L / 32)), t
 to the image tokens (round(c N0 / 576)) and the heads to the head count (round(14 H / 32)).
 """
 
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import ModelFacts
-from vtcbench.methods.base import Keep, LayerContext, Method, register
-from vtcbench.methods.kinds import IN_LLM, MethodKind
+from vtcbench.methods.base import LayerContext, ScoredDrop, register
 
 #: `score.py` at v2.0: visual tokens kept after each pruning layer, by RETAIN_TOKN
 COUNTS: dict[int, tuple[int, int, int]] = {192: (300, 200, 118), 128: (238, 108, 60), 96: (246, 54, 28), 64: (66, 34, 20)}
@@ -50,7 +49,7 @@ OFFICIAL_TOKENS, OFFICIAL_LAYERS, OFFICIAL_HEADS = 576, 32, 32
 
 @register
 @dataclass
-class SparseVLM(Method):
+class SparseVLM(ScoredDrop):
     """SparseVLM+ (SparseVLM v2.0; sections 3.2-3.3 and SparseVLM+ 4.2-4.3; official code
     `Gumpest/SparseVLMs`, `modelling_sparse_llama.py` and `score.py`): rater-guided pruning at
     three layers, gravity-corrected attention over the top heads, original positions kept."""
@@ -58,7 +57,6 @@ class SparseVLM(Method):
     tokens: int = 192
 
     name: ClassVar[str] = "sparsevlm"
-    kind: ClassVar[MethodKind] = IN_LLM
     description: ClassVar[str] = "prune image tokens at 3 layers by the attention of text raters (SparseVLM+ v2.0)"
     budget_knobs: ClassVar[tuple[str, ...]] = ("tokens",)
 
@@ -67,8 +65,8 @@ class SparseVLM(Method):
             raise VtcbenchError(f"{self.name}: tokens={self.tokens} has no official count table; valid: "
                                 f"{', '.join(map(str, sorted(COUNTS)))}")
 
-    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
-        return (replace(self, tokens=tokens) for tokens in sorted(COUNTS))
+    def budget_values(self, n_image: int, n_layers: int) -> Iterable:
+        return sorted(COUNTS)
 
     def pruning_layers(self, n_layers: int) -> tuple[int, ...]:
         return tuple(round(layer * n_layers / OFFICIAL_LAYERS) for layer in LAYERS)
@@ -95,26 +93,21 @@ class SparseVLM(Method):
     def heads(self, n_heads: int) -> int:
         return max(1, round(HEADS * int(n_heads) / OFFICIAL_HEADS))
 
-    def select(self, ctx: LayerContext) -> Keep:
+    def score(self, ctx: LayerContext) -> torch.Tensor:
+        """[batch, n]: each image token's gravity-corrected rater attention over the top heads
+        (`ScoredDrop` keeps each sample's top `action_count`, in order)."""
         raters = [self._rater_columns(ctx, b, n) for b, n in enumerate(ctx.n_image_per_sample)]
         width = max(len(r) for r in raters)  # one batched read; a shorter row repeats its first rater
         columns = torch.stack([torch.cat([r, r[:1].expand(width - len(r))]) for r in raters])
         rows = ctx.score_layer.attention_rows(columns)  # [batch, heads, raters, seq]
         gravity = ctx.score_layer.rope_dot(columns)  # [batch, raters, seq]
-        kept = []
+        scores = rows.new_zeros(ctx.image_index.shape)
         for b, n in enumerate(ctx.n_image_per_sample):
-            count = self.action_count(ctx.layer, n, ctx.n_image_original_per_sample[b], ctx.n_layers)
-            m, image = len(raters[b]), ctx.image_index[b, :n]
-            corrected = (rows[b, :, :m] / gravity[b, None, :m])[:, :, image]  # [heads, raters, image]
+            m = len(raters[b])
+            corrected = (rows[b, :, :m] / gravity[b, None, :m])[:, :, ctx.image_index[b, :n]]  # [heads, raters, image]
             top = corrected.sum(dim=(1, 2)).topk(self.heads(corrected.shape[0])).indices
-            scores = corrected[top].mean(dim=0).mean(dim=0)
-            kept.append(scores.topk(count).indices.sort().values)
-        counts = [len(k) for k in kept]
-        if len(set(counts)) == 1:
-            return Keep(torch.stack(kept))
-        width = max(counts)
-        padded = torch.stack([torch.cat([k, k.new_zeros(width - len(k))]) for k in kept])
-        return Keep(padded, counts=tuple(counts))
+            scores[b, :n] = corrected[top].mean(dim=0).mean(dim=0)
+        return scores
 
     def _rater_columns(self, ctx: LayerContext, b: int, n: int) -> torch.Tensor:
         """Sample b's raters as columns of the current sequence."""

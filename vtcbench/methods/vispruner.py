@@ -24,8 +24,7 @@ Settings where the number of remaining tokens is odd crash the official pairing;
 refused. LLaVA-NeXT (per crop) and the Qwen line (no CLS) are refused.
 """
 
-import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -34,7 +33,6 @@ import torch
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import ModelFacts
 from vtcbench.methods.base import (
-    Method,
     TowerFeatures,
     TowerSelection,
     check_positive,
@@ -63,8 +61,8 @@ class VisPruner(TowerSelection):
 
     budget_knobs: ClassVar[tuple[str, ...]] = ("tokens",)
 
-    def budget_candidates(self, n_image: int, n_layers: int) -> Iterator[Method]:
-        return (dataclasses.replace(self, tokens=tokens) for tokens in range(1, n_image + 1))
+    def budget_values(self, n_image: int, n_layers: int) -> Iterable:
+        return range(1, n_image + 1)
 
     @property
     def important(self) -> int:
