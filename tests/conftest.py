@@ -26,6 +26,7 @@ TINY_DEFAULTS: dict[str, dict] = {
     "visionzip": {"dominant": 12, "contextual": 4},
     "vispruner": {"tokens": 16, "important_ratio": 0.5},
     "sparsevlm": {"tokens": 192},
+    "prumerge_plus": {},
 }
 # ... and the same methods configured to keep every token.
 KEEP_ALL: dict[str, dict] = {
@@ -45,6 +46,7 @@ KEEP_ALL: dict[str, dict] = {
 NO_KEEP_ALL: dict[str, str] = {
     "visionzip": "its tokens always include CLS's feature, which LLaVA's default select strategy drops",
     "sparsevlm": "each pruning keeps at most N - 1 of N tokens (the official min(count, N - 1))",
+    "prumerge_plus": "it has no setting: each image keeps its CLS-attention outliers and samples, merged",
 }
 
 

@@ -22,7 +22,9 @@ def facts(request):
 
 
 def test_every_training_free_compressing_method_takes_a_budget():
-    assert set(BUDGETED) == {name for name, cls in METHODS.items() if not cls.needs_weights and name != "vanilla"}
+    assert set(BUDGETED) == {
+        name for name, cls in METHODS.items() if not cls.needs_weights and not cls.adaptive and name != "vanilla"
+    }
 
 
 @pytest.mark.parametrize("measure", ["tokens", "tflops"])
@@ -71,6 +73,7 @@ def test_worked_examples_on_llava_1_5():
         ("vanilla", {}, "tokens=10", "--budget: vanilla has no setting that changes its cost (it keeps every visual token)"),
         ("voco", {}, "tokens=10", "its number of VoCo tokens is the one it was trained with"),
         ("stf", {}, "tokens=10", "its kernel is the one its projector was trained with"),
+        ("prumerge_plus", {}, "tokens=10", "it keeps a number of tokens per image set by the image (its CLS-attention outliers)"),
         ("fastv", {}, "tokens=10", "--budget tokens=10: fastv (layer=2) reaches 22..64 tokens on this model; choose a budget in that range"),
         ("fastv", {"drop_ratio": "0.5"}, "tokens=20", "--budget chooses fastv's drop_ratio; drop --set drop_ratio"),
         ("visionzip", {"contextual": "3"}, "tokens=20", "--budget chooses visionzip's dominant, contextual; drop --set contextual"),

@@ -22,6 +22,7 @@ from vtcbench.models import CONFIG_DIR
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.profilers.fvcore_count import TraceFailed, fvcore_language_model_macs
 from vtcbench.profilers.opcount import COUNTER, OpCount, count_ops
+from vtcbench.profilers.session import measured_image_tokens
 
 # Configurations that act on the 8-layer model (64 image tokens).
 CASES: dict[str, dict] = {
@@ -38,10 +39,11 @@ CASES: dict[str, dict] = {
     "visionzip": {"dominant": 12, "contextual": 4},
     "vispruner": {"tokens": 16, "important_ratio": 0.5},
     "sparsevlm": {"tokens": 192},
+    "prumerge_plus": {},  # its count comes from the image: the analytic figure takes the applied one
 }
 #: methods whose analytic overhead is an upper bound (data-dependent work), and why
 BOUNDED = {"sparsevlm": "its raters are the text tokens above the mean relevance; the analytic figure counts every text token"}
-SCORED = ("fastv", "pdrop", "vico", "kmeans", "dart", "divprune", "visionzip", "vispruner", "sparsevlm")  # methods with a selection cost of their own
+SCORED = ("fastv", "pdrop", "vico", "kmeans", "dart", "divprune", "visionzip", "vispruner", "sparsevlm", "prumerge_plus")  # methods with a selection cost of their own
 
 # fvcore's trace goes through transformers' mask code only from 5.24 (docs/flops.md#measured-counts);
 # on those versions a failed trace is a regression, not a reason to skip.
@@ -90,6 +92,7 @@ def measured(wide):
                 model="wide",
                 image_tokens=image_tokens,
                 text_tokens=ids.shape[1] - image_tokens,
+                image_tokens_per_layer=measured_image_tokens(model, method, inputs),
             )
             results[name, attn] = count_ops(model, inputs, method), report
         return results[name, attn]

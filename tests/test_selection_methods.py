@@ -1,4 +1,4 @@
-"""VisionZip, VisPruner, DivPrune, DART and SparseVLM+ against oracles written from their official algorithms, at their
+"""VisionZip, VisPruner, DivPrune, DART, SparseVLM+ and PruMerge+ against oracles written from their official algorithms, at their
 defaults and at their boundary settings, on the tiny LLaVA (and DART on the tiny Qwen2.5-VL).
 
 The oracles share nothing with `vtcbench/methods/`: VisionZip's reads transformers' eager
@@ -443,6 +443,132 @@ def test_sparsevlm_equals_the_official_v2_layer_loop(tiny, tokens):
     torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], torch.stack(logits), atol=1e-4, rtol=1e-4)
 
 
+# -- PruMerge+ -------------------------------------------------------------------------------------
+
+
+def prumerge_plus_oracle(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """`CLIPVisionTower.token_prune_merge_advanced_plus(images, if_adaptive=True)` of
+    42Shawn/LLaVA-PruMerge (clip_encoder.py) line by line, batch of one, with its `layers[23]`
+    as the tower's last layer and its 575 / 576 as N - 1 / N; returns [1, kept + 1, C]."""
+    import numpy as np
+    import torch.nn.functional as F
+
+    outputs = {}
+    tower = model.model.vision_tower
+    last = getattr(tower, "vision_model", tower).encoder.layers[-1]
+    hook_handle_k = last.self_attn.k_proj.register_forward_hook(lambda m, i, o: outputs.update(desired_k=o))
+    hook_handle_q = last.self_attn.q_proj.register_forward_hook(lambda m, i, o: outputs.update(desired_q=o))
+    with torch.no_grad():
+        image_forward_outs = tower(pixel_values, output_hidden_states=True)
+    hook_handle_k.remove()
+    hook_handle_q.remove()
+    image_features = image_forward_outs.hidden_states[-2][:, 1:]
+    B, N, C = image_features.shape  # noqa: N806
+    desired_layer_k, desired_layer_q = outputs["desired_k"], outputs["desired_q"]
+    attn = (desired_layer_q @ desired_layer_k.transpose(-2, -1)) * C ** -0.5
+    attn = F.softmax(attn, dim=-1)
+    cls_attn = attn[:, 0, 1:]
+    attn_np = cls_attn.to(dtype=torch.float32).cpu().numpy().flatten()
+    Q1, Q3 = np.percentile(attn_np, 25), np.percentile(attn_np, 75)  # noqa: N806
+    reduction_ratio = len(np.where(attn_np > Q3 + 1.5 * (Q3 - Q1))[0]) / len(attn_np)
+    _, idx = torch.topk(cls_attn, int(N * reduction_ratio), dim=1, largest=True)
+    step_length = int(1 / reduction_ratio)
+    arithmetic_sequence = torch.arange(0, N - 1, int(step_length / 3))
+    original_tensor_1d = idx.flatten()
+    filtered_sequence = torch.tensor([x for x in arithmetic_sequence if x not in original_tensor_1d])
+    idx = torch.cat((idx, filtered_sequence.unsqueeze(0)), dim=1)
+    index = idx.unsqueeze(-1).expand(-1, -1, C)
+    Key_wo_cls = desired_layer_k[:, 1:]  # noqa: N806
+    x_others = torch.gather(image_features, dim=1, index=index)
+    x_others_attn = torch.gather(cls_attn, dim=1, index=idx)
+    Key_others = torch.gather(Key_wo_cls, dim=1, index=index)  # noqa: N806
+    a = torch.arange(N).unsqueeze(0).expand(B, -1)
+    compl = torch.sort(torch.scatter(a, -1, idx, 0), dim=-1).values[:, idx.shape[1]:]  # complement_idx
+    non_topk = torch.gather(image_features, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, C))
+    non_topk_Key = torch.gather(Key_wo_cls, dim=1, index=compl.unsqueeze(-1).expand(-1, -1, C))  # noqa: N806
+    non_topk_attn = torch.gather(cls_attn, dim=1, index=compl)
+    Key_others_norm = F.normalize(Key_others, p=2, dim=-1)  # noqa: N806
+    non_topk_Key_norm = F.normalize(non_topk_Key, p=2, dim=-1)  # noqa: N806
+    B, left_tokens, C = x_others.size()  # noqa: N806
+    updated_x_others = torch.zeros_like(x_others)
+    for b in range(B):
+        for i in range(left_tokens):
+            key_others_norm = Key_others_norm[b, i, :].unsqueeze(0).unsqueeze(0)
+            before_i_Key = Key_others_norm[b, :i, :].unsqueeze(0)  # noqa: N806
+            after_i_Key = Key_others_norm[b, i + 1:, :].unsqueeze(0)  # noqa: N806
+            rest_x_others = torch.cat([x_others[b, :i, :].unsqueeze(0), x_others[b, i + 1:, :].unsqueeze(0), non_topk[b, :, :].unsqueeze(0)], dim=1)
+            rest_x_others_attn = torch.cat([x_others_attn[b, :i].unsqueeze(0), x_others_attn[b, i + 1:].unsqueeze(0), non_topk_attn[b, :].unsqueeze(0)], dim=1)
+            rest_Keys = torch.cat([before_i_Key, after_i_Key, non_topk_Key_norm[b, :, :].unsqueeze(0)], dim=1)  # noqa: N806
+            cos_sim_matrix = torch.bmm(key_others_norm, rest_Keys.transpose(1, 2))
+            _, cluster_indices = torch.topk(cos_sim_matrix, k=int(32), dim=2, largest=True)
+            cluster_tokens = rest_x_others[:, cluster_indices.squeeze(), :]
+            weights = rest_x_others_attn[:, cluster_indices.squeeze()].unsqueeze(-1)
+            weighted_avg = torch.sum(cluster_tokens * weights, dim=1)
+            updated_x_others[b, i, :] = x_others[b, i, :] + weighted_avg
+    extra_one_token = torch.sum(non_topk * non_topk_attn.unsqueeze(-1), dim=1, keepdim=True)
+    return torch.cat([updated_x_others, extra_one_token], dim=1)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("seed", [0, 3, 5])
+def test_prumerge_plus_equals_the_official_selection(tiny, seed, attn):
+    model = tiny(attn)
+    inputs = _inputs(model, seed=seed)
+    logits, projected = _engine_logits(model, get_method("prumerge_plus"), inputs)
+    with torch.no_grad():
+        expected = model.model.multi_modal_projector(prumerge_plus_oracle(tiny("eager"), inputs["pixel_values"]))
+    kept = expected.shape[1]
+    assert 1 < kept < 64
+    torch.testing.assert_close(projected[:, :kept], expected, atol=1e-5, rtol=1e-5)
+    short = _shortened(model, inputs, kept)
+    torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, expected), atol=1e-5, rtol=1e-5)
+
+
+def test_prumerge_plus_counts_differ_per_image_and_a_batch_keeps_what_each_keeps_alone(tiny):
+    """Two images with different outlier counts, left-padded in one batch: each row's answer and
+    logits are its own, and the engine applies each row's own count."""
+    from conftest import left_pad
+
+    model = tiny("sdpa")
+    method = get_method("prumerge_plus")
+    singles = [_inputs(model, seed=seed) for seed in (0, 3)]
+    alone = []
+    for inputs in singles:
+        with torch.no_grad(), compress(model, method) as engine:
+            out = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        alone.append((out.sequences[0, -4:].tolist(), torch.stack(out.logits, dim=1)[0], engine.applied_image_tokens_per_layer))
+    assert alone[0][2][0] != alone[1][2][0]  # the two images keep different numbers of tokens
+    ids, mask = left_pad([inputs["input_ids"] for inputs in singles], model.config.pad_token_id or 0)
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat([inputs["pixel_values"] for inputs in singles])}
+    with torch.no_grad(), compress(model, method) as engine:
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    for row, (tokens, logits, counts) in enumerate(alone):
+        assert out.sequences[row, -4:].tolist() == tokens
+        torch.testing.assert_close(torch.stack(out.logits, dim=1)[row], logits, atol=1e-4, rtol=1e-4)
+        assert engine.applied_image_tokens_per_sample[row] == counts
+
+
+def test_prumerge_plus_outliers_follow_numpys_percentiles():
+    """Q1 = 2.75, Q3 = 6.25 (linear), IQR 3.5: only 100 lies above 11.5, so 1 of 9."""
+    from vtcbench.methods.prumerge_plus import outlier_ratio
+
+    assert outlier_ratio(torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8, 100])[None]) == 1 / 9
+    assert outlier_ratio(torch.full((1, 16), 0.25)) == 0  # a flat row: none (the method then keeps its top patch)
+
+
+def test_prumerge_plus_keeps_its_top_patch_when_no_patch_is_an_outlier():
+    """A flat CLS row: the official code divides by zero; here the most attended patch stands
+    alone as the outlier, then the samples at stride int(int(N)/3), then the extra token."""
+    method = get_method("prumerge_plus")
+    n, width = 64, 8
+    features = torch.randn(n, width, generator=torch.Generator().manual_seed(0))
+    keys = torch.nn.functional.normalize(torch.randn(n, width, generator=torch.Generator().manual_seed(1)), dim=-1)
+    attention = torch.full((n,), 1 / (n + 1))
+    merged = method._select(features, attention, keys)
+    samples = [x for x in range(0, n - 1, 21) if x != int(attention.topk(1).indices)]
+    assert merged.shape == (1 + len(samples) + 1, width)
+
+
 # -- refusals ----------------------------------------------------------------------------------------
 
 
@@ -481,6 +607,6 @@ def test_dart_refuses_more_text_pivots_than_text_after_the_image(tiny):
 @pytest.mark.parametrize("model_type", ["llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_pre_llm_selections_refuse_families_without_a_fixed_grid_or_cls(model_type):
     family = family_of(model_type)
-    for name in ("visionzip", "vispruner", "divprune"):
+    for name in ("visionzip", "vispruner", "divprune", "prumerge_plus"):
         with pytest.raises(VtcbenchError, match=f"^{name} cannot run on the {family.name} family: [^\n]+$"):
             family.check_method(get_method(name))

@@ -142,9 +142,31 @@ def test_grid_defaults_and_flops():
     assert plan_cells(SweepConfig(criterion="pool"), facts)[1].method("pool", 0).stride == 64
 
 
+@pytest.mark.parametrize("criterion", ["attention", "pool", "random"])
+def test_a_budget_solves_each_layers_share_to_the_closest_cost(criterion):
+    """`--budget tokens=N`: one cell per layer, each the setting `budgets.solve` picks for that
+    layer (an iso-cost curve), and its mean visual tokens as close to N as the knob allows."""
+    from vtcbench.budgets import Budget, cost, solve
+
+    facts = model_facts(load_config("vtc-tiny"))
+    cells = plan_cells(SweepConfig(criterion=criterion, layers=[1, 2, 3], budget="tokens=40"), facts)
+    assert [cell.layer for cell in cells] == [None, 1, 2, 3]
+    for cell in cells[1:]:
+        method = cell.method(criterion, 0)
+        fixed = {key: value for key, value in method.params().items() if key not in method.budget_knobs}
+        solved = solve(method.name, fixed, Budget("tokens", 40), facts)
+        assert method.params() == solved.method.params()
+        assert cost(method, facts, "tokens") == solved.cost
+    if criterion == "attention":  # keep_ratio on its 0.001 grid: int(64 * r) tokens from layer K on, 6 layers
+        assert [cost(cell.method(criterion, 0), facts, "tokens") for cell in cells[1:]] == [(64 + 5 * 35) / 6, (2 * 64 + 4 * 28) / 6, 40]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--budget", "tokens=16"], "--budget tokens=16: pdrop (layers=(2,)) reaches 21.33..64 tokens on this model"),
+        (["--budget", "tokens=40", "--ratios", "0.5"], "--budget solves each layer's retained share; drop --ratios"),
+        (["--budget", "flops=3"], "--budget 'flops=3' is not of the form tokens=N or tflops=X"),
         (["--ratios", "0,0.5"], "--ratios: 0 is outside the retained share's range; valid: (0, 1]"),
         (["--ratios", "1.5"], "--ratios: 1.5 is outside"),
         (["--layers", "6"], "valid: 1..5"),

@@ -433,6 +433,7 @@ def redundancy_sweep(
     task: Annotated[str, typer.Option(help="one task: short name or lmms-eval task name")] = "vtcshapes",
     layers: Annotated[str | None, typer.Option(help="layers K to branch at, e.g. 2,8,16,24 (default: those of 32 scaled)")] = None,
     ratios: Annotated[str | None, typer.Option(help="retained shares in (0, 1], e.g. 0.1,0.5,1 (default: 0.1..1.0)")] = None,
+    budget: Annotated[str | None, typer.Option(help="tokens=N | tflops=X: instead of --ratios, each layer's share solved to this cost")] = None,
     criterion: Annotated[str, typer.Option(help="attention | pool | random: how the kept tokens are chosen")] = "attention",
     limit: Annotated[int | None, typer.Option(help="at most this many samples")] = None,
     batch_size: Annotated[int, typer.Option(help="prompts per trunk forward")] = 1,
@@ -463,7 +464,7 @@ def redundancy_sweep(
     device, dtype = _device_and_dtype(device, dtype)
     config = SweepConfig(
         model=model, task=task, layers=_parse_list("--layers", layers, int), ratios=_parse_list("--ratios", ratios, float),
-        criterion=criterion, limit=limit, seed=seed, batch_size=batch_size, attention_share=attention_share, out=out,
+        budget=budget, criterion=criterion, limit=limit, seed=seed, batch_size=batch_size, attention_share=attention_share, out=out,
         data_dir=data_dir, random_weights=random_weights, dtype=dtype, attn_implementation=attn, device=device,
         overwrite=overwrite, show_progress=sys.stderr.isatty(),
     )
@@ -489,11 +490,17 @@ def _print_sweep(result) -> None:
     ratios = sorted({row["ratio"] for row in curves if row["layer"] != ""})
     table = Table(title=f"{result.folder}: {vanilla['metric_name']} (vanilla {vanilla['metric']:.4g})")
     table.add_column("layer K")
-    for ratio in ratios:
-        table.add_column(f"r={ratio:.3g}", justify="right")
-    for layer in layers:
-        by_ratio = {row["ratio"]: row for row in curves if row["layer"] == layer}
-        table.add_row(str(layer), *(f"{by_ratio[r]['metric']:.3g}" if r in by_ratio else "-" for r in ratios))
+    if result.budget:  # an iso-cost curve: one share per layer
+        table.add_column(f"retained share ({result.budget})", justify="right")
+        table.add_column(vanilla["metric_name"], justify="right")
+        for row in (row for row in curves if row["layer"] != ""):
+            table.add_row(str(row["layer"]), f"{row['ratio']:.4g}", f"{row['metric']:.3g}")
+    else:
+        for ratio in ratios:
+            table.add_column(f"r={ratio:.3g}", justify="right")
+        for layer in layers:
+            by_ratio = {row["ratio"]: row for row in curves if row["layer"] == layer}
+            table.add_row(str(layer), *(f"{by_ratio[r]['metric']:.3g}" if r in by_ratio else "-" for r in ratios))
     console.print(table)
     cost = result.cost
     if cost["separate_runs_s"]:

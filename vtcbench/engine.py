@@ -140,6 +140,9 @@ class CompressionEngine:
         self.original_image_tokens: list[int] = []  # per sample, what the ranks count (a layer-0 action replaces layer 0's entry)
         self._handles: list = []
         self._request: _Request | None = None
+        #: [images, grid] bool: the real tokens of each image's padded run after a tower selection
+        #: whose count depends on the image (PruMerge+), set by the tower hooks at each prefill
+        self.tower_kept: torch.Tensor | None = None
         #: wraps the method's own work (scoring, selection, rebuilding the sequence); a profiler
         #: may set it to a timer, e.g. `engine.overhead = lambda: timer.phase("method_overhead")`
         self.overhead: Callable[[], AbstractContextManager] = nullcontext
@@ -382,6 +385,7 @@ class CompressionEngine:
             score_layer=scoring,
             index0=space.index0,
             embeddings0=request.embeddings0,
+            tower_kept=self.tower_kept,
             valid=space.valid,
             query=space.query,
             final_norm=self.language_model.norm,

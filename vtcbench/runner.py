@@ -320,7 +320,8 @@ def summarize(
             text_tokens = statistics.fmean(r["prompt_tokens"] - r["image_tokens"] for r in generated)
             if image_tokens:
                 flops = analytic_flops(method, facts, model=folder.identity["model"], image_tokens=round(image_tokens),
-                                       text_tokens=max(1, round(text_tokens)))
+                                       text_tokens=max(1, round(text_tokens)),
+                                       image_tokens_per_layer=entry.get("mean_image_tokens_per_layer") if method.adaptive else None)
                 entry["tflops_image"] = flops.tflops_image
                 entry["tflops_total"] = flops.tflops_total
                 entry["tflops_method_overhead"] = flops.tflops_method_overhead

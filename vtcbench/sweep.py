@@ -71,6 +71,9 @@ class SweepConfig:
     task: str = "vtcshapes"
     layers: list[int] | None = None  # None: PAPER_LAYERS_OF_32 scaled to the model
     ratios: list[float] | None = None  # None: 0.1..1.0 (pool: the shares its strides allow)
+    #: `tokens=N` or `tflops=X` (vtcbench/budgets.py): instead of `ratios`, each layer's share
+    #: solved so that its cell costs the budget (an iso-cost curve over the layers)
+    budget: str | None = None
     criterion: str = "attention"
     limit: int | None = None
     seed: int = 0
@@ -99,6 +102,7 @@ class SweepResult:
     #: flops_ratio_to_separate_runs (analytic decoder prefill)
     cost: dict[str, float]
     attention_share: list[dict[str, Any]] = field(default_factory=list)
+    budget: str | None = None  # the budget each layer's share was solved to, if any
 
 
 # -- the grid ------------------------------------------------------------------------------------------
@@ -128,6 +132,11 @@ def plan_cells(config: SweepConfig, facts: ModelFacts) -> list[Cell]:
             )
     if len(set(layers)) != len(layers):
         raise VtcbenchError(f"--layers: {','.join(map(str, layers))} repeats a layer")
+    if config.budget is not None:
+        if config.ratios is not None:
+            raise VtcbenchError("--budget solves each layer's retained share; drop --ratios")
+        cells = [Cell(None, 1.0)] + [_budget_cell(config, facts, layer) for layer in sorted(layers)]
+        return [cell for cell in cells if cell.layer is None or cell.ratio < 1]
     if config.ratios is not None:
         ratios = list(config.ratios)
     elif config.criterion == "pool":
@@ -147,6 +156,19 @@ def plan_cells(config: SweepConfig, facts: ModelFacts) -> list[Cell]:
     for cell in cells:
         cell.method(config.criterion, config.seed).validate_for(n_image, n_layers)
     return cells
+
+
+def _budget_cell(config: SweepConfig, facts: ModelFacts, layer: int) -> Cell:
+    """The cell at `layer` whose method meets the budget (`budgets.solve` on the criterion's knob)."""
+    from vtcbench.budgets import parse_budget, solve
+
+    method = Cell(layer, 0.5).method(config.criterion, config.seed)
+    knob = method.budget_knobs[0]
+    fixed = {key: value for key, value in method.params().items() if key != knob}
+    solved = solve(method.name, fixed, parse_budget(config.budget), facts).method
+    value = getattr(solved, knob)
+    ratio = {"keep_ratio": value, "stride": 1 / value, "drop_ratio": round(1 - value, 10)}[knob]
+    return Cell(layer, ratio)
 
 
 def _is_pool_ratio(ratio: float, n_image: int) -> bool:
@@ -219,7 +241,7 @@ def sweep(config: SweepConfig) -> SweepResult:
             "flops_ratio_to_separate_runs": flops_ratio,
         }
         folder.write_summary({"identity": identity, "metric": metric, "curves": curves, "cost": cost})
-    return SweepResult(folder.path, curves, metric, seconds, cost, shares)
+    return SweepResult(folder.path, curves, metric, seconds, cost, shares, config.budget)
 
 
 @contextmanager
@@ -244,6 +266,7 @@ def _identity(config: SweepConfig, cells: list[Cell], names: list[str]) -> dict[
         "method": f"sweep-{config.criterion}",
         "tasks": names,
         "cells": [cell.id for cell in cells],
+        "budget": config.budget,
         "attention_share": config.attention_share,
         "limit": config.limit,
         "seed": config.seed,

@@ -154,14 +154,20 @@ class ModelFamily:
     def projector(self, model: nn.Module) -> nn.Module:
         raise NotImplementedError  # abstract
 
-    def tower_feature_layer(self, model: nn.Module) -> nn.Module:
-        """The vision-tower layer whose output the projector reads (methods that read the tower)."""
+    def tower_feature_layer(self, model: nn.Module, after: int = 0) -> nn.Module:
+        """The vision-tower layer whose output the projector reads (methods that read the tower),
+        or the layer `after` layers later (PruMerge+ reads the next layer's projections)."""
         raise VtcbenchError(f"the {self.name} family exposes no vision-tower layer to methods")
 
     def tower_cls_attention(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From a tower layer's input [images, tokens, width]: CLS's softmax attention row per head
         `[images, heads, tokens]` and every key per head `[images, heads, tokens, head_dim]`."""
         raise VtcbenchError(f"the {self.name} family's vision tower has no CLS token")
+
+    def tower_cls_query_keys(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A tower layer's CLS query `[images, 1, width]` and keys `[images, tokens, width]` at full
+        width (no heads), from its input."""
+        raise VtcbenchError(f"the {self.name} family exposes no vision-tower layer to methods")
 
     def set_projector(self, model: nn.Module, projector: nn.Module) -> None:
         """Install a trained projector in place of the family's own (STF, TokenConcat)."""

@@ -127,16 +127,28 @@ class LlavaFamily(ModelFamily):
     def set_projector(self, model: nn.Module, projector: nn.Module) -> None:
         self.multimodal(model).multi_modal_projector = projector
 
-    def tower_feature_layer(self, model: nn.Module) -> nn.Module:
+    def tower_feature_layer(self, model: nn.Module, after: int = 0) -> nn.Module:
         """The CLIP layer whose output is `hidden_states[vision_feature_layer]` (layer 22 of 24 for
-        LLaVA-1.5's -2); the tower is `CLIPVisionModel` with or without its wrapper (5.5 / 5.23+)."""
+        LLaVA-1.5's -2), or the one `after` layers later; the tower is `CLIPVisionModel` with or
+        without its wrapper (5.5 / 5.23+)."""
         (index, *more) = self.feature_layers(model.config)
         tower = self.vision_tower(model)
         layers = getattr(tower, "vision_model", tower).encoder.layers
         position = index % (len(layers) + 1)  # hidden_states[0] is the embeddings
         if more or position == 0:
             raise VtcbenchError(f"vision_feature_layer={model.config.vision_feature_layer}: a method reading the tower needs one CLIP layer's output")
-        return layers[position - 1]
+        if position + after > len(layers):
+            raise VtcbenchError(
+                f"vision_feature_layer={model.config.vision_feature_layer}: the method reads the CLIP layer {after} after it, "
+                f"and the tower has {len(layers)} layers"
+            )
+        return layers[position - 1 + after]
+
+    def tower_cls_query_keys(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """CLIP's `q_proj` of CLS and `k_proj` of every token (biases included, before the
+        attention's `scale`) of `layer_norm1` of the layer's input."""
+        normed = layer.layer_norm1(hidden)
+        return layer.self_attn.q_proj(normed[:, :1]), layer.self_attn.k_proj(normed)
 
     def tower_cls_attention(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP's eager attention row of CLS (`layer_norm1`, `q_proj`/`k_proj` with biases, `scale`,

@@ -8,6 +8,7 @@ from vtcbench.methods import (  # noqa: F401
     kmeans,
     llavolta,
     pdrop,
+    prumerge_plus,
     random_drop,
     sparsevlm,
     stf,

@@ -102,6 +102,9 @@ class LayerContext:
     score_layer: Any = None
     index0: torch.Tensor | None = None  # [batch, seq]: each current column's column in the layer-0 sequence
     embeddings0: torch.Tensor | None = None  # [batch, seq0, d]: the language model's input embeddings
+    #: [images, grid] bool, batch order: the real tokens of each image's run after a tower
+    #: selection whose count depends on the image (`ADAPTIVE_PRE_LLM`); None otherwise
+    tower_kept: torch.Tensor | None = None
     _scores: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -163,6 +166,8 @@ class TowerFeatures:
 
     output: torch.Tensor  # [images, 1 + patches, width]: CLS, then the patches
     attention_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]]
+    #: the next tower layer's CLS query and keys of `output` at full width (`family.tower_cls_query_keys`)
+    next_layer_fn: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None
     _attention: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -180,6 +185,13 @@ class TowerFeatures:
         """[images, heads, 1 + patches, head_dim]: the layer's keys."""
         return self._read()[1]
 
+    def next_layer_cls_query_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """([images, 1, width] CLS's query, [images, 1 + patches, width] keys): the next tower
+        layer's projections of `output`, at full width."""
+        if self.next_layer_fn is None:
+            raise RuntimeError("no tower layer follows the feature layer")
+        return self.next_layer_fn()
+
 
 @dataclass
 class Method:
@@ -196,6 +208,9 @@ class Method:
     #: `budget_refusal` (vtcbench/budgets.py)
     budget_knobs: ClassVar[tuple[str, ...]] = ()
     budget_refusal: ClassVar[str] = "it keeps every visual token"
+    #: why the visual-token count depends on the image (PruMerge+), or None: its FLOPs then come
+    #: from the counts a run records, not from `image_tokens_per_layer`
+    adaptive: ClassVar[str | None] = None
     #: what a checkpoint must hold for this method (one line), or None for a training-free method;
     #: `check_model` refuses a model without it
     needs_weights: ClassVar[str | None] = None
@@ -236,9 +251,11 @@ class Method:
     def pre_llm_tokens(self, n_image: int) -> int:
         return n_image
 
-    def pre_projector(self, tower: TowerFeatures) -> torch.Tensor:
+    def pre_projector(self, tower: TowerFeatures) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """The projector's input from the tower's feature layer (methods with `reads_tower_cls`):
-        [images, n', width] in place of the n patch features."""
+        [images, n', width] in place of the n patch features; a method keeping a count that
+        depends on the image (`ADAPTIVE_PRE_LLM`) returns each image's selection padded to
+        [images, n, width] and the [images, n] bool of its real tokens."""
         raise TypeError(f"{self.name} does not select inside the vision tower")
 
     # -- methods that change the prompt and the attention mask (voco) -------------------------

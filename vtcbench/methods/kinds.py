@@ -3,12 +3,14 @@ act, owned by the kind (`Method.kind`) so that no caller switches on it.
 
 A kind says which run options and families it can take, how the engine applies it (hooks,
 prompt shortening, the prefill's check), how a prompt is written and batched for it, how a loaded
-model answers prompts with it (`session`) and what `vtcbench profile` measures. Four kinds:
+model answers prompts with it (`session`) and what `vtcbench profile` measures. Five kinds:
 
 - `NONE` (vanilla) and `IN_LLM` (drops and merges inside the language model): the engine's hooks
   around transformers' `generate`;
 - `PRE_LLM` (pooling or fusing before the LLM): the engine also maps the projector's output and
   shortens each image's run of placeholders; it needs a fixed grid of image tokens;
+- `ADAPTIVE_PRE_LLM` (a selection before the projector whose count depends on the image,
+  PruMerge+): the prompt keeps its placeholders and a layer-0 action keeps each image's count;
 - `CACHE` (VoCo-LLaMA): its own prompt and its compressed-cache generation (`vtcbench/voco.py`),
   outside the engine; it keeps no image tokens, so fidelity, kept indices and a timed training
   step under the engine do not apply.
@@ -150,14 +152,30 @@ class PreLLMKind(MethodKind):
             )
 
 
+@dataclass(frozen=True)
+class AdaptivePreLLMKind(MethodKind):
+    """Methods that select, before the projector, a number of tokens that depends on the image
+    (PruMerge+'s outliers of CLS attention). The prompt is written before the tower runs, so it
+    keeps every placeholder: the projector maps each image's selection padded to the grid
+    (`Method.pre_projector` gives the real tokens), and the engine's layer-0 action (the
+    method's `plan`) keeps each image's real tokens with compacted positions, which computes
+    what a prompt shortened per image computes."""
+
+    needs_fixed_grid: bool = True
+
+    def engine_hooks(self, engine: CompressionEngine) -> list[RemovableHandle]:
+        return _tower_hooks(engine, engine.family.projector(engine.model))
+
+
 def _tower_hooks(engine: CompressionEngine, projector: nn.Module) -> list[RemovableHandle]:
     """Read the tower's feature layer (its input and its output, CLS included) and hand the
-    projector what the method selects from it (`Method.pre_projector`) instead of the patches."""
+    projector what the method selects from it (`Method.pre_projector`) instead of the patches;
+    a per-image count goes to the engine's request for the layer-0 action."""
     from vtcbench import transformers_seam as seam
     from vtcbench.methods.base import TowerFeatures
 
-    family, method = engine.family, engine.method
-    layer = family.tower_feature_layer(engine.model)
+    family, method, model = engine.family, engine.method, engine.model
+    layer = family.tower_feature_layer(model)
     seen: dict[str, torch.Tensor] = {}
 
     def read_layer(module, args, kwargs, output):
@@ -171,8 +189,12 @@ def _tower_hooks(engine: CompressionEngine, projector: nn.Module) -> list[Remova
                 f"{tuple(output[:, 1:].shape)} (a select strategy other than 'default'?)"
             )
         with engine.overhead():
-            tower = TowerFeatures(output, lambda: family.tower_cls_attention(layer, hidden))
-            return (method.pre_projector(tower), *args[1:])
+            tower = TowerFeatures(output, lambda: family.tower_cls_attention(layer, hidden),
+                                  lambda: family.tower_cls_query_keys(family.tower_feature_layer(model, after=1), output))
+            selected = method.pre_projector(tower)
+        if isinstance(selected, tuple):
+            selected, engine.tower_kept = selected
+        return (selected, *args[1:])
 
     return [layer.register_forward_hook(read_layer, with_kwargs=True), projector.register_forward_pre_hook(before_projector)]
 
@@ -232,5 +254,6 @@ class CacheKind(MethodKind):
 NONE = MethodKind("none")
 IN_LLM = MethodKind("in_llm", in_llm=True)
 PRE_LLM = PreLLMKind("pre_llm")
+ADAPTIVE_PRE_LLM = AdaptivePreLLMKind("pre_llm")
 CACHE = CacheKind("cache")
-KINDS: tuple[MethodKind, ...] = (NONE, IN_LLM, PRE_LLM, CACHE)
+KINDS: tuple[MethodKind, ...] = (NONE, IN_LLM, PRE_LLM, ADAPTIVE_PRE_LLM, CACHE)

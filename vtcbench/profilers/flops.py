@@ -112,12 +112,15 @@ def analytic_flops(
     image_tokens: int | None = None,
     text_tokens: int = 64,
     convention: Convention = "macs",
+    image_tokens_per_layer: list[float] | None = None,
 ) -> FlopsReport:
-    """Every FLOPs figure of one method on one model shape (per sample, prefill), in `convention`."""
+    """Every FLOPs figure of one method on one model shape (per sample, prefill), in `convention`;
+    `image_tokens_per_layer`: the counts a run measured (a method whose count adapts to each
+    image has no analytic plan), else the method's plan."""
     if convention not in CONVENTIONS:
         raise choices_error("FLOPs convention", convention, list(CONVENTIONS))
     n_image = facts.image_tokens if image_tokens is None else image_tokens
-    counts = method.image_tokens_per_layer(n_image, facts.n_layers)
+    counts = method.image_tokens_per_layer(n_image, facts.n_layers) if image_tokens_per_layer is None else image_tokens_per_layer
     visual_total = sum(counts)
     tera = TERA / CONVENTIONS[convention]
     total = sum(layer_macs(n + text_tokens, facts) for n in counts) / tera

@@ -237,6 +237,16 @@ def _fvcore_count(model: torch.nn.Module, inputs: dict, method: Method) -> dict:
         return {"language_model_macs": None, "error": str(error)}
 
 
+def measured_image_tokens(model: torch.nn.Module, method: Method, inputs: dict) -> list[int] | None:
+    """The visual tokens per layer a method whose count adapts to the image applies to `inputs`
+    (one prefill); None for a method with an analytic plan."""
+    if not method.adaptive:
+        return None
+    with torch.no_grad(), compress(model, method) as engine:
+        model(**engine.prepare(inputs))
+    return engine.applied_image_tokens_per_layer
+
+
 def profile(
     model: torch.nn.Module,
     model_name: str,
@@ -256,8 +266,9 @@ def profile(
     )
     facts = model_facts(model)
     text_tokens = inputs["input_ids"].shape[1] - shape.image_tokens  # with a family's image delimiters (Qwen's vision start/end)
-    flops = analytic_flops(method, facts, model=model_name, image_tokens=shape.image_tokens, text_tokens=text_tokens)
     first = synthetic_inputs(model, dataclasses.replace(shape, batch=1))  # op counts are per sample, like `flops`
+    flops = analytic_flops(method, facts, model=model_name, image_tokens=shape.image_tokens, text_tokens=text_tokens,
+                           image_tokens_per_layer=measured_image_tokens(model, method, first))
     record = ProfileRecord(
         model=model_name,
         method=method.name,
