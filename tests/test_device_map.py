@@ -1,6 +1,7 @@
 """`--device-map` / `--max-memory`: a model split by accelerate's dispatch over the CPU and disk
 offload (most of the decoder on disk) answers, counts and keeps exactly as the unsplit model,
-for vanilla and the in-LLM methods, in `generate`'s path and in `run --batch-size 4`."""
+for vanilla and the in-LLM methods, in `generate`'s path, in `run --batch-size 4` and in the
+redundancy sweep's cells."""
 
 from __future__ import annotations
 
@@ -63,6 +64,19 @@ def test_run_with_a_device_map_answers_as_without(tmp_path):
         records = [json.loads(line) for line in samples.read_text().splitlines()]
         outputs[label] = sorted((r["doc_id"], r["prediction"], tuple(r["image_tokens_per_layer"])) for r in records)
     assert outputs["split"] == outputs["whole"] and len(outputs["whole"]) == 8
+
+
+def test_a_sweep_with_a_device_map_gives_the_cells_of_the_whole_model(tmp_path):
+    runner = CliRunner()
+    cells = {}
+    for label, extra in (("whole", []), ("split", ["--device-map", "auto", "--max-memory", "cpu=4MB"])):
+        out = tmp_path / label
+        result = runner.invoke(app, ["redundancy-sweep", "--layers", "1,3", "--ratios", "0.25,0.5", "--limit", "6",
+                                     "--out", str(out), *extra])
+        assert result.exit_code == 0, result.output
+        (found,) = out.glob("*/cells.jsonl")
+        cells[label] = sorted(found.read_text().splitlines())
+    assert cells["split"] == cells["whole"] and len(cells["whole"]) == 5 * 6  # vanilla and 4 cells, 6 samples each
 
 
 @pytest.mark.parametrize(

@@ -445,6 +445,8 @@ def redundancy_sweep(
     dtype: Annotated[str, typer.Option(help="float32 | float16 | bfloat16 (default: float16 on GPU, float32 on CPU)")] = "auto",
     attn: Annotated[str, typer.Option(help="eager | sdpa | flash_attention_2")] = "sdpa",
     device: Annotated[str, typer.Option(help="default: cuda when available")] = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="discard an existing run folder of this configuration")] = False,
 ) -> None:
     """Task metric over a layer x retained-share grid (PyramidDrop Fig. 1, LLaVolta Fig. 1), sharing
@@ -466,7 +468,7 @@ def redundancy_sweep(
         model=model, task=task, layers=_parse_list("--layers", layers, int), ratios=_parse_list("--ratios", ratios, float),
         budget=budget, criterion=criterion, limit=limit, seed=seed, batch_size=batch_size, attention_share=attention_share, out=out,
         data_dir=data_dir, random_weights=random_weights, dtype=dtype, attn_implementation=attn, device=device,
-        overwrite=overwrite, show_progress=sys.stderr.isatty(),
+        overwrite=overwrite, show_progress=sys.stderr.isatty(), **_dispatch_options(device_map, max_memory),
     )
     plan_cells(config, model_facts(load_config(model)))  # every value checked before weights load
     resolve_tasks([task])

@@ -85,7 +85,7 @@ class SweepConfig:
     dtype: str = "float32"
     attn_implementation: str = "sdpa"
     device: str = "cpu"
-    device_map: str | dict | None = None  # `runner.load_for` reads it; the sweep's CLI does not offer it yet
+    device_map: str | dict | None = None  # accelerate's dispatch (`runner.load_for`), as `vtcbench run`
     max_memory: dict | None = None
     overwrite: bool = False
     show_progress: bool = True
