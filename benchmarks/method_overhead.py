@@ -9,22 +9,25 @@ is printed beside it.
 
 Shape: as benchmarks/flops_to_time.py, llava-1.5-7b (random weights) on a GPU; on CPU its 32
 decoder layers and 576 image tokens at a quarter of the width (hidden 1024, ffn 2752, 8 heads)
-and a 2-layer CLIP tower. Run: python benchmarks/method_overhead.py [--iterations 3] [--full-width]
+and a 2-layer CLIP tower; CDPruner's text tower has CLIP ViT-L/14-336's text shape (random
+weights, 12 layers of width 768 on one 77-token chunk). Run: python benchmarks/method_overhead.py [--iterations 3] [--full-width]
 """
 
 from __future__ import annotations
 
 import statistics
+import tempfile
 import time
 
 import torch
 from flops_to_time import arguments, bench_model, take_turns
 
-from vtcbench.engine import compress
+from vtcbench.engine import QUESTIONS, compress
+from vtcbench.families.llava import write_random_clip
 from vtcbench.methods import METHODS, get_method
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.profilers.latency import PhaseTimer
-from vtcbench.profilers.session import measured_image_tokens
+from vtcbench.profilers.session import SYNTHETIC_QUESTION, measured_image_tokens
 
 GOAL = 0.02
 
@@ -49,7 +52,11 @@ def main() -> None:
     args = arguments(__doc__, iterations=3)
     device, model, facts, inputs = bench_model(args)
     names = sorted(name for name, cls in METHODS.items() if not cls.needs_weights and name != "vanilla")
-    methods = {name: get_method(name) for name in names}
+    # CDPruner's text side: CLIP ViT-L/14-336's text tower shape, random weights (offline)
+    clip = write_random_clip(tempfile.mkdtemp(prefix="bench-clip-"), facts.vision_hidden_size, layers=12, width=768, heads=12,
+                             ffn=3072, projection=768)
+    methods = {name: get_method(name, **({"clip": clip} if name == "cdpruner" else {})) for name in names}
+    QUESTIONS.set(SYNTHETIC_QUESTION)
     timer = PhaseTimer(device)
     prefill, overhead = take_turns(methods, lambda method: time_prefill(model, method, inputs, timer), args.iterations)
 

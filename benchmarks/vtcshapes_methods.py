@@ -12,6 +12,9 @@ that cost instead (`vtcbench run --budget`, docs/methods.md#budgets), vanilla as
 A 16-token mean is out of reach on a 6-layer model for a method acting from layer 2, so the
 single-layer in-LLM methods act from layer 1 (their first legal layer: `BUDGET_SETTINGS`), and
 VisPruner splits its tokens half and half (its default 0.75 cannot pair 16 tokens of 64).
+PruMerge+ runs at its own count (it has no knob: each image sets it). CDPruner is left out: it
+reads the question through the CLIP text tower its vision tower was trained with, and the shipped
+models' towers were trained from scratch without one.
 """
 
 from __future__ import annotations
@@ -49,20 +52,22 @@ def main() -> None:
     model_config = load_config(args.model)
     family = family_of(model_config)
     if args.budget:
-        default = ["vanilla", *(name for name, cls in sorted(REGISTRY.items()) if cls.budget_knobs)]
+        default = ["vanilla", *(name for name, cls in sorted(REGISTRY.items())
+                                if (cls.budget_knobs or cls.adaptive) and not cls.reads_text_side)]
     else:
         default = list(METHODS)
     methods = args.methods.split(",") if args.methods else [m for m in default if family.refusal(get_method(m)) is None]
     rows = []
     for method in methods:
         params = {}
-        if args.budget and method != "vanilla":
+        budgeted = args.budget and method != "vanilla" and not REGISTRY[method].adaptive
+        if budgeted:
             solved = solve(method, BUDGET_SETTINGS.get(method, {}), parse_budget(args.budget), model_facts(model_config))
             params = solved.method.params()
             print(solved.describe())
         run_config = RunConfig(
             model=args.model, method=method, params=params, tasks=["vtcshapes"], out=args.out, batch_size=args.batch_size,
-            keep_indices=args.keep_indices, show_progress=False, budget=args.budget if method != "vanilla" else None,
+            keep_indices=args.keep_indices, show_progress=False, budget=args.budget if budgeted else None,
         )
         summary = run(run_config).summary
         (entry,) = summary["tasks"].values()

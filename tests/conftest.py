@@ -3,13 +3,31 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from vtcbench.engine import QUESTIONS  # noqa: E402
+from vtcbench.families.llava import write_random_clip  # noqa: E402
 from vtcbench.models import load_model  # noqa: E402
+
+
+#: CDPruner's text tower for the tiny LLaVA, built once per test session
+TINY_CLIP = write_random_clip(Path(tempfile.mkdtemp(prefix="vtcbench-tiny-clip-")), tower_width=32)
+#: the question of prompts the tests build without one (CDPruner reads it)
+TEST_QUESTION = "how many circles are there ?"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _question_of_synthetic_prompts():
+    token = QUESTIONS.set(TEST_QUESTION)
+    yield
+    QUESTIONS.reset(token)
+
 
 # Configurations that act on the tiny model (4 decoder layers, 64 image tokens) ...
 TINY_DEFAULTS: dict[str, dict] = {
@@ -27,6 +45,7 @@ TINY_DEFAULTS: dict[str, dict] = {
     "vispruner": {"tokens": 16, "important_ratio": 0.5},
     "sparsevlm": {"tokens": 192},
     "prumerge_plus": {},
+    "cdpruner": {"tokens": 16, "clip": TINY_CLIP},
 }
 # ... and the same methods configured to keep every token.
 KEEP_ALL: dict[str, dict] = {
@@ -41,6 +60,7 @@ KEEP_ALL: dict[str, dict] = {
     "dart": {"layer": 2, "pivot_image_tokens": 64, "pivot_text_tokens": 1, "truncation": 0},
     "divprune": {"ratio": 1.0},
     "vispruner": {"tokens": 64, "important_ratio": 1.0},
+    "cdpruner": {"tokens": 64, "clip": TINY_CLIP},
 }
 #: methods with no keep-all configuration, and why
 NO_KEEP_ALL: dict[str, str] = {

@@ -25,7 +25,7 @@ def test_models_lists_aliases_with_their_facts():
 
 
 BAD_INPUTS = [
-    (["--method", "nosuch"], "unknown method 'nosuch'; valid choices: avgpool, dart, divprune, fastv"),
+    (["--method", "nosuch"], "unknown method 'nosuch'; valid choices: avgpool, cdpruner, dart, divprune, fastv"),
     (["--model", "nosuch-model"], "nosuch-model"),
     (["--set", "ratio=0.5"], "unknown hyperparameter 'ratio'"),
     (["--set", "drop_ratio=1.5"], "drop_ratio=1.5 is out of range; valid range: [0, 1)"),

@@ -63,6 +63,13 @@ def test_defaults_follow_the_design_table():
     assert LAYERS == (2, 6, 15) and HEADS == 14  # modelling_sparse_llama.py pruning_loc; score.py topk(14)
     # vbdi/divprune run_Divprune.sh: SUBSET_RATIO=0.098
     assert get_method("divprune").params() == {"ratio": 0.098}
+    # Theia-4869/CDPruner README.md: `bash scripts/v1_5/eval/mme.sh 64` (--visual_token_num; its argparse default 576
+    # prunes nothing); clip_encoder.py load_text_tower reads the text tower from the vision tower's own checkpoint
+    assert get_method("cdpruner").params() == {"tokens": 64, "clip": "openai/clip-vit-large-patch14-336"}
+    # 42Shawn/LLaVA-PruMerge clip_encoder.py: forward calls token_prune_merge_advanced_plus(images, if_adaptive=True),
+    # whose count comes from the image; its k=int(32) neighbours
+    from vtcbench.methods.prumerge_plus import NEIGHBOURS
+    assert get_method("prumerge_plus").params() == {} and NEIGHBOURS == 32
 
 
 @pytest.mark.parametrize(
@@ -105,7 +112,7 @@ def test_set_options_are_typed_from_the_dataclass_fields():
 @pytest.mark.parametrize(
     ("name", "params", "fragment"),
     [
-        ("nosuch", {}, "valid choices: avgpool, dart, divprune, fastv"),
+        ("nosuch", {}, "valid choices: avgpool, cdpruner, dart, divprune, fastv"),
         ("fastv", {"ratio": "0.5"}, "valid: layer, drop_ratio"),
         ("fastv", {"drop_ratio": "1.0"}, "valid range: [0, 1)"),
         ("fastv", {"drop_ratio": "-0.1"}, "drop_ratio=-0.1"),

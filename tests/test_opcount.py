@@ -8,6 +8,8 @@ grouped-query decoder (d 256, d_kv 128, m 688, vocabulary 320) and a 3-layer CLI
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +19,7 @@ from packaging.version import Version
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import model_facts
+from vtcbench.families.llava import write_random_clip
 from vtcbench.methods import get_method
 from vtcbench.models import CONFIG_DIR
 from vtcbench.profilers.flops import analytic_flops
@@ -40,10 +43,11 @@ CASES: dict[str, dict] = {
     "vispruner": {"tokens": 16, "important_ratio": 0.5},
     "sparsevlm": {"tokens": 192},
     "prumerge_plus": {},  # its count comes from the image: the analytic figure takes the applied one
+    "cdpruner": {"tokens": 16, "clip": write_random_clip(Path(tempfile.mkdtemp(prefix="vtcbench-wide-clip-")), tower_width=64)},
 }
 #: methods whose analytic overhead is an upper bound (data-dependent work), and why
 BOUNDED = {"sparsevlm": "its raters are the text tokens above the mean relevance; the analytic figure counts every text token"}
-SCORED = ("fastv", "pdrop", "vico", "kmeans", "dart", "divprune", "visionzip", "vispruner", "sparsevlm", "prumerge_plus")  # methods with a selection cost of their own
+SCORED = ("fastv", "pdrop", "vico", "kmeans", "dart", "divprune", "visionzip", "vispruner", "sparsevlm", "prumerge_plus", "cdpruner")  # methods with a selection cost of their own
 
 # fvcore's trace goes through transformers' mask code only from 5.24 (docs/flops.md#measured-counts);
 # on those versions a failed trace is a regression, not a reason to skip.

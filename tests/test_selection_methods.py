@@ -1,4 +1,4 @@
-"""VisionZip, VisPruner, DivPrune, DART, SparseVLM+ and PruMerge+ against oracles written from their official algorithms, at their
+"""VisionZip, VisPruner, DivPrune, DART, SparseVLM+, PruMerge+ and CDPruner against oracles written from their official algorithms, at their
 defaults and at their boundary settings, on the tiny LLaVA (and DART on the tiny Qwen2.5-VL).
 
 The oracles share nothing with `vtcbench/methods/`: VisionZip's reads transformers' eager
@@ -569,6 +569,132 @@ def test_prumerge_plus_keeps_its_top_patch_when_no_patch_is_an_outlier():
     assert merged.shape == (1 + len(samples) + 1, width)
 
 
+# -- CDPruner ---------------------------------------------------------------------------------------
+
+
+def cdpruner_oracle(model, clip_folder: str, pixel_values: torch.Tensor, text: str, visual_token_num: int) -> torch.Tensor:
+    """`CLIPVisionTower.forward(images, texts)` (clip_encoder.py, its text tower and visual
+    projection loaded as `load_text_tower` does, from the CLIP checkpoint) and
+    `LlavaMetaForCausalLM.encode_images` (llava_arch.py) of Theia-4869/CDPruner, batch of one:
+    the kept projected tokens [1, T, d]."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    clip = CLIPModel.from_pretrained(clip_folder)
+    text_tokenizer = AutoTokenizer.from_pretrained(clip_folder)
+    max_position_embeddings = clip.config.text_config.max_position_embeddings
+    tower = model.model.vision_tower
+    with torch.no_grad():
+        image_forward_outs = tower(pixel_values, output_hidden_states=True)
+        image_outputs = image_forward_outs.hidden_states[-2][:, 1:]
+        image_features = image_outputs
+        text_inputs = text_tokenizer(text=text, return_tensors="pt")
+        text_segment = (text_inputs.input_ids.shape[1] - 1) // max_position_embeddings + 1
+        text_padding = max_position_embeddings * text_segment - text_inputs.input_ids.shape[1]
+        text_inputs = {k: torch.cat([v, v.new_zeros((v.shape[0], text_padding))], dim=1).reshape(-1, max_position_embeddings)
+                       for k, v in text_inputs.items() if k in ("input_ids", "attention_mask")}
+        text_embeds = clip.text_projection(clip.text_model(**text_inputs).pooler_output)  # CLIPTextModelWithProjection
+        image_embeds = getattr(tower, "vision_model", tower).post_layernorm(image_outputs)
+        image_embeds = clip.visual_projection(image_embeds.float())
+        B, N, C = image_features.shape  # noqa: N806
+        image_features = model.model.multi_modal_projector(image_features)
+        image_normalized = image_features / image_features.norm(dim=-1, keepdim=True)
+        image_normalized = image_normalized.float()
+        similarity = torch.matmul(image_normalized, image_normalized.transpose(1, 2))
+        image_embeds = image_embeds / image_embeds.norm(dim=-1, keepdim=True)
+        text_embeds = text_embeds / text_embeds.norm(dim=-1, keepdim=True)
+        relevance = torch.matmul(image_embeds, text_embeds.t())
+        relevance = (-relevance).mean(dim=-1)
+        relevance = (relevance - relevance.min() + 1e-6) / (relevance.max() - relevance.min())
+        kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
+        cis = torch.zeros((visual_token_num, B, N))
+        di2s = torch.diagonal(kernel, dim1=1, dim2=2).clone()
+        select_idx = torch.empty((visual_token_num, B), dtype=torch.long)
+        for i in range(visual_token_num):
+            j = torch.argmax(di2s, dim=-1)
+            select_idx[i] = j
+            eis = (kernel[torch.arange(B), j] - torch.einsum('tb,tbn->bn', cis[:i, torch.arange(B), j], cis[:i])) \
+                / torch.sqrt(di2s[torch.arange(B), j]).unsqueeze(-1)
+            cis[i, :, :] = eis
+            di2s -= torch.square(eis)
+            di2s[torch.arange(B), j] = -float('inf')
+        select_idx = torch.sort(select_idx.t()).values
+        index_masks = torch.zeros(B, N, dtype=torch.bool)
+        index_masks.scatter_(1, select_idx, True)
+    return image_features[index_masks].unsqueeze(0)
+
+
+CDPRUNER_QUESTIONS = {
+    "short": "how many circles are there ?",
+    "two chunks": " ".join(["what color is the square in the picture ?"] * 10),  # 92 tokens: two 77-token chunks
+}
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("tokens", [1, 16, 40, 64])
+@pytest.mark.parametrize("question", sorted(CDPRUNER_QUESTIONS))
+def test_cdpruner_equals_the_official_selection(tiny, question, tokens, attn):
+    from conftest import TINY_CLIP
+
+    model = tiny(attn)
+    method = get_method("cdpruner", tokens=tokens, clip=TINY_CLIP)
+    inputs = _inputs(model, seed=7)
+    text = CDPRUNER_QUESTIONS[question]
+    seen = {}
+    projector = family_of(model).projector(model)
+    with torch.no_grad(), compress(model, method) as engine:
+        engine.questions = [f"<image>\n{text}\nAnswer the question using a single word or phrase."]  # as lmms-eval asks
+        handle = projector.register_forward_hook(lambda module, args, output: seen.update(tokens=output))
+        try:
+            logits = model(**engine.prepare(inputs)).logits
+        finally:
+            handle.remove()
+    expected = cdpruner_oracle(tiny("eager"), TINY_CLIP, inputs["pixel_values"], text, tokens)
+    torch.testing.assert_close(seen["tokens"], expected, atol=1e-6, rtol=1e-6)
+    short = _shortened(model, inputs, tokens)
+    torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, expected), atol=1e-5, rtol=1e-5)
+
+
+def test_cdpruner_batch_of_different_questions_answers_each_as_alone(tiny):
+    """Two prompts, two questions, one left-padded batch through `EngineSession` (each prompt's
+    question travels with it; no fallback question): each row as the prompt alone."""
+    from conftest import TINY_CLIP
+
+    from vtcbench.api import example_image
+    from vtcbench.engine import QUESTIONS
+    from vtcbench.generation import EngineSession
+
+    model = tiny("sdpa")
+    processor = load_model("tiny", random_weights=True)[1]
+    session = EngineSession(model, processor, get_method("cdpruner", tokens=16, clip=TINY_CLIP))
+    questions = ["how many circles are there ?", "what color is the square ?"]
+    token = QUESTIONS.set(None)
+    try:
+        together = session.answer(questions, [example_image(), example_image()], max_new_tokens=4)
+        alone = [session.answer([q], [example_image()], max_new_tokens=4)[0] for q in questions]
+    finally:
+        QUESTIONS.reset(token)
+    assert together == alone
+
+
+def test_cdpruner_needs_each_prompts_question_and_its_clip_checkpoint(tiny):
+    from conftest import TINY_CLIP
+
+    from vtcbench.engine import QUESTIONS
+
+    model = tiny("sdpa")
+    inputs = _inputs(model)
+    token = QUESTIONS.set(None)
+    try:
+        with torch.no_grad(), compress(model, get_method("cdpruner", tokens=16, clip=TINY_CLIP)) as engine:
+            with pytest.raises(VtcbenchError, match="^cdpruner scores the image against each prompt's question: [^\n]+$"):
+                model(**engine.prepare(inputs))
+    finally:
+        QUESTIONS.reset(token)
+    with pytest.raises(VtcbenchError, match="^cannot load the CLIP checkpoint '/nonexistent/clip' [^\n]+$"):
+        with compress(model, get_method("cdpruner", clip="/nonexistent/clip")):
+            pass
+
+
 # -- refusals ----------------------------------------------------------------------------------------
 
 
@@ -584,6 +710,8 @@ def test_prumerge_plus_keeps_its_top_patch_when_no_patch_is_an_outlier():
         ("divprune", {"ratio": 1.5}, "ratio=1.5 is out of range; valid range: (0, 1]"),
         ("dart", {"layer": 0}, "layer=0 is outside this model's decoder layers; valid range: 1..3"),
         ("dart", {"truncation": 128}, "keep 132 of 64 image tokens; valid truncation: 0..63"),
+        ("cdpruner", {"tokens": 65}, "tokens=65 exceeds the 64 image tokens; valid range: 1..64"),
+        ("cdpruner", {"tokens": 0}, "tokens=0 is out of range"),
     ],
 )
 def test_bad_settings_are_refused_in_one_line(tiny, name, params, message):
@@ -607,6 +735,6 @@ def test_dart_refuses_more_text_pivots_than_text_after_the_image(tiny):
 @pytest.mark.parametrize("model_type", ["llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_pre_llm_selections_refuse_families_without_a_fixed_grid_or_cls(model_type):
     family = family_of(model_type)
-    for name in ("visionzip", "vispruner", "divprune", "prumerge_plus"):
+    for name in ("visionzip", "vispruner", "divprune", "prumerge_plus", "cdpruner"):
         with pytest.raises(VtcbenchError, match=f"^{name} cannot run on the {family.name} family: [^\n]+$"):
             family.check_method(get_method(name))

@@ -30,6 +30,7 @@ import time
 import zlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -43,6 +44,9 @@ from vtcbench.methods.base import Keep, LayerContext, Method, Replace
 from vtcbench.models import image_token_mask
 
 SUPPORTED_ATTENTION = ("eager", "sdpa", "flash_attention_2")
+#: the question of prompts that carry none of their own (a profile's synthetic inputs), for every
+#: engine without `questions`: `token = QUESTIONS.set("..."); ...; QUESTIONS.reset(token)`
+QUESTIONS: ContextVar[str | None] = ContextVar("questions", default=None)
 
 
 @dataclass
@@ -143,6 +147,11 @@ class CompressionEngine:
         #: [images, grid] bool: the real tokens of each image's padded run after a tower selection
         #: whose count depends on the image (PruMerge+), set by the tower hooks at each prefill
         self.tower_kept: torch.Tensor | None = None
+        #: each prompt's question, for methods that score the image against it (CDPruner): set by
+        #: the caller per batch (a `Session` from its prompts), else read from `QUESTIONS`
+        self.questions: list[str] | None = None
+        #: images of each prompt of the last prepared batch (`engine.prepare`, question-conditioned methods)
+        self.images_per_prompt: list[int] = []
         #: wraps the method's own work (scoring, selection, rebuilding the sequence); a profiler
         #: may set it to a timer, e.g. `engine.overhead = lambda: timer.phase("method_overhead")`
         self.overhead: Callable[[], AbstractContextManager] = nullcontext
@@ -184,6 +193,16 @@ class CompressionEngine:
             handle.remove()
         self._handles.clear()
         self._request = None
+
+    def prompt_questions(self, batch: int) -> list[str]:
+        """The question of each of a batch's prompts (`questions`, else `QUESTIONS`), one line if none."""
+        questions = self.questions if self.questions is not None else [QUESTIONS.get()] * batch
+        if len(questions) != batch or any(q is None for q in questions):
+            raise VtcbenchError(
+                f"{self.method.name} scores the image against each prompt's question: give the engine one question per "
+                "prompt (`engine.questions`, or `vtcbench.engine.QUESTIONS` around synthetic inputs)"
+            )
+        return questions
 
     # -- inputs ------------------------------------------------------------------------------------
     def prepare(self, inputs: dict) -> dict:

@@ -40,17 +40,19 @@ class Prompt:
     pixels: dict[str, torch.Tensor]  # the processor's image inputs (pixel_values, and e.g. image_sizes); {} without images
     token_inputs: dict[str, torch.Tensor]  # other per-token inputs [seq] (Qwen's mm_token_type_ids), padded like input_ids
     image_tokens: int
+    question: str | None  # the request's text, for methods that score the image against it (CDPruner)
 
 
-def encode(processor: Any, model: nn.Module, prompt: str, images: Sequence[Image.Image]) -> Prompt:
-    """One prompt through the processor (the tokenizer alone for a prompt without images)."""
+def encode(processor: Any, model: nn.Module, prompt: str, images: Sequence[Image.Image], question: str | None = None) -> Prompt:
+    """One prompt through the processor (the tokenizer alone for a prompt without images);
+    `question`: the request's own text, kept beside the ids."""
     encoded = processor(images=list(images), text=prompt, return_tensors="pt") if images else processor.tokenizer(prompt, return_tensors="pt")
     input_ids = encoded["input_ids"][0]
     extra = {key: value for key, value in encoded.items() if key not in ("input_ids", "attention_mask")}
     per_token = {key for key, value in extra.items() if value.shape == encoded["input_ids"].shape}
     image_tokens = int(image_token_mask(input_ids, family_of(model).image_token_id(model.config)).sum())
     pixels = {key: value for key, value in extra.items() if key not in per_token}
-    return Prompt(input_ids, pixels, {key: extra[key][0] for key in per_token}, image_tokens)
+    return Prompt(input_ids, pixels, {key: extra[key][0] for key in per_token}, image_tokens, question)
 
 
 def collate(prompts: Sequence[Prompt], tokenizer: Any, family: ModelFamily, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -170,7 +172,7 @@ class Session:
         """(answer, visual tokens per layer) to each question about its one image, in one batch."""
         system = self.family.system_prompt(self.model.config)
         kind = self.method.kind
-        prompts = [encode(self.processor, self.model, kind.prompt(self.method, self.family, question, 1, None, system), [image])
+        prompts = [encode(self.processor, self.model, kind.prompt(self.method, self.family, question, 1, None, system), [image], question)
                    for question, image in zip(questions, images)]
         generated = self.generate(prompts, max_new_tokens=max_new_tokens)
         texts = decode(self.tokenizer, generated.new_tokens)
@@ -195,6 +197,7 @@ class EngineSession(Session):
         timer = PhaseTimer(self.model.device)
         marker = TokenMarker(timer)
         self.engine.record_kept = record_kept
+        self.engine.questions = [prompt.question for prompt in prompts]
         try:
             with self.engine as engine:
                 inputs = engine.prepare(self.collate(prompts))
@@ -216,6 +219,7 @@ class EngineSession(Session):
                 timer.stop("end_to_end")
         finally:
             self.engine.record_kept = False
+            self.engine.questions = None
         phases = timer.read()
         sequences = output.sequences if first_logits else output
         return Generated(
@@ -228,9 +232,13 @@ class EngineSession(Session):
         )
 
     def score(self, prompt: Prompt) -> Scored:
-        with self.engine as engine:
-            inputs = engine.prepare(self.collate([prompt]))
-            logits = self.model(**inputs, use_cache=False).logits
+        self.engine.questions = [prompt.question]
+        try:
+            with self.engine as engine:
+                inputs = engine.prepare(self.collate([prompt]))
+                logits = self.model(**inputs, use_cache=False).logits
+        finally:
+            self.engine.questions = None
         return Scored(logits, inputs["input_ids"], list(engine.applied_image_tokens_per_layer))
 
 

@@ -299,8 +299,8 @@ class VtcbenchLMM(lmms):
         return self.family.evaluation_images(flat, self.model.config)
 
     # -- encoding and batching ------------------------------------------------------------------------
-    def _encode(self, prompt: str, visuals: list[Image.Image], index: int) -> _Encoded:
-        encoded = _Encoded(**vars(encode(self.processor, self.model, prompt, visuals)), request_index=index)
+    def _encode(self, prompt: str, visuals: list[Image.Image], index: int, context: str) -> _Encoded:
+        encoded = _Encoded(**vars(encode(self.processor, self.model, prompt, visuals, context)), request_index=index)
         length = int(encoded.input_ids.shape[0])
         if self.context is not None and length > self.context:
             raise _Unanswerable(f"its prompt of {length} tokens does not fit the model's context of {self.context}", index)
@@ -360,7 +360,8 @@ class VtcbenchLMM(lmms):
         return record
 
     def _encode_jobs(self, jobs: list[Job]) -> list[_Encoded]:
-        return [self._encode(self._prompt(job.request.args[0], len(job.visuals)), job.visuals, job.index) for job in jobs]
+        return [self._encode(self._prompt(job.request.args[0], len(job.visuals)), job.visuals, job.index, job.request.args[0])
+                for job in jobs]
 
     def _timed_generate(
         self, method: Method, items: list[_Encoded], max_new_tokens: int, until: list[str], record_kept: bool = False
@@ -394,8 +395,8 @@ class VtcbenchLMM(lmms):
         request, visuals = job.request, job.visuals
         context, target = request.args[0], request.args[1]
         continuation = target if isinstance(target, str) else target(self._doc(request))
-        prompt_length = self._encode(self._prompt(context, len(visuals)), visuals, job.index).input_ids.shape[0]
-        item = self._encode(self._prompt(context, len(visuals), continuation), visuals, job.index)
+        prompt_length = self._encode(self._prompt(context, len(visuals)), visuals, job.index, context).input_ids.shape[0]
+        item = self._encode(self._prompt(context, len(visuals), continuation), visuals, job.index, context)
         return item, item.input_ids.shape[0] - prompt_length
 
     # -- multi-round -----------------------------------------------------------------------------------
@@ -417,7 +418,7 @@ class VtcbenchLMM(lmms):
                 if terminal:
                     break
                 visuals = self.family.evaluation_images(list(visuals or []), self.model.config)
-            item = self._encode(self._prompt(context, len(visuals)), visuals, index)
+            item = self._encode(self._prompt(context, len(visuals)), visuals, index, context)
             ((text, _),) = self._timed_generate(self.method, [item], max_new_tokens, until).outputs
             rounds = [*rounds, text]
             round_index += 1

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from vtcbench.errors import choices_error
-from vtcbench.families.base import ModelFacts, ModelFamily
+from vtcbench.families.base import ModelFacts, ModelFamily, TextSide, TextTowerFacts
 from vtcbench.families.llava import LlavaFamily
 from vtcbench.families.llava_next import LlavaNextFamily
 from vtcbench.families.qwen2_vl import Qwen2VLFamily
@@ -21,7 +21,10 @@ FAMILIES: dict[str, ModelFamily] = {
 _BY_MODEL_TYPE: dict[str, ModelFamily] = {t: family for family in FAMILIES.values() for t in family.model_types}
 MODEL_TYPES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
 
-__all__ = ["FAMILIES", "MODEL_TYPES", "ModelFacts", "ModelFamily", "decoder_layers", "family_of", "language_model", "model_facts"]
+__all__ = [
+    "FAMILIES", "MODEL_TYPES", "ModelFacts", "ModelFamily", "TextSide", "TextTowerFacts", "decoder_layers", "family_of",
+    "language_model", "model_facts",
+]
 
 
 def family_of(config_or_model: Any) -> ModelFamily:

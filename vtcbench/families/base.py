@@ -24,6 +24,7 @@ modules, config fields or prompt format; they ask the family of the model in han
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -104,6 +105,28 @@ def query_rows(hidden: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
     return hidden.gather(1, index[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
+@dataclass(frozen=True)
+class TextSide:
+    """A contrastive text tower aligned with a family's vision tower (CLIP's, for LLaVA's), for
+    methods that score image tokens against the question (CDPruner)."""
+
+    #: one text -> [chunks, dim]: its pooled, projected embeddings, one per 77-token chunk
+    embed_text: Callable[[str], torch.Tensor]
+    #: the tower's feature-layer patches [images, n, width] -> [images, n, dim] in the same space
+    embed_patches: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class TextTowerFacts:
+    """The shape of a text tower, for analytic FLOPs: each 77-token chunk runs `layers` layers."""
+
+    layers: int
+    width: int
+    ffn: int
+    positions: int
+    projection: int  # the joint embedding's dimension
+
+
 class ModelFamily:
     """One model family. Subclasses are registered in `vtcbench.families.FAMILIES`."""
 
@@ -121,6 +144,8 @@ class ModelFamily:
     unsupported_methods: ClassVar[dict[str, str]] = {}
     #: whether the vision tower has a CLS token whose attention methods may read (VisionZip)
     tower_has_cls: ClassVar[bool] = False
+    #: whether the vision tower has a contrastive text tower (CLIP's) that methods may load (CDPruner)
+    has_text_side: ClassVar[bool] = False
 
     # -- loading -------------------------------------------------------------------------------
     def model_class(self, config: Any) -> type:
@@ -168,6 +193,14 @@ class ModelFamily:
         """A tower layer's CLS query `[images, 1, width]` and keys `[images, tokens, width]` at full
         width (no heads), from its input."""
         raise VtcbenchError(f"the {self.name} family exposes no vision-tower layer to methods")
+
+    def text_side(self, model: nn.Module, source: str) -> TextSide:
+        """The text tower of `source` (the checkpoint the vision tower comes from), on the model's device."""
+        raise VtcbenchError(f"the {self.name} family's vision tower has no contrastive text tower")
+
+    def text_tower_facts(self, source: str) -> TextTowerFacts:
+        """The shape of `source`'s text tower, from its config (offline: the shipped one)."""
+        raise VtcbenchError(f"the {self.name} family's vision tower has no contrastive text tower")
 
     def set_projector(self, model: nn.Module, projector: nn.Module) -> None:
         """Install a trained projector in place of the family's own (STF, TokenConcat)."""
@@ -336,6 +369,8 @@ class ModelFamily:
             return self.unsupported_methods[method.name]
         if method.reads_tower_cls and not self.tower_has_cls:
             return "it reads the vision tower's CLS attention; this family's tower has no CLS token"
+        if method.reads_text_side and not self.has_text_side:
+            return "it scores image tokens against the question with the vision tower's CLIP text tower; this family's tower has none"
         if method.kind.needs_fixed_grid and not self.fixed_image_grid:
             return "it works on a fixed grid of image tokens before the LLM; this family gives each image its own count"
         return None

@@ -10,6 +10,7 @@ repo's `conv_vicuna_v1`, as lmms-eval's `llava_hf` builds them.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import math
 from typing import Any, ClassVar
@@ -18,7 +19,13 @@ import torch
 from torch import nn
 
 from vtcbench.errors import VtcbenchError
-from vtcbench.families.base import ModelFacts, ModelFamily, decoder_facts
+from vtcbench.families.base import (
+    ModelFacts,
+    ModelFamily,
+    TextSide,
+    TextTowerFacts,
+    decoder_facts,
+)
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -51,6 +58,59 @@ def vicuna_v1_prompt(context: str, n_images: int, answer: str | None = None, sys
     return prompt if answer is None else f"{prompt} {answer}"
 
 
+#: the text tower of the CLIP checkpoint LLaVA-1.5's tower comes from (its config.json:
+#: text_config 12 layers, hidden 768, ffn 3072, 77 positions; projection_dim 768), so that
+#: `vtcbench flops` costs CDPruner offline
+CLIP_TEXT_TOWERS: dict[str, TextTowerFacts] = {
+    "openai/clip-vit-large-patch14-336": TextTowerFacts(layers=12, width=768, ffn=3072, positions=77, projection=768),
+}
+
+
+@functools.cache
+def _clip_text_parts(source: str, device: str) -> tuple[Any, nn.Module]:
+    """(tokenizer, CLIPModel without its vision model) of `source`, in float32 on `device`, once
+    per process: the text tower, `text_projection` and `visual_projection` (CDPruner's official
+    `load_text_tower` loads the same parts, in float32)."""
+    from transformers import AutoTokenizer, CLIPModel
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        clip = CLIPModel.from_pretrained(source, dtype=torch.float32)
+    except OSError as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise VtcbenchError(f"cannot load the CLIP checkpoint {source!r} (its text tower and visual projection): {first}") from None
+    clip.vision_model = None  # the LLaVA model's own tower gives the patches
+    return tokenizer, clip.eval().requires_grad_(False).to(device)
+
+
+def write_random_clip(
+    folder: Any, tower_width: int, *, layers: int = 2, width: int = 32, heads: int = 2, ffn: int = 64, projection: int = 16
+) -> str:
+    """A random-weight CLIP checkpoint in `folder` (tests and benchmarks, offline) whose visual
+    projection reads a tower of `tower_width`, with a word-level tokenizer that wraps a text in
+    start and end tokens as CLIP's does (words it does not know are `<unk>`): CDPruner's text side."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+
+    words = "! <unk> how many what is are there the in of color shape image picture a circle circles square triangle red blue green ? , .".split()
+    vocab = {word: index for index, word in enumerate(words)}
+    start, end = vocab.setdefault("<|startoftext|>", len(vocab)), vocab.setdefault("<|endoftext|>", len(vocab))
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", start), ("<|endoftext|>", end)]
+    )
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<unk>",
+                            pad_token="!").save_pretrained(folder)
+    text = dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
+                num_attention_heads=heads, max_position_embeddings=77, eos_token_id=end, bos_token_id=start, pad_token_id=0)
+    vision = dict(hidden_size=tower_width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=7)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)).save_pretrained(folder)
+    return str(folder)
+
+
 def image_processor_classes() -> tuple[type, type]:
     """(CLIP-style, LLaVA-NeXT) image processor classes.
 
@@ -73,6 +133,7 @@ class LlavaFamily(ModelFamily):
     model_types: ClassVar[tuple[str, ...]] = ("llava",)
     description: ClassVar[str] = "LLaVA-1.5: CLIP tower, MLP projector, LLaMA decoder; a fixed grid of image tokens"
     tower_has_cls: ClassVar[bool] = True
+    has_text_side: ClassVar[bool] = True
 
     def model_class(self, config: Any) -> type:
         from transformers import LlavaForConditionalGeneration
@@ -143,6 +204,47 @@ class LlavaFamily(ModelFamily):
                 f"and the tower has {len(layers)} layers"
             )
         return layers[position - 1 + after]
+
+    def text_side(self, model: nn.Module, source: str) -> TextSide:
+        """CLIP's text tower: a text is tokenised whole, zero-padded to a multiple of 77 and run as
+        77-token chunks, each giving its pooled, projected embedding; the patches go through the
+        LLaVA tower's own `post_layernorm`, then CLIP's `visual_projection`, in float32 (CDPruner's
+        `clip_encoder.py`)."""
+        tokenizer, clip = _clip_text_parts(source, str(model.device))
+        tower = self.vision_tower(model)
+        post_layernorm = getattr(tower, "vision_model", tower).post_layernorm
+        if clip.visual_projection.in_features != post_layernorm.normalized_shape[0]:
+            raise VtcbenchError(
+                f"the CLIP checkpoint {source!r} projects a vision width of {clip.visual_projection.in_features}, this model's "
+                f"tower has {post_layernorm.normalized_shape[0]}; give the checkpoint its tower comes from"
+            )
+        positions = clip.config.text_config.max_position_embeddings
+
+        def embed_text(text: str) -> torch.Tensor:
+            inputs = tokenizer(text=[text], return_tensors="pt")
+            length = inputs["input_ids"].shape[1]
+            padding = positions * ((length - 1) // positions + 1) - length
+            chunks = {key: torch.cat([value, value.new_zeros(1, padding)], dim=1).reshape(-1, positions).to(model.device)
+                      for key, value in inputs.items() if key in ("input_ids", "attention_mask")}
+            return clip.text_projection(clip.text_model(**chunks).pooler_output)
+
+        def embed_patches(patches: torch.Tensor) -> torch.Tensor:
+            return clip.visual_projection(post_layernorm(patches).float())
+
+        return TextSide(embed_text, embed_patches)
+
+    def text_tower_facts(self, source: str) -> TextTowerFacts:
+        if source in CLIP_TEXT_TOWERS:
+            return CLIP_TEXT_TOWERS[source]
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(source)
+        except OSError:
+            raise VtcbenchError(f"cannot read the CLIP checkpoint {source!r}'s config (offline, only a local folder or the hub's cache)") from None
+        text = config.text_config
+        return TextTowerFacts(text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.max_position_embeddings,
+                              config.projection_dim)
 
     def tower_cls_query_keys(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP's `q_proj` of CLS and `k_proj` of every token (biases included, before the

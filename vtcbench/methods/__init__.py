@@ -2,6 +2,7 @@
 
 from vtcbench.methods import (  # noqa: F401
     avgpool,
+    cdpruner,
     dart,
     divprune,
     fastv,

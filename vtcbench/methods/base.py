@@ -204,6 +204,9 @@ class Method:
     trainable: ClassVar[bool] = True  # the engine's hooks keep gradients to the kept tokens
     #: reads the vision tower's CLS attention (`pre_projector`); families without CLS refuse it
     reads_tower_cls: ClassVar[bool] = False
+    #: scores image tokens against each prompt's question with the family's text side (CDPruner);
+    #: families whose tower has no contrastive text tower refuse it
+    reads_text_side: ClassVar[bool] = False
     #: the hyperparameters a budget chooses (`budget_candidates`), or () with the reason in
     #: `budget_refusal` (vtcbench/budgets.py)
     budget_knobs: ClassVar[tuple[str, ...]] = ()

@@ -3,12 +3,14 @@ act, owned by the kind (`Method.kind`) so that no caller switches on it.
 
 A kind says which run options and families it can take, how the engine applies it (hooks,
 prompt shortening, the prefill's check), how a prompt is written and batched for it, how a loaded
-model answers prompts with it (`session`) and what `vtcbench profile` measures. Five kinds:
+model answers prompts with it (`session`) and what `vtcbench profile` measures. Six kinds:
 
 - `NONE` (vanilla) and `IN_LLM` (drops and merges inside the language model): the engine's hooks
   around transformers' `generate`;
 - `PRE_LLM` (pooling or fusing before the LLM): the engine also maps the projector's output and
   shortens each image's run of placeholders; it needs a fixed grid of image tokens;
+- `QUESTION_PRE_LLM` (a pre-LLM selection conditioned on each prompt's question through the
+  tower's text side, CDPruner): as `PRE_LLM`, with the question and the tower's patches;
 - `ADAPTIVE_PRE_LLM` (a selection before the projector whose count depends on the image,
   PruMerge+): the prompt keeps its placeholders and a layer-0 action keeps each image's count;
 - `CACHE` (VoCo-LLaMA): its own prompt and its compressed-cache generation (`vtcbench/voco.py`),
@@ -153,6 +155,50 @@ class PreLLMKind(MethodKind):
 
 
 @dataclass(frozen=True)
+class QuestionPreLLMKind(PreLLMKind):
+    """Pre-LLM selections of the projected tokens conditioned on each prompt's question (CDPruner):
+    the tower's feature-layer patches and the question go through the family's text side
+    (`family.text_side`), and `Method.pre_llm_question(projected, patch_embeds, text_embeds)`
+    keeps a fixed count per image, so the prompt is shortened as for any pre-LLM method. The
+    images are matched to their prompts' questions by the prompt counts `prepare` records (a
+    `generate` may encode the images before the model's own forward sees the prompt)."""
+
+    def prepare(self, engine: CompressionEngine, inputs: dict) -> dict:
+        is_image = image_token_mask(inputs["input_ids"], engine.image_token_id)
+        engine.images_per_prompt = (is_image.sum(dim=1) // engine.facts.image_tokens).tolist()
+        return super().prepare(engine, inputs)
+
+    def engine_hooks(self, engine: CompressionEngine) -> list[RemovableHandle]:
+        from vtcbench import transformers_seam as seam
+
+        family, method, model = engine.family, engine.method, engine.model
+        layer, projector = family.tower_feature_layer(model), family.projector(model)
+        side = family.text_side(model, method.clip)
+        seen: dict[str, torch.Tensor] = {}
+
+        def read_layer(module, args, output):
+            seen["output"] = seam.layer_output(output)
+
+        def after_projector(module, args, output):
+            patches = seen.pop("output")[:, 1:]
+            if patches.shape[:2] != output.shape[:2]:
+                raise VtcbenchError(
+                    f"{method.name}: the projector maps {tuple(output.shape[:2])} tokens, not the feature layer's patches "
+                    f"{tuple(patches.shape[:2])} (a select strategy other than 'default'?)"
+                )
+            with engine.overhead():
+                counts = engine.images_per_prompt
+                questions = [q for q, n in zip(engine.prompt_questions(len(counts)), counts) for _ in range(n)]
+                if len(questions) != output.shape[0]:
+                    raise VtcbenchError(f"{method.name}: {output.shape[0]} images reached the projector for prompts holding "
+                                        f"{len(questions)}; pass the inputs through engine.prepare(inputs) first")
+                texts = [side.embed_text(method.query(question)) for question in questions]
+                return method.pre_llm_question(output, side.embed_patches(patches), texts)
+
+        return [layer.register_forward_hook(read_layer), projector.register_forward_hook(after_projector)]
+
+
+@dataclass(frozen=True)
 class AdaptivePreLLMKind(MethodKind):
     """Methods that select, before the projector, a number of tokens that depends on the image
     (PruMerge+'s outliers of CLS attention). The prompt is written before the tower runs, so it
@@ -254,6 +300,7 @@ class CacheKind(MethodKind):
 NONE = MethodKind("none")
 IN_LLM = MethodKind("in_llm", in_llm=True)
 PRE_LLM = PreLLMKind("pre_llm")
+QUESTION_PRE_LLM = QuestionPreLLMKind("pre_llm")
 ADAPTIVE_PRE_LLM = AdaptivePreLLMKind("pre_llm")
 CACHE = CacheKind("cache")
-KINDS: tuple[MethodKind, ...] = (NONE, IN_LLM, PRE_LLM, ADAPTIVE_PRE_LLM, CACHE)
+KINDS: tuple[MethodKind, ...] = (NONE, IN_LLM, PRE_LLM, QUESTION_PRE_LLM, ADAPTIVE_PRE_LLM, CACHE)

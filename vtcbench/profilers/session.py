@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import LogitsProcessorList
 
-from vtcbench.engine import compress
+from vtcbench.engine import QUESTIONS, compress
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import family_of, model_facts
 from vtcbench.methods.base import Method
@@ -237,6 +237,11 @@ def _fvcore_count(model: torch.nn.Module, inputs: dict, method: Method) -> dict:
         return {"language_model_macs": None, "error": str(error)}
 
 
+#: the question of a profile's synthetic prompts, for methods that read it (CDPruner); the text
+#: tower's cost does not depend on it (one 77-token chunk)
+SYNTHETIC_QUESTION = "What is in the image?"
+
+
 def measured_image_tokens(model: torch.nn.Module, method: Method, inputs: dict) -> list[int] | None:
     """The visual tokens per layer a method whose count adapts to the image applies to `inputs`
     (one prefill); None for a method with an analytic plan."""
@@ -259,7 +264,20 @@ def profile(
     train: bool = False,
     vanilla: Method | None = None,
 ) -> ProfileRecord:
-    """Everything `vtcbench profile` reports, for one method on one synthetic shape."""
+    """Everything `vtcbench profile` reports, for one method on one synthetic shape (a method that
+    reads the question gets `SYNTHETIC_QUESTION`)."""
+    token = QUESTIONS.set(SYNTHETIC_QUESTION)
+    try:
+        return _profile(model, model_name, method, shape, warmup=warmup, iterations=iterations, min_seconds=min_seconds,
+                        train=train, vanilla=vanilla)
+    finally:
+        QUESTIONS.reset(token)
+
+
+def _profile(
+    model: torch.nn.Module, model_name: str, method: Method, shape: Shape, *, warmup: int, iterations: int,
+    min_seconds: float, train: bool, vanilla: Method | None,
+) -> ProfileRecord:
     inputs = synthetic_inputs(model, shape)
     latency, memory, energy, done = profile_inference(
         model, method, inputs, shape.new_tokens, warmup=warmup, iterations=iterations, min_seconds=min_seconds
