@@ -12,9 +12,10 @@ that cost instead (`vtcbench run --budget`, docs/methods.md#budgets), vanilla as
 A 16-token mean is out of reach on a 6-layer model for a method acting from layer 2, so the
 single-layer in-LLM methods act from layer 1 (their first legal layer: `BUDGET_SETTINGS`), and
 VisPruner splits its tokens half and half (its default 0.75 cannot pair 16 tokens of 64).
-PruMerge+ runs at its own count (it has no knob: each image sets it). CDPruner is left out: it
-reads the question through the CLIP text tower its vision tower was trained with, and the shipped
-models' towers were trained from scratch without one.
+PruMerge+ runs at its own count (it has no knob: each image sets it) where the model runs it
+(not on the shipped models: vtc-tiny's projector reads its tower's last layer, and PruMerge+ the
+layer after it). CDPruner is left out: it reads the question through the CLIP text tower its
+vision tower was trained with, and the shipped models' towers were trained from scratch without one.
 """
 
 from __future__ import annotations
@@ -45,18 +46,17 @@ def main() -> None:
     args = parser.parse_args()
 
     from vtcbench.budgets import parse_budget, solve
-    from vtcbench.families import family_of, model_facts
+    from vtcbench.families import model_facts
     from vtcbench.methods import METHODS as REGISTRY
     from vtcbench.models import load_config
 
     model_config = load_config(args.model)
-    family = family_of(model_config)
     if args.budget:
         default = ["vanilla", *(name for name, cls in sorted(REGISTRY.items())
                                 if (cls.budget_knobs or cls.adaptive) and not cls.reads_text_side)]
     else:
         default = list(METHODS)
-    methods = args.methods.split(",") if args.methods else [m for m in default if family.refusal(get_method(m)) is None]
+    methods = args.methods.split(",") if args.methods else [m for m in default if _runs_on(get_method(m), model_config)]
     rows = []
     for method in methods:
         params = {}
@@ -81,6 +81,20 @@ def main() -> None:
     print(f"| method | {' | '.join(FAMILIES)} | overall | visual tokens / layer | image MFLOPs |")
     print("|---" * (len(FAMILIES) + 4) + "|")
     print("\n".join(rows))
+
+
+def _runs_on(method, config) -> bool:
+    """Whether the model runs `method` (its family, then its checkpoint); says why not."""
+    from vtcbench.errors import VtcbenchError
+    from vtcbench.families import family_of
+
+    try:
+        family_of(config).check_method(method)
+        method.check_model(config)
+    except VtcbenchError as refusal:
+        print(f"left out: {refusal}")
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from vtcbench.engine import QUESTIONS  # noqa: E402
 from vtcbench.families.llava import write_random_clip  # noqa: E402
 from vtcbench.models import load_model  # noqa: E402
 
-
 #: CDPruner's text tower for the tiny LLaVA, built once per test session
 TINY_CLIP = write_random_clip(Path(tempfile.mkdtemp(prefix="vtcbench-tiny-clip-")), tower_width=32)
 #: the question of prompts the tests build without one (CDPruner reads it)

@@ -363,25 +363,31 @@ SPARSEVLM_COUNTS = {192: (300, 200, 118), 64: (66, 34, 20)}  # Gumpest/SparseVLM
 
 
 @torch.no_grad()
-def sparsevlm_oracle_logits(model, embeds, is_image, tokens: int, raters, fixed: dict) -> torch.Tensor:
+def sparsevlm_oracle_logits(model, embeds, is_image, tokens: int, raters, fixed: dict, positions=None, rope=None) -> torch.Tensor:
     """The v2.0 layer loop of `modelling_sparse_llama.py` on one unpadded prompt: at each pruning
     layer the layer's own eager attention, divided by the RoPE of all-ones q and k (`rope_weights`),
     `select_attn_head_by_sum` and `attn_postprocess_topk`; the layer's output pruned, positions
-    kept. `fixed` (pruning layer -> kept image ranks) is filled at the first call and reused."""
+    kept. `fixed` (pruning layer -> kept image ranks) is filled at the first call and reused.
+    On M-RoPE, `positions` are the rows the model hands its text model and `rope` the model's own
+    rotation (LLaMA's `apply_rotary_pos_emb` otherwise)."""
     import math
 
     from oracles import _causal_mask
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+    rope = rope or apply_rotary_pos_emb
     lm = model.model.language_model
     n_layers, n0 = len(lm.layers), int(is_image.sum())
     pruning_loc = [round(layer * n_layers / 32) for layer in (2, 6, 15)]
     sparse_token_list = [round(count * n0 / 576) for count in SPARSEVLM_COUNTS[tokens]]
-    hidden, positions, image = embeds, torch.arange(embeds.shape[1])[None], is_image.clone()
+    positions = torch.arange(embeds.shape[1])[None] if positions is None else positions
+    rows = positions.shape[0]
+    hidden, image = embeds, is_image.clone()
     for layer_idx, decoder_layer in enumerate(lm.layers):
         mask = _causal_mask(hidden.shape[1], hidden.dtype)
-        pe = lm.rotary_emb(hidden, positions)
-        out = decoder_layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=positions)
+        pe = lm.rotary_emb(hidden, positions[-3:, None] if rows > 1 else positions)
+        layer_positions = positions[:1] if rows in (1, 4) else None
+        out = decoder_layer(hidden, attention_mask=mask, position_embeddings=pe, position_ids=layer_positions)
         out = out[0] if isinstance(out, tuple) else out
         if layer_idx in pruning_loc and layer_idx + 1 < n_layers:
             v_token_start = int(image.nonzero()[0])
@@ -394,7 +400,7 @@ def sparsevlm_oracle_logits(model, embeds, is_image, tokens: int, raters, fixed:
                 num_heads, head_dim = attn_logits.shape[1], attn.head_dim
                 query_states = hidden.new_ones(bs, seq, num_heads, head_dim).transpose(1, 2)
                 key_states = hidden.new_ones(bs, seq, num_heads, head_dim).transpose(1, 2)
-                query_states, key_states = apply_rotary_pos_emb(query_states, key_states, *pe)
+                query_states, key_states = rope(query_states, key_states, *pe)
                 rope_weights = torch.matmul(query_states, key_states.transpose(2, 3)) / math.sqrt(head_dim)
                 attn_logits = attn_logits / rope_weights
                 cur_text_token_idx = raters + text_token_start
@@ -440,6 +446,46 @@ def test_sparsevlm_equals_the_official_v2_layer_loop(tiny, tokens):
         embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[tokens_out[-1]]]))], dim=1)
         is_image = torch.cat([is_image, torch.zeros(1, dtype=torch.bool)])
     assert out.sequences[0, -4:].tolist() == tokens_out
+    torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], torch.stack(logits), atol=1e-4, rtol=1e-4)
+
+
+def test_sparsevlm_on_qwen2_5_vl_equals_the_v2_layer_loop_on_m_rope():
+    """SparseVLM has no official Qwen port: on M-RoPE the same loop, the gravity correction taken
+    with the model's own rotation of all-ones q and k, the kept tokens keeping their 3-D ids."""
+    from oracles import language_model_inputs
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
+
+    model, processor = load_model("tiny-qwen2.5-vl", random_weights=True, attn_implementation="eager")
+    family = family_of(model)
+    image = Image.fromarray((torch.rand(112, 84, 3, generator=torch.Generator().manual_seed(5)) * 255).byte().numpy())
+    text = family.prompt("how many are there in the picture , please ?", 1, system=family.system_prompt(model.config))
+    inputs = dict(processor(images=[image], text=[text], return_tensors="pt"))
+    image_token = family.image_token_id(model.config)
+    method = get_method("sparsevlm", tokens=192)
+    with torch.no_grad(), compress(model, method) as engine:
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+        counts = engine.applied_image_tokens_per_layer
+    is_image = (inputs["input_ids"] == image_token)[0]
+    assert counts == method.image_tokens_per_layer(int(is_image.sum()), len(model.model.language_model.layers))
+    if hasattr(modeling_qwen2_5_vl, "apply_multimodal_rotary_pos_emb"):  # transformers < 5.7: sections applied here
+        section = model.config.text_config.rope_parameters["mrope_section"]
+
+        def rope(q, k, cos, sin):
+            return modeling_qwen2_5_vl.apply_multimodal_rotary_pos_emb(q, k, cos, sin, section)
+    else:  # the rotary embedding interleaves the sections into its tables
+        rope = modeling_qwen2_5_vl.apply_rotary_pos_emb
+    captured = language_model_inputs(model, inputs)
+    embeds, positions = captured["inputs_embeds"], captured["position_ids"][:, 0]
+    raters, fixed, tokens_out, logits = sparsevlm_raters(embeds, is_image), {}, [], []
+    for _ in range(3):
+        step = sparsevlm_oracle_logits(model, embeds, is_image, 192, raters, fixed, positions, rope)[-1]
+        tokens_out.append(int(step.argmax()))
+        logits.append(step)
+        embeds = torch.cat([embeds, model.get_input_embeddings()(torch.tensor([[tokens_out[-1]]]))], dim=1)
+        positions = torch.cat([positions, positions[:, -1:] + 1], dim=1)
+        is_image = torch.cat([is_image, torch.zeros(1, dtype=torch.bool)])
+    assert len(fixed) == 3 and out.sequences[0, -3:].tolist() == tokens_out
     torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], torch.stack(logits), atol=1e-4, rtol=1e-4)
 
 
@@ -554,6 +600,17 @@ def test_prumerge_plus_outliers_follow_numpys_percentiles():
 
     assert outlier_ratio(torch.tensor([1.0, 2, 3, 4, 5, 6, 7, 8, 100])[None]) == 1 / 9
     assert outlier_ratio(torch.full((1, 16), 0.25)) == 0  # a flat row: none (the method then keeps its top patch)
+
+
+def test_prumerge_plus_refuses_a_tower_read_at_its_last_layer_before_loading():
+    """vtc-tiny's projector reads its tower's last layer: there is no next layer to take the
+    attention from."""
+    from vtcbench.methods import check_before_loading
+    from vtcbench.models import load_config
+
+    with pytest.raises(VtcbenchError, match="^prumerge_plus reads the queries and keys of the tower layer after [^\n]+$"):
+        check_before_loading(get_method("prumerge_plus"), load_config("vtc-tiny"))
+    check_before_loading(get_method("prumerge_plus"), load_config("llava-1.5-7b"))  # layer 23 after -2
 
 
 def test_prumerge_plus_keeps_its_top_patch_when_no_patch_is_an_outlier():

@@ -241,9 +241,11 @@ def profile(
     min_seconds: Annotated[float, typer.Option(help="keep iterating at least this long")] = 0.0,
     warmup: Annotated[int, typer.Option(help="untimed iterations first")] = 1,
     train: Annotated[bool, typer.Option("--train", help="also time a forward+backward step, with the ratio to vanilla")] = False,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
     fmt: FormatOption = "table",
 ) -> None:
-    """Latency per phase, memory, energy and FLOPs of one method on synthetic inputs (no dataset)."""
+    """Latency per phase, memory (per device), energy and FLOPs of one method on synthetic inputs (no dataset)."""
     from vtcbench.api import method_from_options
     from vtcbench.families import family_of, model_facts
     from vtcbench.methods import check_before_loading
@@ -257,8 +259,11 @@ def profile(
     ):
         _check_count(option, value, minimum)
     device, dtype = _device_and_dtype(device, dtype)
+    dispatch = _dispatch_options(device_map, max_memory)
     config = load_config(model)
     facts = model_facts(config)
+    if random_weights and device_map is not None:
+        raise VtcbenchError("--device-map dispatches a checkpoint's weights as they load; drop --random-weights")
     if not random_weights and (layers is not None or image_tokens not in (None, facts.image_tokens)):
         raise VtcbenchError("--layers and a different --image-tokens change the architecture; add --random-weights")
     family_of(config).resize_config(config, image_tokens=None if image_tokens == facts.image_tokens else image_tokens, layers=layers)
@@ -268,7 +273,7 @@ def profile(
     if random_weights:
         loaded = random_model(config, dtype=dtype, attn_implementation=attn, device=device)
     else:
-        loaded, processor = load_model(model, dtype=dtype, attn_implementation=attn, device=device)
+        loaded, processor = load_model(model, dtype=dtype, attn_implementation=attn, device=device, **dispatch)
     shape = Shape(image_tokens=facts.image_tokens, text_tokens=text_tokens, new_tokens=new_tokens, batch=batch)
     record = compression.kind.profile(loaded, model, compression, processor, shape, warmup=warmup, iterations=iterations,
                                       min_seconds=min_seconds, train=train)
@@ -345,8 +350,9 @@ def run(
         fidelity=fidelity, keep_indices=keep_indices, skip_bad_documents=skip_bad_documents, show_progress=sys.stderr.isatty(),
         **_dispatch_options(device_map, max_memory),
     )
-    if num_processes > 1 and device_map is not None:
-        raise VtcbenchError("--device-map with --num-processes is not supported yet: each process would spread over every GPU")
+    if num_processes > 1 and isinstance(config.device_map, dict):
+        raise VtcbenchError("--device-map FILE names each module's device for one model; with --num-processes give a strategy "
+                            "(auto, balanced, ...): each process then splits its model over its own block of GPUs")
     if num_processes > 1:  # input checked once, here; then every process runs this same command
         check_run(config)
         _relaunch_data_parallel(num_processes)
@@ -774,6 +780,9 @@ def _print_profile(record) -> None:
     console.print(f"KV cache after prefill: {memory.kv_cache_bytes / 2**20:.2f} MiB; "
                   f"torch peak allocated: {_mib(memory.torch_max_allocated_bytes)}, reserved: "
                   f"{_mib(memory.torch_max_reserved_bytes)}; NVML process: {_mib(memory.nvml_process_bytes)}")
+    if memory.per_device_max_allocated_bytes:
+        console.print("torch peak allocated per device: " + ", ".join(
+            f"{device} {_mib(value)}" for device, value in memory.per_device_max_allocated_bytes.items()))
     console.print("energy: " + (f"{energy.joules_per_sample:.2f} J/sample" if energy.joules_per_sample is not None
                                 else f"unavailable ({energy.unavailable_reason})"))
     flops, measured = record.flops, record.opcount

@@ -186,8 +186,35 @@ def _join_process_group(config: RunConfig) -> None:
 
     if config.device.startswith("cuda"):
         config.device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
+    if config.device_map is not None:
+        config.max_memory = replica_max_memory(config.max_memory, int(os.environ.get("LOCAL_RANK", "0")),
+                                               int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1"))))
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if config.device.startswith("cuda") else "gloo")
+
+
+def replica_max_memory(max_memory: dict | None, rank: int, replicas: int) -> dict | None:
+    """Data parallelism over split models (`--num-processes P --device-map`): on a node of G GPUs,
+    replica `rank` dispatches over its own block of G / P consecutive GPUs (4 GPUs, 2 processes:
+    0-1 and 2-3), each at its `--max-memory` limit or, without one, what accelerate finds free;
+    the cpu and disk limits apply to every replica (without a cpu limit, each gets its share of
+    the free memory). Without GPUs every replica takes the limits as given."""
+    import torch
+    from accelerate.utils import get_max_memory
+
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        return max_memory
+    if gpus % replicas:
+        raise VtcbenchError(f"--num-processes {replicas} cannot split this node's {gpus} GPUs evenly between replicas")
+    given = max_memory or {}
+    free = get_max_memory()
+    share = gpus // replicas
+    limits: dict = {key: value for key, value in given.items() if not isinstance(key, int)}
+    limits.setdefault("cpu", free["cpu"] // replicas)
+    for gpu in range(rank * share, (rank + 1) * share):
+        limits[gpu] = given.get(gpu, free[gpu])
+    return limits
 
 
 def load_tasks(names: list[str], manager) -> list:

@@ -184,6 +184,10 @@ class ModelFamily:
         or the layer `after` layers later (PruMerge+ reads the next layer's projections)."""
         raise VtcbenchError(f"the {self.name} family exposes no vision-tower layer to methods")
 
+    def tower_layers_after_feature(self, config: Any) -> int:
+        """How many tower layers follow the one whose output the projector reads."""
+        raise VtcbenchError(f"the {self.name} family exposes no vision-tower layer to methods")
+
     def tower_cls_attention(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From a tower layer's input [images, tokens, width]: CLS's softmax attention row per head
         `[images, heads, tokens]` and every key per head `[images, heads, tokens, head_dim]`."""

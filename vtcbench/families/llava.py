@@ -246,6 +246,11 @@ class LlavaFamily(ModelFamily):
         return TextTowerFacts(text.num_hidden_layers, text.hidden_size, text.intermediate_size, text.max_position_embeddings,
                               config.projection_dim)
 
+    def tower_layers_after_feature(self, config: Any) -> int:
+        (index, *_) = self.feature_layers(config)
+        layers = config.vision_config.num_hidden_layers
+        return layers - index % (layers + 1)
+
     def tower_cls_query_keys(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP's `q_proj` of CLS and `k_proj` of every token (biases included, before the
         attention's `scale`) of `layer_norm1` of the layer's input."""

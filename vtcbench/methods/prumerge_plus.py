@@ -31,14 +31,14 @@ LLaVA-NeXT (per crop) and the Qwen line (no CLS) are refused.
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from vtcbench.errors import VtcbenchError
-from vtcbench.families import ModelFacts
+from vtcbench.families import ModelFacts, family_of
 from vtcbench.methods.base import (
     Keep,
     LayerContext,
@@ -73,6 +73,16 @@ class PruMergePlus(Method):
     trainable: ClassVar[bool] = False  # the selection reads the tower under no_grad hooks
     adaptive: ClassVar[str | None] = "a number of tokens per image set by its CLS-attention outliers"
     budget_refusal: ClassVar[str] = "it keeps a number of tokens per image set by the image (its CLS-attention outliers)"
+
+    def check_model(self, model: Any) -> None:
+        """Refuse a tower whose feature layer is its last: the attention comes from the next one."""
+        super().check_model(model)
+        config = getattr(model, "config", model)
+        if family_of(config).tower_layers_after_feature(config) < 1:
+            raise VtcbenchError(
+                f"{self.name} reads the queries and keys of the tower layer after the one the projector reads "
+                "(LLaVA-1.5: layer 23 after layer -2); this model's projector reads the tower's last layer"
+            )
 
     def plan(self, n_layers: int) -> dict[int, int | None]:
         return {0: None}  # drop each image's padding at the language model's input

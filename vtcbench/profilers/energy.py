@@ -18,35 +18,40 @@ class EnergyReport:
 
 
 class EnergyMeter:
-    def __init__(self, device: torch.device | str):
-        self.device = torch.device(device)
-        self._handle = None
-        self._start_mj: int | None = None
+    """NVML's energy counters of `devices` (the GPUs the model sits on; several when `--device-map`
+    split it), summed; unavailable without a GPU or where one has no counter."""
+
+    def __init__(self, devices: list[torch.device]):
+        self.devices = devices
+        self._handles: list = []
+        self._start_mj: list[int] | None = None
         self.reason: str | None = None
-        if self.device.type != "cuda":
+        if not devices:
             self.reason = "no NVML energy counter on CPU"
             return
         import pynvml
 
         try:
             pynvml.nvmlInit()
-            self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
-            pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(device.index or 0) for device in devices]
+            for handle in self._handles:
+                pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)
         except pynvml.NVMLError as error:
-            self._handle, self.reason = None, f"NVML energy counter unavailable: {error}"
+            self._handles, self.reason = [], f"NVML energy counter unavailable: {error}"
 
-    def start(self) -> None:
-        if self._handle is not None:
-            import pynvml
-
-            torch.cuda.synchronize(self.device)
-            self._start_mj = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
-
-    def stop(self, samples: int) -> EnergyReport:
-        if self._handle is None or self._start_mj is None:
-            return EnergyReport(None, self.reason)
+    def _read(self) -> list[int]:
         import pynvml
 
-        torch.cuda.synchronize(self.device)
-        millijoules = pynvml.nvmlDeviceGetTotalEnergyConsumption(self._handle) - self._start_mj
+        for device in self.devices:
+            torch.cuda.synchronize(device)
+        return [pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) for handle in self._handles]
+
+    def start(self) -> None:
+        if self._handles:
+            self._start_mj = self._read()
+
+    def stop(self, samples: int) -> EnergyReport:
+        if not self._handles or self._start_mj is None:
+            return EnergyReport(None, self.reason)
+        millijoules = sum(end - start for end, start in zip(self._read(), self._start_mj))
         return EnergyReport(millijoules / 1000.0 / samples)

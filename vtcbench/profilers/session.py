@@ -23,7 +23,7 @@ from vtcbench.profilers.energy import EnergyMeter, EnergyReport
 from vtcbench.profilers.flops import analytic_flops
 from vtcbench.profilers.fvcore_count import TraceFailed, fvcore_language_model_macs
 from vtcbench.profilers.latency import Latency, PhaseTimer, TokenMarker
-from vtcbench.profilers.memory import MemoryReport, PeakMemory
+from vtcbench.profilers.memory import MemoryReport, PeakMemory, model_gpus
 from vtcbench.profilers.opcount import count_ops
 from vtcbench.provenance import provenance
 from vtcbench.transformers_seam import cache_nbytes, returned_cache
@@ -159,7 +159,8 @@ def profile_inference(
 ) -> tuple[dict[str, Latency], MemoryReport, EnergyReport, int]:
     timer = PhaseTimer(model.device)
     per_iteration: list[dict[str, float]] = []
-    memory, energy = PeakMemory(model.device), EnergyMeter(model.device)
+    gpus = model_gpus(model)
+    memory, energy = PeakMemory(gpus), EnergyMeter(gpus)
     with compress(model, method) as engine:
         prepared = engine.prepare(inputs)
         engine.overhead = lambda: timer.phase("method_overhead")
