@@ -789,6 +789,19 @@ def test_dart_refuses_more_text_pivots_than_text_after_the_image(tiny):
             model(**inputs)
 
 
+@pytest.mark.parametrize("name", ["visionzip", "vispruner", "divprune", "cdpruner", "prumerge_plus"])
+def test_selections_before_the_llm_refuse_keep_indices(name):
+    """The engine sees the selected tokens, not the patches they came from: a retention picture
+    would show the first patches of the grid as kept. Pooling (avgpool) keeps its pooled grid."""
+    from vtcbench.methods import check_before_loading
+    from vtcbench.models import load_config
+
+    config = load_config("llava-1.5-7b")
+    with pytest.raises(VtcbenchError, match=f"^--keep-indices: {name} selects before the LLM, [^\n]+$"):
+        check_before_loading(get_method(name), config, keep_indices=2)
+    check_before_loading(get_method("avgpool"), config, keep_indices=2)
+
+
 @pytest.mark.parametrize("model_type", ["llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_pre_llm_selections_refuse_families_without_a_fixed_grid_or_cls(model_type):
     family = family_of(model_type)

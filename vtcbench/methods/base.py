@@ -204,6 +204,9 @@ class Method:
     trainable: ClassVar[bool] = True  # the engine's hooks keep gradients to the kept tokens
     #: reads the vision tower's CLS attention (`pre_projector`); families without CLS refuse it
     reads_tower_cls: ClassVar[bool] = False
+    #: whether `--keep-indices` can record which patches it keeps: the engine's hooks see the
+    #: language model's tokens, which for a selection before the LLM are not the grid's patches
+    records_kept_patches: ClassVar[bool] = True
     #: scores image tokens against each prompt's question with the family's text side (CDPruner);
     #: families whose tower has no contrastive text tower refuse it
     reads_text_side: ClassVar[bool] = False
@@ -363,6 +366,7 @@ class TowerSelection(Method):
     kind: ClassVar[MethodKind] = PRE_LLM
     reads_tower_cls: ClassVar[bool] = True
     trainable: ClassVar[bool] = False  # the selection reads the tower under no_grad hooks
+    records_kept_patches: ClassVar[bool] = False
 
     def pre_llm(self, image_features: torch.Tensor) -> torch.Tensor:
         return image_features  # the selection happened before the projector

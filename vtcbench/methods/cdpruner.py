@@ -71,6 +71,7 @@ class CDPruner(Method):
 
     name: ClassVar[str] = "cdpruner"
     kind: ClassVar[MethodKind] = QUESTION_PRE_LLM
+    records_kept_patches: ClassVar[bool] = False  # a selection before the LLM
     description: ClassVar[str] = "keep the projected tokens a DPP picks, its kernel conditioned on the question's CLIP relevance"
     reads_text_side: ClassVar[bool] = True
     trainable: ClassVar[bool] = False  # the selection runs under no_grad

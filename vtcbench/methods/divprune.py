@@ -43,6 +43,7 @@ class DivPrune(Method):
 
     name: ClassVar[str] = "divprune"
     kind: ClassVar[MethodKind] = PRE_LLM
+    records_kept_patches: ClassVar[bool] = False  # a selection before the LLM
     description: ClassVar[str] = "keep the greedy max-min (cosine) diverse subset of each image's projected tokens"
 
     def __post_init__(self) -> None:

@@ -59,7 +59,13 @@ class MethodKind:
     # -- before loading ------------------------------------------------------------------------
     def check_options(self, method: Method, *, fidelity: bool = False, keep_indices: int = 0, train: bool = False) -> None:
         """Refuse, in one line, a run option this kind cannot honour (`--fidelity`, `--keep-indices`,
-        `profile --train`); under the engine every option applies."""
+        `profile --train`); under the engine every option applies, except `--keep-indices` for a
+        selection before the LLM (the engine sees its tokens, not the patches they came from)."""
+        if keep_indices and not method.records_kept_patches:
+            raise VtcbenchError(
+                f"--keep-indices: {method.name} selects before the LLM, whose hooks see the selected tokens, not the patches "
+                "they came from; drop --keep-indices"
+            )
 
     # -- the engine (vtcbench/engine.py) ----------------------------------------------------------
     def check_engine(self, method: Method) -> None:
@@ -216,7 +222,7 @@ class AdaptivePreLLMKind(MethodKind):
 def _tower_hooks(engine: CompressionEngine, projector: nn.Module) -> list[RemovableHandle]:
     """Read the tower's feature layer (its input and its output, CLS included) and hand the
     projector what the method selects from it (`Method.pre_projector`) instead of the patches;
-    a per-image count goes to the engine's request for the layer-0 action."""
+    a per-image count goes to `engine.tower_kept` for the layer-0 action."""
     from vtcbench import transformers_seam as seam
     from vtcbench.methods.base import TowerFeatures
 

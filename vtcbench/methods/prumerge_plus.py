@@ -67,6 +67,7 @@ class PruMergePlus(Method):
 
     name: ClassVar[str] = "prumerge_plus"
     kind: ClassVar[MethodKind] = ADAPTIVE_PRE_LLM
+    records_kept_patches: ClassVar[bool] = False  # a selection before the LLM
     position_policy: ClassVar[PositionPolicy] = "compact"
     description: ClassVar[str] = "keep CLS-attention outliers plus uniform samples, each merged with its nearest keys, before the projector"
     reads_tower_cls: ClassVar[bool] = True
