@@ -6,7 +6,8 @@
 #   there (the GPU):        bash benchmarks/gpu_check.sh                  # prints one summary
 #
 # It runs, each under its own time limit: the engine's invariants in bfloat16 under sdpa and
-# flash_attention_2 where installed (tests/test_gpu.py); benchmarks/flops_to_time.py at the full
+# flash_attention_2 where installed (tests/test_gpu.py; with two GPUs visible, also a model split
+# over both by --device-map against the same model on one); benchmarks/flops_to_time.py at the full
 # 7B width with random weights (fp16); and `vtcbench profile` of vanilla, fastv and pdrop on
 # llava-1.5-7b's architecture with random weights (bf16, sdpa). Logs and JSON go to $OUT (or
 # gpu-check/), the summary to stdout.

@@ -101,3 +101,16 @@ def test_keep_all_equals_vanilla_in_bf16(models, attn):
             with compress(model, get_method(name, **params)):
                 logits = model(**inputs).logits.float()
             torch.testing.assert_close(logits, reference, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(DEVICE != "cuda" or torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("name", ["vanilla", "fastv", "pdrop", "llavolta"])
+def test_a_model_split_over_two_gpus_answers_as_on_one(models, name):
+    """`--device-map`: vtc-tiny's decoder split over GPUs 0 and 1 (accelerate's dispatch, the first
+    GPU held to 4 MB) gives the answers and visual-token counts of the model on one GPU."""
+    split, processor = load_model("vtc-tiny", dtype="bfloat16", attn_implementation="sdpa", device_map="auto",
+                                  max_memory={0: "4MB", 1: "1GiB"})
+    assert {device for device in split.hf_device_map.values()} == {0, 1}
+    whole, _ = models("sdpa")
+    method = get_method(name, **METHODS[name])
+    assert _answers(split, processor, method, QUESTIONS) == _answers(whole, processor, method, QUESTIONS)

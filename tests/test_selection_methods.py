@@ -517,6 +517,7 @@ def prumerge_plus_oracle(model, pixel_values: torch.Tensor) -> torch.Tensor:
     attn_np = cls_attn.to(dtype=torch.float32).cpu().numpy().flatten()
     Q1, Q3 = np.percentile(attn_np, 25), np.percentile(attn_np, 75)  # noqa: N806
     reduction_ratio = len(np.where(attn_np > Q3 + 1.5 * (Q3 - Q1))[0]) / len(attn_np)
+    reduction_ratio = reduction_ratio or 1 / N  # no outlier: vtcbench's rule where the official code divides by zero
     _, idx = torch.topk(cls_attn, int(N * reduction_ratio), dim=1, largest=True)
     step_length = int(1 / reduction_ratio)
     arithmetic_sequence = torch.arange(0, N - 1, int(step_length / 3))
@@ -577,7 +578,14 @@ def test_prumerge_plus_counts_differ_per_image_and_a_batch_keeps_what_each_keeps
 
     model = tiny("sdpa")
     method = get_method("prumerge_plus")
-    singles = [_inputs(model, seed=seed) for seed in (0, 3)]
+    kept = {}
+    for seed in range(10):  # two images whose outliers differ in number
+        with torch.no_grad(), compress(model, method) as engine:
+            model(**_inputs(model, seed=seed))
+        kept.setdefault(int(engine.tower_kept.sum()), seed)
+        if len(kept) == 2:
+            break
+    singles = [_inputs(model, seed=seed) for seed in kept.values()]
     alone = []
     for inputs in singles:
         with torch.no_grad(), compress(model, method) as engine:
@@ -705,7 +713,11 @@ def test_cdpruner_equals_the_official_selection(tiny, question, tokens, attn):
             logits = model(**engine.prepare(inputs)).logits
         finally:
             handle.remove()
-    expected = cdpruner_oracle(tiny("eager"), TINY_CLIP, inputs["pixel_values"], text, tokens)
+    if tokens < 64:
+        expected = cdpruner_oracle(tiny("eager"), TINY_CLIP, inputs["pixel_values"], text, tokens)
+    else:  # every token, in order (the official MAP's last steps divide by rounding-size gains)
+        with torch.no_grad():
+            expected = model.model.multi_modal_projector(prompt_embeddings_features(model, inputs["pixel_values"]))
     torch.testing.assert_close(seen["tokens"], expected, atol=1e-6, rtol=1e-6)
     short = _shortened(model, inputs, tokens)
     torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, expected), atol=1e-5, rtol=1e-5)
@@ -750,6 +762,7 @@ def test_cdpruner_needs_each_prompts_question_and_its_clip_checkpoint(tiny):
     with pytest.raises(VtcbenchError, match="^cannot load the CLIP checkpoint '/nonexistent/clip' [^\n]+$"):
         with compress(model, get_method("cdpruner", clip="/nonexistent/clip")):
             pass
+    assert not model.model._forward_pre_hooks and not model.model.multi_modal_projector._forward_hooks  # none left behind
 
 
 # -- refusals ----------------------------------------------------------------------------------------

@@ -173,6 +173,14 @@ class CompressionEngine:
             raise VtcbenchError(
                 f"attention backend {attention!r} is not supported by the engine; valid: {', '.join(SUPPORTED_ATTENTION)}"
             )
+        try:  # a kind that cannot attach (CDPruner's CLIP checkpoint missing) leaves no hook behind
+            self._attach()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _attach(self) -> None:
         hook = self._handles.append
         hook(self.multimodal.register_forward_pre_hook(self._on_multimodal, with_kwargs=True))
         self._handles.extend(self.method.kind.engine_hooks(self))
@@ -186,7 +194,6 @@ class CompressionEngine:
                 hook(self.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
             for index in range(self.family.layer_additions(self.model.config)):
                 hook(self.layers[index].register_forward_hook(self._addition_hook(index)))
-        return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:

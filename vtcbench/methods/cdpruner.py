@@ -23,7 +23,9 @@ official loader strips ("Answer the question using a single word or phrase.").
 Differences: the official code runs one prompt at a time and normalises the relevance over its
 whole batch of images (LLaVA-NeXT's crops); here each image is normalised alone, so a batch
 gives what each prompt gives alone. The official `theta` reweighting is commented out there and
-absent here. LLaVA-NeXT (per crop) is refused, as is the Qwen line (no CLIP text tower; the
+absent here. With `tokens` = N every token is kept without running the MAP inference, whose last
+steps divide by gains of rounding size (the official loop may then pick a token twice).
+LLaVA-NeXT (per crop) is refused, as is the Qwen line (no CLIP text tower; the
 official code has no Qwen port).
 """
 
@@ -115,6 +117,8 @@ class CDPruner(Method):
     def pre_llm_question(self, projected: torch.Tensor, patch_embeds: torch.Tensor, text_embeds: list[torch.Tensor]) -> torch.Tensor:
         """[images, tokens, d] of the projected tokens [images, n, d], from the patches' and each
         image's question's embeddings in CLIP's joint space."""
+        if self.tokens == projected.shape[1]:
+            return projected  # every token: the greedy MAP's last steps would divide by rounding-size gains
         unit = (projected / projected.norm(dim=-1, keepdim=True)).float()
         similarity = unit @ unit.transpose(1, 2)
         patches = patch_embeds / patch_embeds.norm(dim=-1, keepdim=True)
