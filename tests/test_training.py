@@ -116,6 +116,7 @@ def test_compression_aware_training_runs_each_kind_of_method(tmp_path, method):
         (["--method", "nope"], "unknown method"),
         (["--steps", "-1"], "--steps -1"),
         (["--test-per-family", "500"], "valid: 1..125"),
+        (["--device-map", "auto"], "--device-map splits the weights --init loads"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, fragment):
@@ -123,6 +124,29 @@ def test_bad_input_is_one_line_and_exit_code_2(tmp_path, args, fragment):
     assert result.exit_code == 2
     assert fragment in result.output and len(result.output.strip().splitlines()) == 1
     assert not (tmp_path / "m").exists()
+
+
+def test_a_split_that_offloads_weights_is_refused_before_training(tmp_path):
+    """Known only once accelerate has placed the weights (after its loading bar): one error line,
+    exit 2, nothing written."""
+    result = runner.invoke(app, ["train", *SMALL, "--init", "vtc-tiny", "--device-map", "auto", "--max-memory", "cpu=4MB",
+                                 "--out", str(tmp_path / "m")])
+    assert result.exit_code == 2 and not (tmp_path / "m").exists()
+    assert result.output.strip().splitlines()[-1] == (
+        "error: --device-map: training needs every weight on a device that computes it; this split offloads some "
+        "(cpu, disk); raise --max-memory or use more GPUs"
+    )
+
+
+def test_fine_tuning_a_dispatched_model_trains_its_weights(tmp_path):
+    """`train --init --device-map auto`: on this CPU-only machine accelerate puts every part on the
+    cpu (no offload), and the fine-tuned weights differ from the initial ones."""
+    out = tmp_path / "tuned"
+    result = runner.invoke(app, ["train", *SMALL, "--init", "vtc-tiny", "--lr", "1e-3", "--device-map", "auto", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    tuned, initial = load_model(str(out))[0], load_model("vtc-tiny")[0]
+    changed = [name for name, weight in tuned.state_dict().items() if not torch.equal(weight, initial.state_dict()[name])]
+    assert any("language_model" in name for name in changed) and any("vision_tower" in name for name in changed)
 
 
 def test_an_existing_model_folder_is_not_overwritten(tmp_path):

@@ -538,6 +538,8 @@ def train(
     time_every: Annotated[int, typer.Option(help="with compression: time a vanilla step on the same batch every N steps")] = 25,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing model folder")] = False,
     test_per_family: Annotated[int, typer.Option(help="held-out questions per family for the final accuracy")] = 125,
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
 ) -> None:
     """Train vtc-tiny on vtcshapes, optionally compression-aware (the shipped weights: --method llavolta --schedule llavolta-4stage)."""
     from rich.progress import (
@@ -560,6 +562,9 @@ def train(
 
     if model not in TRAINABLE_MODELS:
         raise VtcbenchError(f"model {model!r} cannot be trained here; valid choices: {', '.join(TRAINABLE_MODELS)}")
+    dispatch = _dispatch_options(device_map, max_memory)
+    if device_map is not None and init is None:
+        raise VtcbenchError("--device-map splits the weights --init loads; a model trained from random weights has none")
     compression = method_from_options(method, set_ or [])
     if schedule is not None:
         if schedule not in SCHEDULES:
@@ -580,7 +585,7 @@ def train(
         raise VtcbenchError(f"{out} already exists; pass --overwrite to replace it, or choose --out")
     config = TrainConfig(
         out=out, model=model, method=compression, schedule=schedule, steps=steps, batch_size=batch_size, lr=lr,
-        seed=seed, time_every=time_every, test_per_family=test_per_family, init=init,
+        seed=seed, time_every=time_every, test_per_family=test_per_family, init=init, **dispatch,
     )
     if not config.compressed or compression.needs_weights:
         config.time_every = 0  # nothing to compare a vanilla step with (a fusing projector has no vanilla step)

@@ -71,6 +71,10 @@ class TrainConfig:
     time_every: int = 0  # >0: also time a vanilla step every N steps (side-by-side time ratio)
     test_per_family: int = TEST_PER_FAMILY  # held-out questions per family for the final accuracy
     init: str | None = None  # start from these weights (a model name or folder) instead of random ones
+    #: with `init`: split it over devices as it loads (`--device-map`, `--max-memory`), every part
+    #: on a device that computes it (no offload: an offloaded weight would not be the one updated)
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
 
     @property
     def compressed(self) -> bool:
@@ -208,7 +212,7 @@ class AuxiliaryHeads(nn.Module):
         colour, content = batch.colour.flatten(), batch.content.flatten()
         coloured = (colour > 0) & (colour <= len(shapes.COLORS))  # shapes' cells (the letter is white)
         shown = content > 0
-        words = self.embeddings.weight
+        words = self.embeddings.weight.to(tokens.device)
         align = ce(tokens[coloured] @ words[self.colour_words].T, colour[coloured] - 1) + ce(
             tokens[shown] @ words[self.content_words].T, content[shown] - 1
         )
@@ -256,7 +260,9 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
         model = random_model(model_config, seed=config.seed, attn_implementation="sdpa").train()
         processor = build_local_processor(model_config, vocabulary(system))
     else:  # fine-tuning, as VoCo-LLaMA and STF start from a trained LLaVA
-        model, processor = load_model(config.init, attn_implementation="sdpa")
+        model, processor = load_model(config.init, attn_implementation="sdpa", device_map=config.device_map,
+                                      max_memory=config.max_memory)
+        _check_trainable_placement(model)
         model.train()
     config.method.prepare_training(model, processor)  # voco adds its token; STF / TokenConcat install their projector
     heads = AuxiliaryHeads(facts.vision_hidden_size, model.get_input_embeddings(), processor.tokenizer)
@@ -334,6 +340,18 @@ def _test_method(config: TrainConfig, stage_list: list[Stage]) -> Method | None:
     return None if config.method.name == "vanilla" else config.method
 
 
+def _check_trainable_placement(model: nn.Module) -> None:
+    """Refuse a split that offloads weights: accelerate loads an offloaded weight for each forward
+    and drops it after, so the optimizer would update a copy, not the weight the next step reads."""
+    placed = set(getattr(model, "hf_device_map", {}).values())
+    offloaded = "disk" in placed or ("cpu" in placed and any(not isinstance(d, str) or d.startswith("cuda") for d in placed - {"cpu"}))
+    if offloaded:
+        raise VtcbenchError(
+            "--device-map: training needs every weight on a device that computes it; this split offloads some "
+            f"({', '.join(sorted(map(str, placed)))}); raise --max-memory or use more GPUs"
+        )
+
+
 def _step(model, heads, method: Method, batch: Batch, features: list, config: TrainConfig) -> tuple[float, float]:
     features.clear()
     after = batch.targets.shape[1]
@@ -346,7 +364,8 @@ def _step(model, heads, method: Method, batch: Batch, features: list, config: Tr
             logits = model(**engine.prepare(batch.inputs), logits_to_keep=after + 1).logits
     lm = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), batch.targets.flatten(), ignore_index=-100)
     tower, image_tokens = family_of(model).training_features(model.config, *features[0], batch.colour.shape[0])
-    aux = heads.loss(tower, image_tokens, batch)
+    device = batch.targets.device  # the batch's (a split model's tower and projector may sit elsewhere)
+    aux = heads.loss(tower.to(device), image_tokens.to(device), batch)
     (lm + config.aux_weight * aux).backward()
     return lm.item(), aux.item()
 
