@@ -334,16 +334,20 @@ def test_dart_visits_pivots_in_python_set_order():
     assert list(set([400, 37, 250, 600] + [640, 612, 615, 700])) == [640, 612, 37, 615, 400, 600, 250, 700]
 
 
+def _tiny_qwen_prompt(seed: int) -> tuple:
+    """(the eager tiny Qwen2.5-VL, one prompt's inputs with a 112x84 random image, its image token id)."""
+    model, processor = load_model("tiny-qwen2.5-vl", random_weights=True, attn_implementation="eager")
+    family = family_of(model)
+    image = Image.fromarray((torch.rand(112, 84, 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy())
+    text = family.prompt("how many are there in the picture , please ?", 1, system=family.system_prompt(model.config))
+    return model, dict(processor(images=[image], text=[text], return_tensors="pt")), family.image_token_id(model.config)
+
+
 @pytest.mark.parametrize("layer", [1, 2])
 def test_dart_on_qwen2_5_vl_equals_the_official_selection_on_m_rope(layer):
     """On M-RoPE the keys are those the cache holds (rotated by the three position rows) and the
     kept tokens keep their 3-D ids, as the official Qwen2.5-VL port does."""
-    model, processor = load_model("tiny-qwen2.5-vl", random_weights=True, attn_implementation="eager")
-    family = family_of(model)
-    image = Image.fromarray((torch.rand(112, 84, 3, generator=torch.Generator().manual_seed(4)) * 255).byte().numpy())
-    text = family.prompt("how many are there in the picture , please ?", 1, system=family.system_prompt(model.config))
-    inputs = dict(processor(images=[image], text=[text], return_tensors="pt"))
-    image_token = family.image_token_id(model.config)
+    model, inputs, image_token = _tiny_qwen_prompt(seed=4)
     kept = dart_kept(model, inputs, image_token, layer, (2, 2), 8)
     method = get_method("dart", layer=layer, pivot_image_tokens=2, pivot_text_tokens=2, truncation=8)
     with torch.no_grad(), compress(model, method) as engine:
@@ -455,12 +459,7 @@ def test_sparsevlm_on_qwen2_5_vl_equals_the_v2_layer_loop_on_m_rope():
     from oracles import language_model_inputs
     from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 
-    model, processor = load_model("tiny-qwen2.5-vl", random_weights=True, attn_implementation="eager")
-    family = family_of(model)
-    image = Image.fromarray((torch.rand(112, 84, 3, generator=torch.Generator().manual_seed(5)) * 255).byte().numpy())
-    text = family.prompt("how many are there in the picture , please ?", 1, system=family.system_prompt(model.config))
-    inputs = dict(processor(images=[image], text=[text], return_tensors="pt"))
-    image_token = family.image_token_id(model.config)
+    model, inputs, image_token = _tiny_qwen_prompt(seed=5)
     method = get_method("sparsevlm", tokens=192)
     with torch.no_grad(), compress(model, method) as engine:
         out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
