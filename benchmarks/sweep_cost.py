@@ -10,10 +10,10 @@ sweep over the separate runs' (`sweep.shared_flops_ratio`, the figure the design
 rather than once per cell (the floor the measured ratio is held against).
 
 Default shape on CPU (as benchmarks/flops_to_time.py's): llava-1.5-7b's 32 decoder layers and
-576 image tokens at a quarter of the width (hidden 1024, ffn 2752, 8 heads of 128) and a 2-layer
-vision tower, random weights, one new token per answer (the prefill is what the sweep shares).
-On a GPU: --full-width.
-Run: python benchmarks/sweep_cost.py [--layer 16] [--samples 3] [--full-width]
+576 image tokens at a quarter of the width (hidden 1024, ffn 2752, 8 heads of 128; `--width
+eighth`: 512, 1376, 4) and a 2-layer vision tower, random weights, one new token per answer (the
+prefill is what the sweep shares). On a GPU: --width full.
+Run: python benchmarks/sweep_cost.py [--layer 16] [--samples 3] [--width quarter|eighth|full]
 """
 
 from __future__ import annotations
@@ -35,12 +35,16 @@ from vtcbench.sweep import DEFAULT_RATIOS, Cell, shared_flops_ratio
 from vtcbench.sweep_lmm import Branch, SweepLMM
 
 
-def build_model(device: str, full_width: bool):
+#: (hidden, ffn, heads) of llava-1.5-7b's decoder at a fraction of its width (heads of 128)
+WIDTHS = {"full": (4096, 11008, 32), "quarter": (1024, 2752, 8), "eighth": (512, 1376, 4)}
+
+
+def build_model(device: str, width: str):
     config = load_config("llava-1.5-7b")
-    if not full_width:
+    if width != "full":
         text = config.text_config
-        text.hidden_size, text.intermediate_size, text.num_attention_heads, text.num_key_value_heads = 1024, 2752, 8, 8
-        text.head_dim = 128
+        text.hidden_size, text.intermediate_size, text.num_attention_heads = WIDTHS[width]
+        text.num_key_value_heads, text.head_dim = text.num_attention_heads, 128
         config.vision_config.num_hidden_layers = 2
     dtype = "float16" if device == "cuda" else "float32"
     return random_model(config, dtype=dtype, attn_implementation="sdpa", device=device), build_local_processor(config)
@@ -74,11 +78,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layer", type=int, default=16, help="the branch layer K")
     parser.add_argument("--samples", type=int, default=3)
-    parser.add_argument("--full-width", action="store_true", help="llava-1.5-7b's real width (for a GPU)")
+    parser.add_argument("--width", choices=list(WIDTHS), default="quarter", help="the decoder's width (full: for a GPU)")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    model, processor = build_model(device, args.full_width)
+    model, processor = build_model(device, args.width)
     facts = model_facts(model)
     cells = [Cell(None, 1.0)] + [Cell(args.layer, r) for r in DEFAULT_RATIOS if r < 1]
     methods = {cell: cell.method("attention", seed=0) for cell in cells}

@@ -1,0 +1,86 @@
+"""Would the sweep's branches cost less decoded together? Side by side, the decoder layers a
+sweep's branches run after their branch layer, on the sequences they keep, three ways:
+
+- separate: one forward per branch (what `vtcbench redundancy-sweep` does);
+- padded batches: the branches in batches of `--group` rows, each left-padded to its longest
+  (how a batch of branches with different kept counts runs under the engine);
+- packed: all branches in one row, a block-diagonal causal mask keeping each to its own tokens.
+
+The branches are the sweep's default ten retained shares (0.1 .. 0.9 of 576 image tokens, with
+64 text tokens) over llava-1.5-7b's last 16 decoder layers (a branch at K = 16), random weights,
+no cache: the prefill the branches do not share. Medians of `--iterations`, the three taking
+turns each round. Run: python benchmarks/branch_batching.py [--width quarter|eighth|full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from sweep_cost import WIDTHS, build_model
+
+from vtcbench.families import family_of
+from vtcbench.sweep import DEFAULT_RATIOS
+
+
+@torch.no_grad()
+def forward(stack, rows: list[int], packed: bool = False) -> None:
+    """The layers on sequences of `rows` tokens: one left-padded batch, or one packed row."""
+    width = stack.config.hidden_size
+    if packed:
+        total = sum(rows)
+        mask = torch.full((total, total), float("-inf"))
+        start = 0
+        for length in rows:
+            mask[start : start + length, start : start + length] = torch.full((length, length), float("-inf")).triu(1)
+            start += length
+        positions = torch.cat([torch.arange(length) for length in rows])[None]
+        stack(inputs_embeds=torch.randn(1, total, width), attention_mask=mask[None, None], position_ids=positions, use_cache=False)
+        return
+    longest = max(rows)
+    padding = torch.ones(len(rows), longest, dtype=torch.long)
+    for row, length in enumerate(rows):
+        padding[row, : longest - length] = 0
+    positions = (padding.cumsum(dim=1) - 1).clamp(min=0)
+    stack(inputs_embeds=torch.randn(len(rows), longest, width), attention_mask=padding, position_ids=positions, use_cache=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", choices=list(WIDTHS), default="quarter")
+    parser.add_argument("--group", type=int, default=3, help="branches per padded batch")
+    parser.add_argument("--iterations", type=int, default=3)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, _ = build_model(device, args.width)
+    stack = family_of(model).language_model(model)
+    stack.layers = stack.layers[16:]  # what a branch at K = 16 runs
+    lengths = [int(576 * ratio) + 64 for ratio in DEFAULT_RATIOS if ratio < 1]
+    ways = {
+        "separate": lambda: [forward(stack, [length]) for length in lengths],
+        f"padded batches of {args.group}": lambda: [forward(stack, lengths[i : i + args.group]) for i in range(0, len(lengths), args.group)],
+        "packed": lambda: forward(stack, lengths, packed=True),
+    }
+    seconds: dict[str, list[float]] = {name: [] for name in ways}
+    for name, way in ways.items():  # warm-up
+        way()
+    for _ in range(args.iterations):
+        for name, way in ways.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            way()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds[name].append(time.perf_counter() - started)
+    separate = statistics.median(seconds["separate"])
+    print(f"{device}, hidden {stack.config.hidden_size}, 16 layers, branches of {', '.join(map(str, lengths))} tokens; "
+          f"medians of {args.iterations}")
+    for name, values in seconds.items():
+        print(f"{name:<22} {statistics.median(values):7.3f} s   {statistics.median(values) / separate:5.2f}x separate")
+
+
+if __name__ == "__main__":
+    main()
