@@ -9,7 +9,8 @@ sweep's branches run after their branch layer, on the sequences they keep, three
 The branches are the sweep's default ten retained shares (0.1 .. 0.9 of 576 image tokens, with
 64 text tokens) over llava-1.5-7b's last 16 decoder layers (a branch at K = 16), random weights,
 no cache: the prefill the branches do not share. Medians of `--iterations`, the three taking
-turns each round. Run: python benchmarks/branch_batching.py [--width quarter|eighth|full]
+turns each round; then the decoder's multiply-accumulates per second on one short, one middle and
+one vanilla-length sequence. Run: python benchmarks/branch_batching.py [--width quarter|eighth|full]
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 import torch
 from sweep_cost import WIDTHS, build_model
 
-from vtcbench.families import family_of
+from vtcbench.families import family_of, model_facts
+from vtcbench.profilers.flops import layer_macs
 from vtcbench.sweep import DEFAULT_RATIOS
 
 
@@ -80,6 +82,17 @@ def main() -> None:
           f"medians of {args.iterations}")
     for name, values in seconds.items():
         print(f"{name:<22} {statistics.median(values):7.3f} s   {statistics.median(values) / separate:5.2f}x separate")
+    # what FLOPs do not count: a short sequence runs slower per MAC (the sweep's branches are short)
+    facts = model_facts(model)
+    rates = []
+    for length in (lengths[0], lengths[len(lengths) // 2], 576 + 64):
+        times = []
+        for _ in range(args.iterations):
+            started = time.perf_counter()
+            forward(stack, [length])
+            times.append(time.perf_counter() - started)
+        rates.append(f"{length} tokens {len(stack.layers) * layer_macs(length, facts) / statistics.median(times) / 1e9:.0f}")
+    print("GMAC/s of one forward: " + ", ".join(rates) + " (576 + 64: a vanilla prompt)")
 
 
 if __name__ == "__main__":
