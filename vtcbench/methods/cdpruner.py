@@ -25,8 +25,9 @@ whole batch of images (LLaVA-NeXT's crops); here each image is normalised alone,
 gives what each prompt gives alone. The official `theta` reweighting is commented out there and
 absent here. With `tokens` = N every token is kept without running the MAP inference, whose last
 steps divide by gains of rounding size (the official loop may then pick a token twice).
-LLaVA-NeXT (per crop) is refused, as is the Qwen line (no CLIP text tower; the
-official code has no Qwen port).
+The official code also runs LLaVA-NeXT (T per crop, the mask carried through unpadding and row
+newlines); the engine's pre-LLM path needs one fixed grid and refuses LLaVA-NeXT for now, as it
+refuses the Qwen line (no CLIP text tower; the official code has no Qwen port).
 """
 
 from collections.abc import Iterable

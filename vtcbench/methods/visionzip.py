@@ -22,9 +22,12 @@ same layer's), per image:
 Differences: the official code reads the eager attention weights and a patched attention's keys;
 here both come from recomputing the layer's CLS row and keys on its input, so the tower may run
 under any attention backend. With `contextual=0` no tokens are merged (the official code divides
-by it). Its 128- and 192-token settings (108+20, 162+30) and LLaVA-NeXT's per-crop rule are in
-the paper, not in the released code; LLaVA-NeXT and the Qwen line have no fixed grid or no CLS
-and refuse it.
+by it). Its 128- and 192-token settings (108+20, 162+30) are in the paper, not in the released
+code. The official code also runs LLaVA-NeXT (`visionzip/llava_arch.py`,
+`restore_image_features_sorted`: each crop's kept patches restored to raster order over the crop
+grid, without unpadding or row newlines, then each crop's CLS and contextual tokens), a layout of
+its own that the engine's pre-LLM path, which needs one fixed grid, does not build yet: LLaVA-NeXT
+is refused, as is the Qwen line (no CLS).
 """
 
 import dataclasses

@@ -21,7 +21,9 @@ from the layer's input, so the tower may run under any attention backend. The pr
 only the chosen patches (the official maps all and masks; a per-token MLP gives the same). Its
 argparse default keeps all 576 tokens; the default here is the README's 64-token setting.
 Settings where the number of remaining tokens is odd crash the official pairing; they are
-refused. LLaVA-NeXT (per crop) and the Qwen line (no CLS) are refused.
+refused. The official code also runs LLaVA-NeXT (a selection per crop, its mask carried through
+unpadding and row newlines); the engine's pre-LLM path needs one fixed grid and refuses
+LLaVA-NeXT for now, as it refuses the Qwen line (no CLS).
 """
 
 from collections.abc import Iterable
