@@ -34,7 +34,6 @@ from vtcbench.profilers.flops import layer_macs, vision_encoder_macs
 from vtcbench.sweep import DEFAULT_RATIOS, Cell, shared_flops_ratio
 from vtcbench.sweep_lmm import Branch, SweepLMM
 
-
 #: (hidden, ffn, heads) of llava-1.5-7b's decoder at a fraction of its width (heads of 128)
 WIDTHS = {"full": (4096, 11008, 32), "quarter": (1024, 2752, 8), "eighth": (512, 1376, 4)}
 

@@ -3,6 +3,8 @@ from the papers' settings, one-line refusals, and the iso report through the CLI
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from typer.testing import CliRunner
 
@@ -110,3 +112,22 @@ def test_run_with_budgets_and_the_iso_report(tmp_path):
     assert any("fastv (layer=1, drop_ratio=0.90625) | 15.7 |" in row for row in rows)
     without = runner.invoke(app, ["report", "--results", str(out), "--layout", "iso", "--methods", "vanilla"])
     assert without.exit_code == 2 and "none of the selected runs was made with --budget" in without.output
+
+
+def test_the_iso_report_shows_an_adaptive_method_at_the_cost_it_reached(tmp_path):
+    """PruMerge+ takes no budget (each image sets its count): the iso table lists it as `adaptive`
+    with the visual tokens and TFLOPs its run measured."""
+    runner = CliRunner()
+    out = tmp_path / "results"
+    common = ["--model", "tiny", "--random-weights", "--limit", "4", "--out", str(out)]
+    for args in (["--method", "vanilla"], ["--method", "fastv", "--set", "layer=1", "--budget", "tokens=24"],
+                 ["--method", "prumerge_plus"]):
+        result = runner.invoke(app, ["run", *args, *common])
+        assert result.exit_code == 0, result.output
+    (folder,) = out.glob("tiny__prumerge_plus__*")
+    (entry,) = json.loads((folder / "summary.json").read_text())["tasks"].values()
+    tokens = sum(entry["mean_image_tokens_per_layer"]) / len(entry["mean_image_tokens_per_layer"])
+    report = runner.invoke(app, ["report", "--results", str(out), "--layout", "iso", "--format", "markdown"])
+    assert report.exit_code == 0, report.output
+    (row,) = [line for line in report.output.splitlines() if line.startswith("| adaptive")]
+    assert f"| prumerge_plus | {tokens:.1f} | {entry['tflops_image']:.3g} |" in row and tokens < 64

@@ -609,6 +609,23 @@ def test_prumerge_plus_outliers_follow_numpys_percentiles():
     assert outlier_ratio(torch.full((1, 16), 0.25)) == 0  # a flat row: none (the method then keeps its top patch)
 
 
+def test_prumerge_plus_keeps_no_extra_token_when_it_keeps_every_patch():
+    """13 of 64 patches are outliers (int(1 / 0.203) = 4, a sampling stride of int(4 / 3) = 1) and
+    the last patch is among them: every patch is kept, each merged with its neighbours, and the
+    official all-zeros extra token is left out (64 tokens for 64 placeholders)."""
+    method = get_method("prumerge_plus")
+    n, width = 64, 8
+    features = torch.randn(n, width, generator=torch.Generator().manual_seed(2))
+    keys = torch.nn.functional.normalize(torch.randn(n, width, generator=torch.Generator().manual_seed(3)), dim=-1)
+    attention = torch.full((n,), 0.01)
+    attention[torch.arange(51, 64)] = torch.linspace(0.5, 1.0, 13)
+    merged = method._select(features, attention, keys)
+    assert merged.shape == (n, width)
+    first = int(attention.argmax())  # the first kept token: the most attended patch, merged with its 32 nearest others
+    nearest = (keys[first] @ keys.T).index_fill(0, torch.tensor([first]), float("-inf")).topk(32).indices
+    assert torch.equal(merged[0], features[first] + (features[nearest] * attention[nearest, None]).sum(0))
+
+
 def test_prumerge_plus_refuses_a_tower_read_at_its_last_layer_before_loading():
     """vtc-tiny's projector reads its tower's last layer: there is no next layer to take the
     attention from."""

@@ -23,8 +23,10 @@ and the queries and keys of the layer after it (layer 23 of 24, `q_proj`/`k_proj
 Differences: the official code scores a batch's outliers over the whole batch at once (it runs at
 batch 1; the samples' concatenation only works there); here each image is scored alone, so a
 batch gives what each image gives alone. An image with no outlier (the official code divides by
-zero) keeps its most attended patch as its one outlier. Fewer than 33 patches merge N - 1
-neighbours. The prompt keeps its N placeholders per image and the padded projected tokens are
+zero) keeps its most attended patch as its one outlier. Where every patch is kept (over a sixth
+of them outliers, a sampling stride of 1, the last patch among the outliers) the official code
+appends an extra token summing no patch, all zeros; it is left out here, so an image never keeps
+more than its N placeholders. Fewer than 33 patches merge N - 1 neighbours. The prompt keeps its N placeholders per image and the padded projected tokens are
 dropped at the language model's input with compact positions (`ADAPTIVE_PRE_LLM`), which is what
 a prompt shortened per image computes; the projector maps N tokens per image, not the kept ones.
 LLaVA-NeXT (per crop) and the Qwen line (no CLS) are refused.
@@ -111,12 +113,7 @@ class PruMergePlus(Method):
         out = features.new_zeros(images, n, width)
         real = torch.zeros(images, n, dtype=torch.bool, device=features.device)
         for image in range(images):
-            merged = self._select(features[image], attention[image], keys[image])
-            if merged.shape[0] > n:
-                raise VtcbenchError(
-                    f"{self.name}: an image keeps {merged.shape[0]} tokens, more than its {n} placeholders "
-                    "(its outliers are over a sixth of the patches)"
-                )
+            merged = self._select(features[image], attention[image], keys[image])  # at most n tokens
             out[image, : merged.shape[0]] = merged
             real[image, : merged.shape[0]] = True
         return out, real
@@ -137,6 +134,8 @@ class PruMergePlus(Method):
         centres = features[kept] + (features[neighbours] * attention[neighbours, None]).sum(dim=1)
         rest = torch.ones(n, dtype=torch.bool, device=features.device)
         rest[kept] = False
+        if not rest.any():  # every patch kept (a sampling stride of 1): no extra token, which would be all zeros
+            return centres
         extra = (features[rest] * attention[rest, None]).sum(dim=0, keepdim=True)
         return torch.cat([centres, extra])
 

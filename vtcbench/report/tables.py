@@ -223,19 +223,26 @@ def iso_table(context: Context) -> Table:
         Column("tflops", "TFLOPs", "tflops"), Column("overhead", "selection TFLOPs", "tflops"),
         Column("prefill_ms", "prefill ms", "ms"), *_task_columns(context),
     ]
+    from vtcbench.methods import METHODS
+
     reference = [run for run in context.rows if run.method == context.reference]
     budgeted = sorted((run for run in context.rows if run.budget), key=lambda run: (_budget_order(run.budget), run.method))
     if not budgeted:
         raise VtcbenchError("--layout iso: none of the selected runs was made with --budget (vtcbench run --budget tokens=N)")
+    # a method whose count each image sets takes no budget: shown at the cost it reached
+    adaptive = [run for run in context.rows if getattr(METHODS.get(run.method), "adaptive", None) and not run.budget]
     rows = [
-        Row({"budget": run.budget or "-", "method": context.label(run), "tokens": context.tokens(run),
-             "tflops": context.tflops(run), "overhead": context.task_mean(run, lambda e: e.get("tflops_method_overhead")),
+        Row({"budget": run.budget or ("adaptive" if run in adaptive else "-"), "method": context.label(run),
+             "tokens": context.tokens(run), "tflops": context.tflops(run),
+             "overhead": context.task_mean(run, lambda e: e.get("tflops_method_overhead")),
              "prefill_ms": context.prefill(run), **context.score_cells(run)}, run.name)
-        for run in [*reference, *budgeted]
+        for run in [*reference, *budgeted, *adaptive]
     ]
     footnotes = [
         ("budget: what `vtcbench run --budget` asked for; each method's setting is the one of its budget knob whose cost "
          "is closest (docs/methods.md#budgets); visual tokens and TFLOPs are what the run reached."),
+        *(["adaptive: a method whose count each image sets (PruMerge+) takes no budget; it is shown at the cost it reached."]
+          if adaptive else []),
         "visual tokens: mean over decoder layers of the image tokens entering each layer, per sample, averaged over samples.",
         ("TFLOPs: analytic multiply-accumulates of the decoder on the image tokens only (the papers' convention); "
          "selection TFLOPs: the method's own work (its scores, keys, similarities), apart; prefill ms: median time to the "
