@@ -564,8 +564,8 @@ def test_prumerge_plus_equals_the_official_selection(tiny, seed, attn):
     with torch.no_grad():
         expected = model.model.multi_modal_projector(prumerge_plus_oracle(tiny("eager"), inputs["pixel_values"]))
     kept = expected.shape[1]
-    assert 1 < kept < 64
     torch.testing.assert_close(projected[:, :kept], expected, atol=1e-5, rtol=1e-5)
+    assert not projected[:, kept:].any()  # the rest of the image's run is padding, dropped at layer 0
     short = _shortened(model, inputs, kept)
     torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, expected), atol=1e-5, rtol=1e-5)
 

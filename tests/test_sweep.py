@@ -157,6 +157,8 @@ def test_a_budget_solves_each_layers_share_to_the_closest_cost(criterion):
         solved = solve(method.name, fixed, Budget("tokens", 40), facts)
         assert method.params() == solved.method.params()
         assert cost(method, facts, "tokens") == solved.cost
+    full = plan_cells(SweepConfig(criterion=criterion, layers=[1], budget="tokens=64"), facts)
+    assert [cell.layer for cell in full] == [None]  # a budget of every token: the vanilla cell alone
     if criterion == "attention":  # keep_ratio on its 0.001 grid: int(64 * r) tokens from layer K on, 6 layers
         assert [cost(cell.method(criterion, 0), facts, "tokens") for cell in cells[1:]] == [(64 + 5 * 35) / 6, (2 * 64 + 4 * 28) / 6, 40]
 

@@ -201,16 +201,6 @@ class CompressionEngine:
         self._handles.clear()
         self._request = None
 
-    def prompt_questions(self, batch: int) -> list[str]:
-        """The question of each of a batch's prompts (`questions`, else `QUESTIONS`), one line if none."""
-        questions = self.questions if self.questions is not None else [QUESTIONS.get()] * batch
-        if len(questions) != batch or any(q is None for q in questions):
-            raise VtcbenchError(
-                f"{self.method.name} scores the image against each prompt's question: give the engine one question per "
-                "prompt (`engine.questions`, or `vtcbench.engine.QUESTIONS` around synthetic inputs)"
-            )
-        return questions
-
     # -- inputs ------------------------------------------------------------------------------------
     def prepare(self, inputs: dict) -> dict:
         """The inputs as the method's kind needs them (`MethodKind.prepare`): unchanged for in-LLM

@@ -167,8 +167,9 @@ def _budget_cell(config: SweepConfig, facts: ModelFacts, layer: int) -> Cell:
     fixed = {key: value for key, value in method.params().items() if key != knob}
     solved = solve(method.name, fixed, parse_budget(config.budget), facts).method
     value = getattr(solved, knob)
-    ratio = {"keep_ratio": value, "stride": 1 / value, "drop_ratio": round(1 - value, 10)}[knob]
-    return Cell(layer, ratio)
+    if knob == "stride":
+        return Cell(layer, 1 / value)
+    return Cell(layer, value if knob == "keep_ratio" else round(1 - value, 10))  # random: drop_ratio
 
 
 def _is_pool_ratio(ratio: float, n_image: int) -> bool:

@@ -194,7 +194,7 @@ class QuestionPreLLMKind(PreLLMKind):
                 )
             with engine.overhead():
                 counts = engine.images_per_prompt
-                questions = [q for q, n in zip(engine.prompt_questions(len(counts)), counts) for _ in range(n)]
+                questions = [q for q, n in zip(_prompt_questions(engine, len(counts)), counts) for _ in range(n)]
                 if len(questions) != output.shape[0]:
                     raise VtcbenchError(f"{method.name}: {output.shape[0]} images reached the projector for prompts holding "
                                         f"{len(questions)}; pass the inputs through engine.prepare(inputs) first")
@@ -202,6 +202,19 @@ class QuestionPreLLMKind(PreLLMKind):
                 return method.pre_llm_question(output, side.embed_patches(patches), texts)
 
         return [layer.register_forward_hook(read_layer), projector.register_forward_hook(after_projector)]
+
+
+def _prompt_questions(engine: CompressionEngine, batch: int) -> list[str]:
+    """The question of each of a batch's prompts (`engine.questions`, else `engine.QUESTIONS`), one line if none."""
+    from vtcbench.engine import QUESTIONS
+
+    questions = engine.questions if engine.questions is not None else [QUESTIONS.get()] * batch
+    if len(questions) != batch or any(q is None for q in questions):
+        raise VtcbenchError(
+            f"{engine.method.name} scores the image against each prompt's question: give the engine one question per "
+            "prompt (`engine.questions`, or `vtcbench.engine.QUESTIONS` around synthetic inputs)"
+        )
+    return questions
 
 
 @dataclass(frozen=True)
