@@ -65,7 +65,7 @@ def test_worked_examples_on_llava_1_5():
     facts = model_facts(load_config("llava-1.5-7b"))
     fastv = solve("fastv", {}, Budget("tokens", 64), facts)  # (2 x 576 + 30 x 30) / 32 = 64.125
     assert fastv.method.action_count(2, 576, 576, 32) == 30 and fastv.cost == pytest.approx(64.125)
-    assert solve("divprune", {}, Budget("tokens", 56), facts).method.pre_llm_tokens(576) == 56
+    assert solve("divprune", {}, Budget("tokens", 56), facts).method.kept(576) == 56
     assert solve("dart", {}, Budget("tokens", 64), facts).method.truncation == 24  # 4 + 8 x 3 = 28 kept from layer 2
 
 

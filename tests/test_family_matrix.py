@@ -1,4 +1,6 @@
-"""Every family x every in-LLM method x {eager, sdpa}, on each family's toy model (`ModelSpec.toy`).
+"""Every family x every method acting through the engine's layer actions (in-LLM methods and
+DivPrune's selection at the language model's input) x {eager, sdpa}, on each family's toy model
+(`ModelSpec.toy`).
 
 A new family is picked up with no edit here: register its toy alias. The invariants:
 keep-all equals vanilla; a batch of images of different sizes (so different visual-token counts
@@ -42,6 +44,7 @@ CASES = {
     "kmeans": ("kmeans", {"layer": 1, "clusters": 4, "iters": 3}),
     "dart": ("dart", {"layer": 1, "pivot_image_tokens": 1, "pivot_text_tokens": 1, "truncation": 2}),
     "sparsevlm": ("sparsevlm", {"tokens": 192}),
+    "divprune": ("divprune", {"ratio": 0.3}),
 }
 KEEP_ALL = {
     "fastv": {"layer": 1, "drop_ratio": 0.0},
@@ -49,11 +52,12 @@ KEEP_ALL = {
     "vico": {"stages": 4, "keep_ratio": 1.0},
     "llavolta": {"layer": 0, "stride": 1},
     "random": {"layer": 2, "drop_ratio": 0.0},
+    "divprune": {"ratio": 1.0},
 }
 IN_LLM = sorted(name for name, cls in METHODS.items() if cls.kind.in_llm)
 
 
-def test_the_matrix_covers_every_family_and_in_llm_method():
+def test_the_matrix_covers_every_family_and_layer_action_method():
     covered = {family_of(MODELS[alias].family).name for alias in TOYS}
     assert covered >= {"llava", "qwen2_vl", "qwen3_vl"}
     assert {name for name, _ in CASES.values()} == set(IN_LLM)

@@ -207,8 +207,8 @@ def test_vispruner_equals_the_official_selection(tiny, case, attn):
 
 def divprune_oracle(features: torch.Tensor, k: int) -> list[int]:
     """The greedy max-min subset of one image's tokens [n, d] (cosine distance), every step from
-    scratch: first the token whose nearest other is farthest, then the token farthest from its
-    nearest chosen one; returned in token order."""
+    scratch: first the token whose nearest other is farthest, then the unchosen token farthest
+    from its nearest chosen one; returned in token order."""
     unit = features / features.norm(dim=1, keepdim=True)
     distance = 1.0 - unit @ unit.T
     chosen: list[int] = []
@@ -217,24 +217,108 @@ def divprune_oracle(features: torch.Tensor, k: int) -> list[int]:
             scores = distance.topk(2, dim=0, largest=False).values[1]
         else:
             scores = distance[chosen].min(dim=0).values
+            scores[chosen] = float("-inf")  # (the official code would take a chosen token again among equal ones)
         chosen.append(int(scores.argmax()))
-    assert len(set(chosen)) == k  # no token twice on these features
     return sorted(chosen)
 
 
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
 @pytest.mark.parametrize("ratio", [0.098, 0.25, 1 / 64, 1.0])
-def test_divprune_equals_the_greedy_max_min_subset(tiny, ratio):
-    model = tiny("eager")
+def test_divprune_equals_the_greedy_max_min_subset(tiny, ratio, attn):
+    """On LLaVA-1.5 the official path: the projected tokens the greedy max-min keeps, spliced into
+    a prompt shortened to them (the engine keeps them at the language model's input instead)."""
+    model = tiny(attn)
     method = get_method("divprune", ratio=ratio)
-    k = method.pre_llm_tokens(64)
+    k = method.kept(64)
     inputs = _inputs(model, seed=2)
-    logits, tokens = _engine_logits(model, method, inputs)
+    with torch.no_grad(), compress(model, method) as engine:
+        engine.record_kept = True
+        logits = model(**engine.prepare(inputs)).logits
     with torch.no_grad():
         features = model.model.multi_modal_projector(prompt_embeddings_features(model, inputs["pixel_values"]))[0]
     kept = divprune_oracle(features, k)
-    torch.testing.assert_close(tokens[0], features[kept], atol=0, rtol=0)
+    assert engine.kept_image_tokens[0] == [kept]
     short = _shortened(model, inputs, k)
-    torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, features[kept][None]), atol=1e-5, rtol=1e-5)
+    expected = _logits_with_image_tokens(model, short, features[kept][None])
+    torch.testing.assert_close(logits[:, -short["input_ids"].shape[1] :], expected, atol=1e-5, rtol=1e-5)
+
+
+def _divprune_expected(model, inputs: dict, image_token: int, k: int, images: int = 1):
+    """(kept ranks, logits of the prompt shortened to them): each image's greedy max-min subset
+    of the image tokens the model itself hands its language model (LLaVA-NeXT: the base crop,
+    then the unpadded tiles with a newline per row), compact positions."""
+    from oracles import language_model_inputs
+
+    embeds = language_model_inputs(model, inputs)["inputs_embeds"]
+    is_image = (inputs["input_ids"] == image_token)[0]
+    features = embeds[0, is_image]
+    n = len(features) // images
+    kept = [start + i for start in range(0, len(features), n) for i in divprune_oracle(features[start : start + n], k)]
+    drop = is_image.nonzero().flatten()[[i for i in range(len(features)) if i not in kept]]
+    keep = ~torch.isin(torch.arange(embeds.shape[1]), drop)
+    with torch.no_grad():
+        return kept, model(inputs_embeds=embeds[:, keep], attention_mask=torch.ones(1, int(keep.sum()))).logits
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.3, 1.0])
+def test_divprune_on_llava_next_selects_over_each_images_packed_sequence(tiny_next, ratio):
+    """The official LLaVA-NeXT path: the greedy max-min over an image's whole packed sequence
+    (newline tokens included), the prompt shortened to the kept tokens."""
+    from PIL import Image
+
+    model, processor = tiny_next
+    image = Image.fromarray((torch.rand(60, 80, 3, generator=torch.Generator().manual_seed(7)) * 255).byte().numpy())
+    inputs = dict(processor(images=[image], text=["USER: <image>\nWhat color is it? ASSISTANT:"], return_tensors="pt"))
+    image_token = model.config.image_token_index
+    n = int((inputs["input_ids"] == image_token).sum())
+    method = get_method("divprune", ratio=ratio)
+    kept, expected = _divprune_expected(model, inputs, image_token, method.kept(n))
+    with torch.no_grad(), compress(model, method) as engine:
+        engine.record_kept = True
+        logits = model(**inputs).logits
+    assert n > 64 and engine.kept_image_tokens[0] == [kept]
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_divprune_on_llava_next_selects_each_image_of_a_prompt_alone(tiny_next):
+    """Two images in one prompt: each keeps its own subset; placeholders that touch (the two
+    images' tokens cannot be told apart) are refused in one line."""
+    from PIL import Image
+
+    model, processor = tiny_next
+    images = [Image.new("RGB", (80, 60), (200, 30, 60)), Image.new("RGB", (80, 60), (20, 130, 60))]
+    images[1].paste((250, 250, 250), (10, 10, 40, 30))
+    inputs = dict(processor(images=images, text=["USER: <image> then <image> What differs? ASSISTANT:"], return_tensors="pt"))
+    image_token = model.config.image_token_index
+    n = int((inputs["input_ids"] == image_token).sum()) // 2
+    method = get_method("divprune", ratio=0.25)
+    kept, expected = _divprune_expected(model, inputs, image_token, method.kept(n), images=2)
+    with torch.no_grad(), compress(model, method) as engine:
+        engine.record_kept = True
+        logits = model(**inputs).logits
+    assert engine.kept_image_tokens[0] == [kept] and len(kept) == 2 * method.kept(n)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    touching = dict(processor(images=images, text=["USER: <image><image> What differs? ASSISTANT:"], return_tensors="pt"))
+    with pytest.raises(VtcbenchError, match="^divprune selects per image, and two images' placeholders touch [^\n]+$"):
+        with torch.no_grad(), compress(model, method):
+            model(**touching)
+
+
+def test_divprune_on_qwen2_5_vl_keeps_the_subset_with_its_3d_positions():
+    """No official Qwen port: the greedy max-min over the image's merged tokens at the language
+    model's input, the kept tokens keeping their 3-D ids (greedy decode, run by hand)."""
+    model, inputs, image_token = _tiny_qwen_prompt(seed=6)
+    n = int((inputs["input_ids"] == image_token).sum())
+    method = get_method("divprune", ratio=0.4)
+    kept, _ = _divprune_expected(model, inputs, image_token, method.kept(n))
+    plan = OraclePlan("pdrop", {0: len(kept)}, "compact", fixed={0: torch.tensor(kept)})
+    tokens, logits = mrope_oracle_greedy(model, inputs, image_token, plan, new_tokens=3)
+    with torch.no_grad(), compress(model, method) as engine:
+        engine.record_kept = True
+        out = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True)
+    assert engine.kept_image_tokens[0] == [kept] and out.sequences[0, -3:].tolist() == tokens
+    torch.testing.assert_close(torch.stack(out.logits, dim=1)[0], torch.stack(logits), atol=1e-4, rtol=1e-4)
 
 
 def prompt_embeddings_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -247,9 +331,10 @@ def prompt_embeddings_features(model, pixel_values: torch.Tensor) -> torch.Tenso
 def test_divprune_counts_follow_the_official_rounding():
     """int(round(ratio * N)): 56 of LLaVA-1.5's 576 at the official 0.098 (Python rounds half to even)."""
     method = get_method("divprune")
-    assert method.pre_llm_tokens(576) == 56
-    assert get_method("divprune", ratio=0.5 / 64 * 3).pre_llm_tokens(64) == 2  # 1.5 -> 2
-    assert get_method("divprune", ratio=0.5 / 64 * 5).pre_llm_tokens(64) == 2  # 2.5 -> 2
+    assert method.kept(576) == 56
+    assert method.image_tokens_per_layer(576, 32) == [56] * 32
+    assert get_method("divprune", ratio=0.5 / 64 * 3).kept(64) == 2  # 1.5 -> 2
+    assert get_method("divprune", ratio=0.5 / 64 * 5).kept(64) == 2  # 2.5 -> 2
 
 
 # -- DART ------------------------------------------------------------------------------------------
@@ -818,10 +903,11 @@ def test_dart_refuses_more_text_pivots_than_text_after_the_image(tiny):
             model(**inputs)
 
 
-@pytest.mark.parametrize("name", ["visionzip", "vispruner", "divprune", "cdpruner", "prumerge_plus"])
+@pytest.mark.parametrize("name", ["visionzip", "vispruner", "cdpruner", "prumerge_plus"])
 def test_selections_before_the_llm_refuse_keep_indices(name):
     """The engine sees the selected tokens, not the patches they came from: a retention picture
-    would show the first patches of the grid as kept. Pooling (avgpool) keeps its pooled grid."""
+    would show the first patches of the grid as kept. Pooling (avgpool) keeps its pooled grid,
+    and DivPrune's selection at the language model's input keeps the patches' own tokens."""
     from vtcbench.methods import check_before_loading
     from vtcbench.models import load_config
 
@@ -829,11 +915,12 @@ def test_selections_before_the_llm_refuse_keep_indices(name):
     with pytest.raises(VtcbenchError, match=f"^--keep-indices: {name} selects before the LLM, [^\n]+$"):
         check_before_loading(get_method(name), config, keep_indices=2)
     check_before_loading(get_method("avgpool"), config, keep_indices=2)
+    check_before_loading(get_method("divprune"), config, keep_indices=2)
 
 
 @pytest.mark.parametrize("model_type", ["llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_pre_llm_selections_refuse_families_without_a_fixed_grid_or_cls(model_type):
     family = family_of(model_type)
-    for name in ("visionzip", "vispruner", "divprune", "prumerge_plus", "cdpruner"):
+    for name in ("visionzip", "vispruner", "prumerge_plus", "cdpruner"):
         with pytest.raises(VtcbenchError, match=f"^{name} cannot run on the {family.name} family: [^\n]+$"):
             family.check_method(get_method(name))

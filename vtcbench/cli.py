@@ -75,12 +75,12 @@ def methods() -> None:
         table.add_column(column, no_wrap=not wraps, min_width=len(column) if column == "needs weights" else None)
     for name, cls in sorted(METHODS.items()):
         defaults = ", ".join(f"{f.name}={_format_value(f.default)}" for f in dataclasses.fields(cls)) or "-"
-        in_llm = cls.kind.in_llm
+        positions = cls.kind.positions
         runs_on = [family for family, f in FAMILIES.items() if f.refusal(cls) is None]
         families = "all" if len(runs_on) == len(FAMILIES) else ", ".join(runs_on)
         table.add_row(
-            name, cls.kind.name.replace("_", "-"), cls.position_policy if in_llm else "-",
-            MROPE_POSITIONS[cls.position_policy] if in_llm else "-", families, defaults, cls.needs_weights or "-", cls.description,
+            name, cls.kind.name.replace("_", "-"), cls.position_policy if positions else "-",
+            MROPE_POSITIONS[cls.position_policy] if positions else "-", families, defaults, cls.needs_weights or "-", cls.description,
         )
     console.print(table)
 

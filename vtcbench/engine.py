@@ -85,6 +85,8 @@ class _Request:
     input_ids: torch.Tensor
     valid: torch.Tensor  # [batch, seq] bool: not padding
     n_image: list[int]  # N0 of each sample
+    #: per sample, each image's token count in order (None where two images' runs touch)
+    image_runs: list[list[int]] | None = None
     original_length: int = 0  # padded prompt length before any compression
     lm_index: torch.Tensor | None = None  # layer-0 space in original indices, if layer 0 acted
     lm_filler: torch.Tensor | None = None  # its filler slots (columns masked at decode), if any
@@ -244,7 +246,9 @@ class CompressionEngine:
             self._validate(n)
         attention_mask = kwargs.get("attention_mask")
         valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
-        self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image)
+        grid = self.facts.image_tokens if self.family.fixed_image_grid else None
+        runs = _image_runs(image_mask, grid, self.family.images_in_batch(kwargs))
+        self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image, image_runs=runs)
         if self.prompt_length is not None:  # a teacher-forced answer must not change a sample's key (random's draw)
             self._request._sample_keys = _sample_keys(input_ids[:, : self.prompt_length], valid[:, : self.prompt_length])
         return
@@ -402,6 +406,7 @@ class CompressionEngine:
             index0=space.index0,
             embeddings0=request.embeddings0,
             tower_kept=self.tower_kept,
+            image_runs=request.image_runs if layer == 0 else None,
             valid=space.valid,
             query=space.query,
             final_norm=self.language_model.norm,
@@ -624,6 +629,18 @@ def _row_nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
     """Per row, the columns where `mask` is True, ascending, then (a row with fewer than `count`)
     columns where it is False: [batch, count]. A stable sort, so no host sync."""
     return (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]
+
+
+def _image_runs(image_mask: torch.Tensor, grid: int | None, images: int | None) -> list[list[int]] | None:
+    """Per sample, the token count of each image: its runs of consecutive image tokens, a run of
+    whole `grid`s split into images of one grid each (a fixed grid); None when the batch holds
+    `images` images and the runs count otherwise (two images' placeholders touch)."""
+    edges = torch.diff(torch.nn.functional.pad(image_mask.int(), (1, 1)), dim=1).cpu()
+    runs = []
+    for row in edges:
+        lengths = ((row == -1).nonzero() - (row == 1).nonzero()).flatten().tolist()
+        runs.append([part for n in lengths for part in ([grid] * (n // grid) if grid and n % grid == 0 else [n])])
+    return None if images is not None and sum(map(len, runs)) != images else runs
 
 
 def _sample_keys(input_ids: torch.Tensor, valid: torch.Tensor) -> list[int]:

@@ -217,6 +217,12 @@ class ModelFamily:
     def video_token_id(self, config: Any) -> int | None:
         return None
 
+    def images_in_batch(self, inputs: dict) -> int | None:
+        """How many images a prefill's model inputs carry, where the prompt's runs of image tokens
+        may touch (the engine then checks that it told the images apart); None where every image's
+        run is delimited by the prompt itself."""
+        return None
+
     def facts(self, config: Any, image_size: tuple[int, int] | None = None) -> ModelFacts:
         raise NotImplementedError  # abstract
 

@@ -105,6 +105,9 @@ class LayerContext:
     #: [images, grid] bool, batch order: the real tokens of each image's run after a tower
     #: selection whose count depends on the image (`ADAPTIVE_PRE_LLM`); None otherwise
     tower_kept: torch.Tensor | None = None
+    #: at layer 0, per sample, each image's token count in order (None where two images'
+    #: placeholders touch, or after layer 0)
+    image_runs: list[list[int]] | None = None
     _scores: torch.Tensor | None = field(default=None, repr=False)
 
     @property

@@ -3,7 +3,7 @@ act, owned by the kind (`Method.kind`) so that no caller switches on it.
 
 A kind says which run options and families it can take, how the engine applies it (hooks,
 prompt shortening, the prefill's check), how a prompt is written and batched for it, how a loaded
-model answers prompts with it (`session`) and what `vtcbench profile` measures. Six kinds:
+model answers prompts with it (`session`) and what `vtcbench profile` measures. Seven kinds:
 
 - `NONE` (vanilla) and `IN_LLM` (drops and merges inside the language model): the engine's hooks
   around transformers' `generate`;
@@ -13,6 +13,9 @@ model answers prompts with it (`session`) and what `vtcbench profile` measures. 
   tower's text side, CDPruner): as `PRE_LLM`, with the question and the tower's patches;
 - `ADAPTIVE_PRE_LLM` (a selection before the projector whose count depends on the image,
   PruMerge+): the prompt keeps its placeholders and a layer-0 action keeps each image's count;
+- `PROJECTED_SELECTION` (a selection among each image's projected tokens, DivPrune): made by a
+  layer-0 action on the language model's input, which holds exactly the projector's output, so
+  it runs on every family, whatever each image's count;
 - `CACHE` (VoCo-LLaMA): its own prompt and its compressed-cache generation (`vtcbench/voco.py`),
   outside the engine; it keeps no image tokens, so fidelity, kept indices and a timed training
   step under the engine do not apply.
@@ -51,8 +54,11 @@ class MethodKind:
     """A kind whose methods run under the compression engine (vanilla and in-LLM methods as is)."""
 
     name: str  # shown by `vtcbench methods` ("acts"); the run folder records the method, not its kind
-    #: acts inside the language model, where its tokens take positions by the method's policy
+    #: acts inside the language model (its input included), where its work is part of the
+    #: language model's cost and its tokens take positions by the method's policy
     in_llm: bool = False
+    #: the tokens it keeps take positions by the method's `position_policy` (a layer action)
+    positions: bool = False
     #: works on one fixed grid of image tokens per image (families that size each image refuse it)
     needs_fixed_grid: bool = False
 
@@ -317,9 +323,12 @@ class CacheKind(MethodKind):
 
 
 NONE = MethodKind("none")
-IN_LLM = MethodKind("in_llm", in_llm=True)
+IN_LLM = MethodKind("in_llm", in_llm=True, positions=True)
 PRE_LLM = PreLLMKind("pre_llm")
 QUESTION_PRE_LLM = QuestionPreLLMKind("pre_llm")
-ADAPTIVE_PRE_LLM = AdaptivePreLLMKind("pre_llm")
+ADAPTIVE_PRE_LLM = AdaptivePreLLMKind("pre_llm", positions=True)
+#: the method's `plan` acts at layer 0 (`{0: None}`) and its `select` chooses per image
+#: (`LayerContext.image_runs`); the prompt keeps every placeholder (any family's processor writes it)
+PROJECTED_SELECTION = MethodKind("pre_llm", in_llm=True, positions=True)
 CACHE = CacheKind("cache")
-KINDS: tuple[MethodKind, ...] = (NONE, IN_LLM, PRE_LLM, QUESTION_PRE_LLM, ADAPTIVE_PRE_LLM, CACHE)
+KINDS: tuple[MethodKind, ...] = (NONE, IN_LLM, PRE_LLM, QUESTION_PRE_LLM, ADAPTIVE_PRE_LLM, PROJECTED_SELECTION, CACHE)
