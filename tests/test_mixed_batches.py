@@ -82,9 +82,11 @@ def test_mixed_batch_equals_each_prompt_alone(next_model, case):
         assert len({tuple(c) for c in counts}) > 1  # the samples really keep different numbers
 
 
-def test_run_batches_llava_next_images_of_different_sizes_together(tiny_next, tmp_path):
+@pytest.mark.parametrize(("name", "params"), [("fastv", {"layer": 1, "drop_ratio": 0.5}), ("vispruner", {"tokens": 16, "important_ratio": 0.5})])
+def test_run_batches_llava_next_images_of_different_sizes_together(tiny_next, tmp_path, name, params):
     """`vtcbench run`'s grouping: NeXT requests with images of 4 sizes go in one batch, and each
-    answer and per-layer count is the one the request gets alone."""
+    answer and per-layer count is the one the request gets alone (an in-LLM method, and a
+    selection per crop whose count is its 16 per crop)."""
     from lmms_eval.api.instance import Instance
 
     from vtcbench.lmms_model import VtcbenchLMM
@@ -102,8 +104,8 @@ def test_run_batches_llava_next_images_of_different_sizes_together(tiny_next, tm
     ]
     runs = {}
     for batch_size in (1, 4):
-        folder = RunFolder.open(tmp_path / str(batch_size), {"model": "tiny-next", "method": "fastv", "batch": batch_size}, {"git_revision": "x"})
-        lmm = VtcbenchLMM(*tiny_next, get_method("fastv", layer=1, drop_ratio=0.5), folder, batch_size=batch_size, show_progress=False)
+        folder = RunFolder.open(tmp_path / str(batch_size), {"model": "tiny-next", "method": name, "batch": batch_size}, {"git_revision": "x"})
+        lmm = VtcbenchLMM(*tiny_next, get_method(name, **params), folder, batch_size=batch_size, show_progress=False)
         lmm.task_dict = {"toy": {"test": docs}}
         runs[batch_size] = (lmm.generate_until(requests), sorted(lmm.run.finished.values(), key=lambda r: r["doc_id"]))
     (alone, alone_records), (batched, records) = runs[1], runs[4]
@@ -112,7 +114,10 @@ def test_run_batches_llava_next_images_of_different_sizes_together(tiny_next, tm
     assert len({r["image_tokens"] for r in records}) == len(SIZES)
     for record, single in zip(records, alone_records):
         assert record["image_tokens_per_layer"] == single["image_tokens_per_layer"]
-        assert record["image_tokens_per_layer"] == get_method("fastv", layer=1, drop_ratio=0.5).image_tokens_per_layer(record["image_tokens"], N_LAYERS)
+        if name == "fastv":
+            assert record["image_tokens_per_layer"] == get_method(name, **params).image_tokens_per_layer(record["image_tokens"], N_LAYERS)
+        else:  # 16 per crop, 3 or 5 crops
+            assert record["image_tokens_per_layer"][0] in (48, 80) and len(set(record["image_tokens_per_layer"])) == 1
 
 
 @pytest.mark.parametrize("case", ["fastv-first", "pdrop", "llavolta", "random-first"])

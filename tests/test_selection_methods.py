@@ -70,7 +70,8 @@ def _logits_with_image_tokens(model, inputs: dict, tokens: torch.Tensor) -> torc
 def visionzip_oracle(model, pixel_values: torch.Tensor, dominant: int, contextual: int) -> torch.Tensor:
     """`CLIPVisionTower_VisionZip.forward` (visionzip/clip_encoder.py), with `dominant_num =
     dominant - 1` as `visionzip()` sets it and the key metric of `utils.py` (k_proj of layer -2,
-    mean over heads), on transformers' eager attention weights and hidden states."""
+    mean over heads), on transformers' eager attention weights and hidden states: (the selected
+    tokens [crops, T, C], `all_indices` [crops, dominant] CLS's and the dominant tokens' indices)."""
     tower = model.model.vision_tower
     with torch.no_grad():
         out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
@@ -89,7 +90,7 @@ def visionzip_oracle(model, pixel_values: torch.Tensor, dominant: int, contextua
         mask = torch.ones_like(hidden_states[:, :, 0], dtype=torch.bool).scatter_(1, all_indices, False)
         dominant_tokens = hidden_states.masked_select(~mask.unsqueeze(-1)).view(hidden_states.shape[0], dominant_num + 1, hidden_states.shape[2])
         if contextual_num == 0:  # the official code divides by it; vtcbench merges nothing
-            return dominant_tokens
+            return dominant_tokens, all_indices
         metric_filtered = metric[mask].view(hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), metric.shape[2])
         hidden_states_filtered = hidden_states.masked_select(mask.unsqueeze(-1)).view(
             hidden_states.shape[0], hidden_states.shape[1] - (dominant_num + 1), hidden_states.shape[2])
@@ -106,7 +107,7 @@ def visionzip_oracle(model, pixel_values: torch.Tensor, dominant: int, contextua
         aggregated_hidden = torch.bmm(assign_one_hot.transpose(1, 2), hidden_to_merge) / counts
         target_hidden = hidden_states_filtered[:, target_indices, :]
         contextual_tokens = target_hidden + aggregated_hidden
-        return torch.cat([dominant_tokens, contextual_tokens], dim=1)
+        return torch.cat([dominant_tokens, contextual_tokens], dim=1), all_indices
 
 
 VISIONZIP_CASES = {  # 64 patches + CLS on the tiny LLaVA
@@ -128,7 +129,7 @@ def test_visionzip_equals_the_official_selection(tiny, case, attn):
     inputs = _inputs(model, seed=1)
     logits, tokens = _engine_logits(model, method, inputs)
     with torch.no_grad():
-        expected = model.model.multi_modal_projector(visionzip_oracle(tiny("eager"), inputs["pixel_values"], **params))
+        expected = model.model.multi_modal_projector(visionzip_oracle(tiny("eager"), inputs["pixel_values"], **params)[0])
     torch.testing.assert_close(tokens, expected, atol=1e-6, rtol=1e-6)
     short = _shortened(model, inputs, method.pre_llm_tokens(64))
     torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, expected), atol=1e-5, rtol=1e-5)
@@ -139,7 +140,8 @@ def test_visionzip_equals_the_official_selection(tiny, case, attn):
 
 def vispruner_oracle(model, pixel_values: torch.Tensor, visual_token_num: int, important_ratio: float) -> torch.Tensor:
     """`encode_images` of Theia-4869/VisPruner (llava/model/llava_arch.py) and its `feature_select`
-    (clip_encoder.py), on transformers' eager attention weights: the kept patch features."""
+    (clip_encoder.py), on transformers' eager attention weights: (the patch features [crops, N, C],
+    `index_masks` [crops, N] of the kept ones)."""
     tower = model.model.vision_tower
     with torch.no_grad():
         out = tower(pixel_values, output_hidden_states=True, output_attentions=True)
@@ -173,7 +175,7 @@ def vispruner_oracle(model, pixel_values: torch.Tensor, visual_token_num: int, i
         selected_indices = important_indices
     index_masks = torch.zeros(B, N, dtype=torch.bool)
     index_masks.scatter_(1, selected_indices, True)
-    return image_features[index_masks].view(B, visual_token_num, C)
+    return image_features, index_masks
 
 
 VISPRUNER_CASES = {  # (tokens, important_ratio) on the tiny LLaVA's 64 patches
@@ -196,10 +198,177 @@ def test_vispruner_equals_the_official_selection(tiny, case, attn):
     inputs = _inputs(model, seed=4)
     logits, projected = _engine_logits(model, method, inputs)
     with torch.no_grad():
-        expected = model.model.multi_modal_projector(vispruner_oracle(tiny("eager"), inputs["pixel_values"], tokens, ratio))
+        features, masks = vispruner_oracle(tiny("eager"), inputs["pixel_values"], tokens, ratio)
+        expected = model.model.multi_modal_projector(features[masks][None])
     torch.testing.assert_close(projected, expected, atol=1e-6, rtol=1e-6)
     short = _shortened(model, inputs, tokens)
     torch.testing.assert_close(logits, _logits_with_image_tokens(model, short, expected), atol=1e-5, rtol=1e-5)
+
+
+# -- the per-crop selections on LLaVA-NeXT (VisionZip, VisPruner, CDPruner) ---------------------------
+
+
+def official_anyres_layout(image_feature, index_mask, rows: int, cols: int, side: int) -> torch.Tensor:
+    """`prepare_inputs_labels_for_multimodal` of Theia-4869/VisPruner and CDPruner (llava_arch.py)
+    for one image, `mm_patch_merge_type` 'spatial_unpad' with its `_unpad` stripped as they strip
+    it: the base crop's kept tokens, then the tiles' on the whole tile grid, no unpadding, no newline."""
+    base_image_feature, base_index_mask = image_feature[0], index_mask[0]
+    image_feature, index_mask = image_feature[1:], index_mask[1:]
+    image_feature = image_feature.view(rows, cols, side, side, -1)
+    index_mask = index_mask.view(rows, cols, side, side)
+    image_feature = image_feature.permute(0, 2, 1, 3, 4).contiguous()
+    image_feature = image_feature.flatten(0, 3)
+    index_mask = index_mask.permute(0, 2, 1, 3).contiguous()
+    index_mask = index_mask.flatten(0, 3)
+    image_feature = image_feature[index_mask]
+    base_image_feature = base_image_feature[base_index_mask]
+    return torch.cat((base_image_feature, image_feature), dim=0)
+
+
+def official_restore_image_features_sorted(image_feature, cur_keep_idx, width: int, height: int, side: int):
+    """`restore_image_features_sorted` of dvlab-research/VisionZip (llava_arch.py) line by line,
+    its 576 and 24 as the crop's patches and side: the tiles' kept patches on the whole tile
+    grid, then every tile's CLS, then every tile's contextual tokens."""
+    num_img, total_patches, feature_dim = image_feature.shape
+    num_keep = cur_keep_idx.shape[1]
+    num_extra = total_patches - num_keep
+    cur_keep_idx_sorted, _ = cur_keep_idx.sort(dim=1)
+    cur_keep_idx_sorted_restore = cur_keep_idx_sorted[:, 1:] - 1
+    restored_features = torch.zeros((num_img, side * side, feature_dim), dtype=image_feature.dtype)
+    mask = torch.zeros(num_img, side * side, dtype=torch.bool)
+    mask.scatter_(1, cur_keep_idx_sorted_restore, True)
+    kept_features = image_feature[:, 1:num_keep, :]
+    restored_features[mask] = kept_features.reshape(-1, feature_dim)
+    assert width * height == restored_features.shape[0], "width * height must equal num_img"
+    restored_features = restored_features.view(height, width, side, side, feature_dim)
+    restored_features = restored_features.permute(0, 2, 1, 3, 4).contiguous()
+    restored_features = restored_features.view(height, side, width * side, feature_dim)
+    restored_features = restored_features.view(height * side, width * side, feature_dim)
+    grid_with_newline = restored_features
+    mask = mask.view(height, width, side, side)
+    mask = mask.permute(0, 2, 1, 3).contiguous()
+    mask = mask.view(height * side, width * side)
+    image_feature_select = grid_with_newline[mask]
+    raw_img_feature_merge = image_feature[:, -num_extra:,].reshape(-1, feature_dim)
+    cls_img_feature_merge = image_feature[:, 0,]
+    return torch.cat([image_feature_select, cls_img_feature_merge, raw_img_feature_merge])
+
+
+def _next_prompt(processor, seed: int, size=(80, 60), text: str = "What color is it?") -> dict:
+    image = Image.fromarray((torch.rand(size[1], size[0], 3, generator=torch.Generator().manual_seed(seed)) * 255).byte().numpy())
+    return dict(processor(images=[image], text=[f"USER: <image>\n{text} ASSISTANT:"], return_tensors="pt"))
+
+
+def _next_crops(model, inputs: dict) -> tuple[torch.Tensor, int, int, int]:
+    """(the image's crops' pixels, tile rows, tile columns, patches per crop side), as the model cuts them."""
+    from transformers.models.llava_next.modeling_llava_next import (
+        get_anyres_image_grid_shape,
+        image_size_to_num_patches,
+    )
+
+    size, pinpoints = model.config.vision_config.image_size, model.config.image_grid_pinpoints
+    image_size = inputs["image_sizes"][0]
+    crops = image_size_to_num_patches(image_size, pinpoints, size)
+    rows, cols = get_anyres_image_grid_shape(image_size, pinpoints, size)
+    return inputs["pixel_values"][0, :crops], rows, cols, size // model.config.vision_config.patch_size
+
+
+def _logits_with_image_run(model, inputs: dict, tokens: torch.Tensor) -> torch.Tensor:
+    """A plain forward of the prompt with its one image's run of placeholders shortened to
+    `tokens` [k, d] and filled with them (the official prompt), consecutive positions."""
+    ids = inputs["input_ids"][0]
+    is_image = ids == model.config.image_token_index
+    keep = ~is_image | (is_image.cumsum(0) <= len(tokens))
+    embeds = model.get_input_embeddings()(ids[keep][None])
+    embeds = embeds.masked_scatter(is_image[keep][None, :, None], tokens.to(embeds.dtype))
+    with torch.no_grad():
+        return model(inputs_embeds=embeds, attention_mask=torch.ones(1, embeds.shape[1], dtype=torch.long)).logits
+
+
+def _next_engine(model, method, inputs: dict, question: str | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    with torch.no_grad(), compress(model, method) as engine:
+        engine.questions = None if question is None else [question]
+        logits = model(**engine.prepare(inputs)).logits
+    return logits, engine.crop_tokens
+
+
+@pytest.mark.parametrize("case", ["scaled default", "few diverse", "all diverse", "one token"])
+def test_vispruner_on_llava_next_lays_out_each_crops_selection_as_the_official_code(case):
+    from conftest import build_tiny_next
+
+    tokens, ratio = VISPRUNER_CASES[case]
+    model, processor = build_tiny_next("eager")
+    inputs = _next_prompt(processor, seed=3)
+    logits, (kept,) = _next_engine(model, get_method("vispruner", tokens=tokens, important_ratio=ratio), inputs)
+    pixel_values, rows, cols, side = _next_crops(model, inputs)
+    features, masks = vispruner_oracle(model, pixel_values, tokens, ratio)
+    with torch.no_grad():
+        expected = official_anyres_layout(model.model.multi_modal_projector(features), masks, rows, cols, side)
+    assert rows * cols > 1 and len(expected) == tokens * (1 + rows * cols)
+    torch.testing.assert_close(kept, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits, _logits_with_image_run(model, inputs, expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("dominant", "contextual"), [(12, 4), (3, 1), (2, 30)])  # (contextual=0 divides by zero there)
+def test_visionzip_on_llava_next_restores_each_crops_selection_as_the_official_code(dominant, contextual):
+    from conftest import build_tiny_next
+
+    params = {"dominant": dominant, "contextual": contextual}
+    model, processor = build_tiny_next("eager")
+    inputs = _next_prompt(processor, seed=5, size=(60, 90))
+    logits, (kept,) = _next_engine(model, get_method("visionzip", **params), inputs)
+    pixel_values, rows, cols, side = _next_crops(model, inputs)
+    selected, keep_idx = visionzip_oracle(model, pixel_values, **params)
+    with torch.no_grad():
+        projected = model.model.multi_modal_projector(selected)
+    # `prepare_inputs_labels_for_multimodal_visionzip`: its `get_anyres_image_grid_shape` answers (width, height)
+    expected = torch.cat([projected[0], official_restore_image_features_sorted(projected[1:], keep_idx[1:], cols, rows, side)])
+    assert len(expected) == (params["dominant"] + params["contextual"]) * (1 + rows * cols)
+    torch.testing.assert_close(kept, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits, _logits_with_image_run(model, inputs, expected), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("tokens", [1, 12])
+def test_cdpruner_on_llava_next_normalises_over_the_crops_and_lays_them_out_as_the_official_code(tokens):
+    from conftest import TINY_CLIP, build_tiny_next
+
+    model, processor = build_tiny_next("eager")
+    text = "how many circles are there ?"
+    inputs = _next_prompt(processor, seed=9, text=text)
+    logits, (kept,) = _next_engine(model, get_method("cdpruner", tokens=tokens, clip=TINY_CLIP), inputs, question=text)
+    pixel_values, rows, cols, side = _next_crops(model, inputs)
+    projected, masks = cdpruner_oracle(model, TINY_CLIP, pixel_values, text, tokens)
+    expected = official_anyres_layout(projected, masks, rows, cols, side)
+    torch.testing.assert_close(kept, expected, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(logits, _logits_with_image_run(model, inputs, expected), atol=1e-5, rtol=1e-5)
+
+
+def test_per_crop_selections_on_llava_next_batch_mixed_sizes_as_alone_and_refuse_too_many_tokens(tiny_next):
+    """Images of different crop grids in one left-padded batch: each row as its prompt alone,
+    counts `tokens` x crops; more tokens than the unpadded prompt holds is refused in one line."""
+    model, processor = tiny_next
+    method = get_method("vispruner", tokens=16, important_ratio=0.5)
+    sizes = [(80, 60), (40, 100), (100, 40)]
+    images = [Image.fromarray((torch.rand(h, w, 3, generator=torch.Generator().manual_seed(i)) * 255).byte().numpy())
+              for i, (w, h) in enumerate(sizes)]
+    texts = ["USER: <image>\nWhat color is it? ASSISTANT:", "USER: <image>\nHow many? ASSISTANT:", "USER: <image>\nWhy? ASSISTANT:"]
+    processor.tokenizer.padding_side = "left"
+    batch = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+    with torch.no_grad(), compress(model, method) as engine:
+        out = model.generate(**engine.prepare(batch), max_new_tokens=3, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        counts = engine.applied_image_tokens_per_sample
+    crops = [1 + r * c for r, c in family_of(model).crop_grids(model.config, batch["image_sizes"])]
+    assert [c[0] for c in counts] == [16 * n for n in crops] and len(set(crops)) > 1
+    for row, (image, text) in enumerate(zip(images, texts)):
+        alone = dict(processor(images=[image], text=[text], return_tensors="pt"))
+        with torch.no_grad(), compress(model, method) as engine:
+            single = model.generate(**engine.prepare(alone), max_new_tokens=3, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True)
+        assert out.sequences[row, -3:].tolist() == single.sequences[0, -3:].tolist()
+        torch.testing.assert_close(out.logits[0][row], single.logits[0][0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(VtcbenchError, match="^the per-crop selection keeps 320 tokens of images whose prompt holds [^\n]+$"):
+        with torch.no_grad(), compress(model, get_method("vispruner", tokens=64, important_ratio=1.0)) as engine:
+            model(**engine.prepare(_next_prompt(processor, seed=1)))
 
 
 # -- DivPrune --------------------------------------------------------------------------------------
@@ -741,8 +910,9 @@ def test_prumerge_plus_keeps_its_top_patch_when_no_patch_is_an_outlier():
 def cdpruner_oracle(model, clip_folder: str, pixel_values: torch.Tensor, text: str, visual_token_num: int) -> torch.Tensor:
     """`CLIPVisionTower.forward(images, texts)` (clip_encoder.py, its text tower and visual
     projection loaded as `load_text_tower` does, from the CLIP checkpoint) and
-    `LlavaMetaForCausalLM.encode_images` (llava_arch.py) of Theia-4869/CDPruner, batch of one:
-    the kept projected tokens [1, T, d]."""
+    `LlavaMetaForCausalLM.encode_images` (llava_arch.py) of Theia-4869/CDPruner on one image's
+    crops (the relevance normalised over all of them): (the projected tokens [crops, N, d],
+    `index_masks` [crops, N] of the kept ones)."""
     from transformers import AutoTokenizer, CLIPModel
 
     clip = CLIPModel.from_pretrained(clip_folder)
@@ -786,7 +956,7 @@ def cdpruner_oracle(model, clip_folder: str, pixel_values: torch.Tensor, text: s
         select_idx = torch.sort(select_idx.t()).values
         index_masks = torch.zeros(B, N, dtype=torch.bool)
         index_masks.scatter_(1, select_idx, True)
-    return image_features[index_masks].unsqueeze(0)
+    return image_features, index_masks
 
 
 CDPRUNER_QUESTIONS = {
@@ -815,7 +985,8 @@ def test_cdpruner_equals_the_official_selection(tiny, question, tokens, attn):
         finally:
             handle.remove()
     if tokens < 64:
-        expected = cdpruner_oracle(tiny("eager"), TINY_CLIP, inputs["pixel_values"], text, tokens)
+        projected, masks = cdpruner_oracle(tiny("eager"), TINY_CLIP, inputs["pixel_values"], text, tokens)
+        expected = projected[masks][None]
     else:  # every token, in order (the official MAP's last steps divide by rounding-size gains)
         with torch.no_grad():
             expected = model.model.multi_modal_projector(prompt_embeddings_features(model, inputs["pixel_values"]))
@@ -920,7 +1091,9 @@ def test_selections_before_the_llm_refuse_keep_indices(name):
 
 @pytest.mark.parametrize("model_type", ["llava_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
 def test_pre_llm_selections_refuse_families_without_a_fixed_grid_or_cls(model_type):
+    """LLaVA-NeXT runs the per-crop selections (VisionZip, VisPruner, CDPruner), not PruMerge+'s."""
     family = family_of(model_type)
-    for name in ("visionzip", "vispruner", "prumerge_plus", "cdpruner"):
+    refused = ("prumerge_plus",) if family.anyres_crops else ("visionzip", "vispruner", "prumerge_plus", "cdpruner")
+    for name in refused:
         with pytest.raises(VtcbenchError, match=f"^{name} cannot run on the {family.name} family: [^\n]+$"):
             family.check_method(get_method(name))

@@ -65,7 +65,7 @@ def parse_budget(text: str) -> Budget:
 
 def cost(method: Method, facts: ModelFacts, measure: Measure) -> float:
     """The method's cost at the model's nominal image, in the budget's measure."""
-    counts = method.image_tokens_per_layer(facts.image_tokens, facts.n_layers)
+    counts = method.image_tokens_per_layer(facts.image_tokens, facts.n_layers, facts.vision_crops)
     if measure == "tokens":
         return sum(counts) / len(counts)
     from vtcbench.profilers.flops import analytic_flops
@@ -84,9 +84,10 @@ def solve(name: str, params: dict, budget: Budget, facts: ModelFacts) -> Solved:
     if chosen:
         raise VtcbenchError(f"--budget chooses {name}'s {knob}; drop --set {chosen[0]}")
     reachable = []
-    for candidate in base.budget_candidates(facts.image_tokens, facts.n_layers):
+    n_image = facts.image_tokens // (facts.vision_crops if base.selects_per_crop else 1)  # a per-crop knob: one crop's
+    for candidate in base.budget_candidates(n_image, facts.n_layers):
         try:
-            candidate.validate_for(facts.image_tokens, facts.n_layers)
+            candidate.validate_for(n_image, facts.n_layers)
         except VtcbenchError:
             continue  # a setting this model cannot run (an odd pairing, a stride that does not divide)
         reachable.append((cost(candidate, facts, budget.measure), candidate))

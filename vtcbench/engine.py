@@ -130,7 +130,7 @@ class CompressionEngine:
             self._validate(self.facts.image_tokens)
         #: M-RoPE has no compacted form: a `compact` method keeps original positions there
         self.compact = method.position_policy == "compact" and self.family.position_rows == 1
-        self.plan = method.plan(self.n_layers)
+        self.plan = method.kind.plan(self)
         self.score_layers = {score: action for action, score in self.plan.items() if score is not None}
         #: per sample, the visual tokens that entered each decoder layer at the last prefill
         self.applied_image_tokens_per_sample: list[list[int]] = []
@@ -149,6 +149,10 @@ class CompressionEngine:
         #: [images, grid] bool: the real tokens of each image's padded run after a tower selection
         #: whose count depends on the image (PruMerge+), set by the tower hooks at each prefill
         self.tower_kept: torch.Tensor | None = None
+        #: a per-crop selection on AnyRes crops (LLaVA-NeXT), set by the kind's hooks at each
+        #: prefill: the prefill's `image_sizes`, and each image's kept tokens as the method lays them out
+        self.image_sizes: torch.Tensor | None = None
+        self.crop_tokens: list[torch.Tensor] | None = None
         #: each prompt's question, for methods that score the image against it (CDPruner): set by
         #: the caller per batch (a `Session` from its prompts), else read from `QUESTIONS`
         self.questions: list[str] | None = None
@@ -242,7 +246,7 @@ class CompressionEngine:
             return
         if not all(n_image):
             raise VtcbenchError(f"{self.method.name} needs image tokens in every prompt of a batch, or in none; got {n_image}")
-        for n in sorted(set(n_image)):
+        for n in sorted(self.method.kind.validation_counts(self, n_image)):
             self._validate(n)
         attention_mask = kwargs.get("attention_mask")
         valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
@@ -407,6 +411,7 @@ class CompressionEngine:
             embeddings0=request.embeddings0,
             tower_kept=self.tower_kept,
             image_runs=request.image_runs if layer == 0 else None,
+            crop_tokens=self.crop_tokens if layer == 0 else None,
             valid=space.valid,
             query=space.query,
             final_norm=self.language_model.norm,

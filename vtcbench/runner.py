@@ -348,7 +348,7 @@ def summarize(
             if image_tokens:
                 flops = analytic_flops(method, facts, model=folder.identity["model"], image_tokens=round(image_tokens),
                                        text_tokens=max(1, round(text_tokens)),
-                                       image_tokens_per_layer=entry.get("mean_image_tokens_per_layer") if method.adaptive else None)
+                                       image_tokens_per_layer=entry.get("mean_image_tokens_per_layer") if _measured_counts(method, facts) else None)
                 entry["tflops_image"] = flops.tflops_image
                 entry["tflops_total"] = flops.tflops_total
                 entry["tflops_method_overhead"] = flops.tflops_method_overhead
@@ -366,3 +366,10 @@ def summarize(
                 }
         per_task[name] = entry
     return {"identity": folder.identity, "tasks": per_task}
+
+
+def _measured_counts(method, facts) -> bool:
+    """Whether a run costs the visual tokens its engine applied rather than the method's plan: a
+    count set by each image (PruMerge+), or a per-crop selection on AnyRes crops (each image's
+    own number of crops)."""
+    return bool(method.adaptive) or (method.selects_per_crop and facts.vision_crops > 1)

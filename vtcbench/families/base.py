@@ -146,6 +146,9 @@ class ModelFamily:
     tower_has_cls: ClassVar[bool] = False
     #: whether the vision tower has a contrastive text tower (CLIP's) that methods may load (CDPruner)
     has_text_side: ClassVar[bool] = False
+    #: whether an image is several tower crops on a grid (LLaVA-NeXT's AnyRes) that a per-crop
+    #: selection lays out as its official code does (`crop_layout`)
+    anyres_crops: ClassVar[bool] = False
 
     # -- loading -------------------------------------------------------------------------------
     def model_class(self, config: Any) -> type:
@@ -205,6 +208,17 @@ class ModelFamily:
     def text_tower_facts(self, source: str) -> TextTowerFacts:
         """The shape of `source`'s text tower, from its config (offline: the shipped one)."""
         raise VtcbenchError(f"the {self.name} family's vision tower has no contrastive text tower")
+
+    def crop_grids(self, config: Any, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
+        """Per image, the (rows, columns) of its tiles after its base crop (`anyres_crops` only)."""
+        raise VtcbenchError(f"the {self.name} family has no AnyRes crops")
+
+    def crop_layout(self, config: Any, image_sizes: torch.Tensor, slots: torch.Tensor) -> list[torch.Tensor]:
+        """Per image, the order of its kept tokens as a per-crop selection's official code lays
+        them out, as indices into `slots.flatten()` ([crops of every image, kept per crop]: the
+        patch each kept token came from, -1 for CLS, -2 for a merged token); families with
+        `anyres_crops` only."""
+        raise VtcbenchError(f"the {self.name} family has no AnyRes crops")
 
     def set_projector(self, model: nn.Module, projector: nn.Module) -> None:
         """Install a trained projector in place of the family's own (STF, TokenConcat)."""
@@ -381,7 +395,7 @@ class ModelFamily:
             return "it reads the vision tower's CLS attention; this family's tower has no CLS token"
         if method.reads_text_side and not self.has_text_side:
             return "it scores image tokens against the question with the vision tower's CLIP text tower; this family's tower has none"
-        if method.kind.needs_fixed_grid and not self.fixed_image_grid:
+        if method.kind.needs_fixed_grid and not self.fixed_image_grid and not (self.anyres_crops and method.selects_per_crop):
             return "it works on a fixed grid of image tokens before the LLM; this family gives each image its own count"
         return None
 

@@ -23,6 +23,7 @@ class LlavaNextFamily(LlavaFamily):
     model_types: ClassVar[tuple[str, ...]] = ("llava_next",)
     description: ClassVar[str] = "LLaVA-NeXT: LLaVA's parts with AnyRes crops; each image has its own token count"
     fixed_image_grid: ClassVar[bool] = False
+    anyres_crops: ClassVar[bool] = True
 
     def model_class(self, config: Any) -> type:
         from transformers import LlavaNextForConditionalGeneration
@@ -41,6 +42,46 @@ class LlavaNextFamily(LlavaFamily):
     def token_grid(self, pixels: dict[str, torch.Tensor], n_image: int) -> tuple[int, int] | None:
         """AnyRes crops and newline tokens form no single grid."""
         return None
+
+    def crop_grids(self, config: Any, image_sizes: torch.Tensor) -> list[tuple[int, int]]:
+        """The model's own tiles per image (`get_anyres_image_grid_shape`, checked against the
+        crop count `get_image_features` splits by, `image_size_to_num_patches`)."""
+        from transformers.models.llava_next.modeling_llava_next import (
+            get_anyres_image_grid_shape,
+            image_size_to_num_patches,
+        )
+
+        size, grids = config.vision_config.image_size, []
+        for image_size in image_sizes.tolist():
+            rows, cols = get_anyres_image_grid_shape(image_size, config.image_grid_pinpoints, size)
+            crops = image_size_to_num_patches(image_size, config.image_grid_pinpoints, size)
+            if crops != 1 + rows * cols:
+                raise VtcbenchError(f"an image of size {image_size} has {crops} crops, not 1 + its {rows}x{cols} tiles")
+            grids.append((rows, cols))
+        return grids
+
+    def crop_layout(self, config: Any, image_sizes: torch.Tensor, slots: torch.Tensor) -> list[torch.Tensor]:
+        """The layout of the official per-crop selections (VisionZip's `restore_image_features_sorted`,
+        VisPruner's and CDPruner's `prepare_inputs_labels_for_multimodal`, all without unpadding or
+        newline tokens): the base crop's tokens as selected, then the tiles' kept patches in raster
+        order over the whole tile grid (a row runs across the tiles), then each tile's CLS, then
+        each tile's merged tokens. The crops of each image are the model's own
+        (`image_size_to_num_patches`, `get_anyres_image_grid_shape`)."""
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        per_crop, layouts, start = slots.shape[1], [], 0
+        for rows, cols in self.crop_grids(config, image_sizes):
+            crops = 1 + rows * cols
+            base = torch.arange(start * per_crop, (start + 1) * per_crop)
+            tiles = slots[start + 1 : start + crops].cpu()  # [tiles, per crop], tiles in row-major order
+            tile = torch.arange(rows * cols)[:, None].expand_as(tiles)
+            row = (tile // cols) * side + tiles.clamp(min=0) // side
+            column = (tile % cols) * side + tiles.clamp(min=0) % side
+            # patches first by their raster place on the tile grid, then CLS, then merged tokens, tile by tile
+            key = torch.where(tiles >= 0, row * cols * side + column, rows * cols * side * side + (-1 - tiles) * tiles.numel() + tile * per_crop + torch.arange(per_crop))
+            order = key.flatten().argsort() + (start + 1) * per_crop
+            layouts.append(torch.cat([base, order]).to(slots.device))
+            start += crops
+        return layouts
 
     def crops(self, config: Any) -> int:
         size = config.vision_config.image_size

@@ -108,6 +108,9 @@ class LayerContext:
     #: at layer 0, per sample, each image's token count in order (None where two images'
     #: placeholders touch, or after layer 0)
     image_runs: list[list[int]] | None = None
+    #: at layer 0, a per-crop selection's tokens of each image (batch order) laid out as its
+    #: official AnyRes code lays them out (`family.crop_layout`); None otherwise
+    crop_tokens: list[torch.Tensor] | None = None
     _scores: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -207,6 +210,9 @@ class Method:
     trainable: ClassVar[bool] = True  # the engine's hooks keep gradients to the kept tokens
     #: reads the vision tower's CLS attention (`pre_projector`); families without CLS refuse it
     reads_tower_cls: ClassVar[bool] = False
+    #: selects within each vision-tower crop, so that on LLaVA-NeXT's AnyRes crops it keeps its
+    #: count per crop, laid out as its official code lays them out (`family.crop_layout`)
+    selects_per_crop: ClassVar[bool] = False
     #: whether `--keep-indices` can record which patches it keeps: the engine's hooks see the
     #: language model's tokens, which for a selection before the LLM are not the grid's patches
     records_kept_patches: ClassVar[bool] = True
@@ -282,11 +288,14 @@ class Method:
         return None
 
     # -- analytic plan and validation --------------------------------------------------------
-    def image_tokens_per_layer(self, n_image: int, n_layers: int) -> list[int]:
-        """Visual tokens entering each decoder layer, per image-bearing sample."""
-        self.validate_for(n_image, n_layers)
+    def image_tokens_per_layer(self, n_image: int, n_layers: int, crops: int = 1) -> list[int]:
+        """Visual tokens entering each decoder layer, per image-bearing sample; a method that
+        selects per crop (`selects_per_crop`) keeps its count in each of the image's `crops`
+        crops of n_image / crops tokens (LLaVA-NeXT's nominal image: 5 of 576)."""
+        crops = crops if self.selects_per_crop else 1
+        self.validate_for(n_image // crops, n_layers)
         plan = self.plan(n_layers)
-        counts, current = [], self.pre_llm_tokens(n_image)
+        counts, current = [], crops * self.pre_llm_tokens(n_image // crops)
         for layer in range(n_layers):
             if layer in plan:
                 current = self.action_count(layer, current, n_image, n_layers)
@@ -364,12 +373,27 @@ class ScoredDrop(Method):
 class TowerSelection(Method):
     """Select (and merge) the tower's feature-layer tokens from CLS's attention, before the
     projector (VisionZip, VisPruner): the projector maps only what is kept, and the prompt is
-    shortened to it. Subclasses give `pre_projector` and `pre_llm_tokens`."""
+    shortened to it; on LLaVA-NeXT each crop is selected alone and the kept tokens replace each
+    image's tokens at the language model's input, laid out as the official code lays them out.
+    Subclasses give `select_patches` and `pre_llm_tokens`."""
 
     kind: ClassVar[MethodKind] = PRE_LLM
     reads_tower_cls: ClassVar[bool] = True
     trainable: ClassVar[bool] = False  # the selection reads the tower under no_grad hooks
     records_kept_patches: ClassVar[bool] = False
+    selects_per_crop: ClassVar[bool] = True
+    position_policy: ClassVar[PositionPolicy] = "compact"  # (on crops) as the shortened prompt
+
+    def select_patches(self, tower: TowerFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """([crops, T, width] the projector's input, [crops, T] the patch each token came from:
+        -1 for CLS, -2 for a merged token)."""
+        raise NotImplementedError  # abstract
+
+    def pre_projector(self, tower: TowerFeatures) -> torch.Tensor:
+        return self.select_patches(tower)[0]
+
+    def select(self, ctx: LayerContext) -> Replace:
+        return crop_replacement(ctx)
 
     def pre_llm(self, image_features: torch.Tensor) -> torch.Tensor:
         return image_features  # the selection happened before the projector
@@ -381,6 +405,27 @@ class TowerSelection(Method):
         """CLS's query, the feature layer's keys and CLS's attention row."""
         n, c = facts.vision_n_tokens, facts.vision_hidden_size
         return c * c + n * c * c + n * c
+
+
+def crop_replacement(ctx: LayerContext) -> Replace:
+    """Layer 0 on AnyRes crops: each sample's image tokens replaced by its images' laid-out
+    selections (`ctx.crop_tokens`), in the first slots of its run, positions compacted after."""
+    if ctx.crop_tokens is None or ctx.image_runs is None:
+        raise VtcbenchError("a per-crop selection needs each image's crops and prompts whose images' placeholders do not touch")
+    images = iter(ctx.crop_tokens)
+    rows = [torch.cat([next(images) for _ in runs]) for runs in ctx.image_runs]
+    counts = [len(row) for row in rows]
+    for count, runs in zip(counts, ctx.image_runs):
+        if count > sum(runs):
+            raise VtcbenchError(
+                f"the per-crop selection keeps {count} tokens of images whose prompt holds {sum(runs)} placeholders "
+                "(unpadding removed the rest); keep fewer tokens per crop"
+            )
+    width = max(counts)
+    anchors = torch.arange(width, device=ctx.image_index.device).expand(len(rows), -1)
+    hidden = torch.stack([torch.nn.functional.pad(row, (0, 0, 0, width - len(row))) for row in rows])
+    positions = ctx.image_positions()[:, :width]
+    return Replace(hidden.to(ctx.hidden_states.dtype), positions, anchors, counts=None if len(set(counts)) == 1 else tuple(counts))
 
 
 # -- trained-weights helpers ---------------------------------------------------------------------
@@ -412,7 +457,7 @@ def check_before_loading(
     method.kind.check_options(method, fidelity=fidelity, keep_indices=keep_indices, train=train)
     method.check_model(config)
     facts = model_facts(config)
-    method.validate_for(facts.image_tokens, facts.n_layers)
+    method.validate_for(facts.image_tokens // (facts.vision_crops if method.selects_per_crop else 1), facts.n_layers)
     return facts
 
 

@@ -20,14 +20,19 @@ LLaVA-1.5 with `mme.sh 64` and `gqa.sh 128` (`--visual_token_num`). Per image, w
 The question is the request's text without `<image>` and without the answer-format line the
 official loader strips ("Answer the question using a single word or phrase.").
 
+On LLaVA-NeXT, as the official code: `tokens` per crop (base and tiles), the relevance
+normalised over all the image's crops, the kept tokens laid out as its
+`prepare_inputs_labels_for_multimodal` lays them out with `mm_patch_merge_type` stripped of
+`_unpad` (the base crop's, then the tiles' in raster order over the whole tile grid, without
+unpadding or newline tokens); they replace the image's tokens at the language model's input
+(`family.crop_layout`). The Qwen line is refused (no CLIP text tower; the official code has no
+Qwen port).
+
 Differences: the official code runs one prompt at a time and normalises the relevance over its
-whole batch of images (LLaVA-NeXT's crops); here each image is normalised alone, so a batch
-gives what each prompt gives alone. The official `theta` reweighting is commented out there and
-absent here. With `tokens` = N every token is kept without running the MAP inference, whose last
-steps divide by gains of rounding size (the official loop may then pick a token twice).
-The official code also runs LLaVA-NeXT (T per crop, the mask carried through unpadding and row
-newlines); the engine's pre-LLM path needs one fixed grid and refuses LLaVA-NeXT for now, as it
-refuses the Qwen line (no CLIP text tower; the official code has no Qwen port).
+whole batch (one image's crops); here each image is normalised alone, so a batch gives what each
+prompt gives alone. The official `theta` reweighting is commented out there and absent here.
+With `tokens` = N every token is kept without running the MAP inference, whose last steps divide
+by gains of rounding size (the official loop may then pick a token twice).
 """
 
 from collections.abc import Iterable
@@ -38,7 +43,15 @@ import torch
 
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import FAMILIES, ModelFacts, family_of
-from vtcbench.methods.base import Method, check_positive, register
+from vtcbench.methods.base import (
+    LayerContext,
+    Method,
+    PositionPolicy,
+    Replace,
+    check_positive,
+    crop_replacement,
+    register,
+)
 from vtcbench.methods.kinds import QUESTION_PRE_LLM, MethodKind
 
 #: what the official `model_vqa_loader.py` removes from a question before the text tower
@@ -75,6 +88,8 @@ class CDPruner(Method):
     name: ClassVar[str] = "cdpruner"
     kind: ClassVar[MethodKind] = QUESTION_PRE_LLM
     records_kept_patches: ClassVar[bool] = False  # a selection before the LLM
+    selects_per_crop: ClassVar[bool] = True
+    position_policy: ClassVar[PositionPolicy] = "compact"  # (on crops) as the shortened prompt
     description: ClassVar[str] = "keep the projected tokens a DPP picks, its kernel conditioned on the question's CLIP relevance"
     reads_text_side: ClassVar[bool] = True
     trainable: ClassVar[bool] = False  # the selection runs under no_grad
@@ -98,6 +113,9 @@ class CDPruner(Method):
         is refused before a run writes anything."""
         family_of(model).text_side(model, self.clip)
 
+    def select(self, ctx: LayerContext) -> Replace:
+        return crop_replacement(ctx)
+
     def query(self, question: str) -> str:
         """The text the official code gives the text tower: the question without `<image>` and
         without the answer-format line."""
@@ -106,28 +124,30 @@ class CDPruner(Method):
     def selection_macs(self, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[float]) -> int:
         """One 77-token chunk through the text tower (a question of up to 75 tokens) and its
         projection, the patches' projection, the relevance, the tokens' similarity matrix and the
-        DPP's updates (sum over steps t of t N)."""
+        DPP's updates (sum over steps t of t N), the last four per crop."""
         text = FAMILIES[facts.family].text_tower_facts(self.clip)
         p, w = text.positions, text.width
         text_macs = text.layers * (4 * p * w * w + 2 * p * p * w + 2 * p * w * text.ffn) + w * text.projection
         n, t = n_image, self.tokens
         patches = n * facts.vision_hidden_size * text.projection + n * text.projection
-        return text_macs + patches + n * n * facts.hidden_size + n * t * (t - 1) // 2
+        return text_macs + facts.vision_crops * (patches + n * n * facts.hidden_size + n * t * (t - 1) // 2)
 
     @torch.no_grad()
-    def pre_llm_question(self, projected: torch.Tensor, patch_embeds: torch.Tensor, text_embeds: list[torch.Tensor]) -> torch.Tensor:
-        """[images, tokens, d] of the projected tokens [images, n, d], from the patches' and each
-        image's question's embeddings in CLIP's joint space."""
-        if self.tokens == projected.shape[1]:
-            return projected  # every token: the greedy MAP's last steps would divide by rounding-size gains
+    def question_slots(self, projected: torch.Tensor, patch_embeds: torch.Tensor, text_embeds: list[torch.Tensor],
+                       crops: list[int]) -> torch.Tensor:
+        """[crops, tokens] the kept tokens of each crop (ascending) of the projected tokens
+        [crops, n, d], from the patches' embeddings and each image's question's (one per image,
+        its crops `crops[i]` in a row), the relevance normalised over each image's crops."""
+        n = projected.shape[1]
+        if self.tokens == n:  # every token: the greedy MAP's last steps would divide by rounding-size gains
+            return torch.arange(n, device=projected.device).expand(projected.shape[0], -1)
         unit = (projected / projected.norm(dim=-1, keepdim=True)).float()
         similarity = unit @ unit.transpose(1, 2)
-        patches = patch_embeds / patch_embeds.norm(dim=-1, keepdim=True)
-        relevance = torch.stack([
-            (-(patches[image] @ (text / text.norm(dim=-1, keepdim=True)).T)).mean(dim=-1) for image, text in enumerate(text_embeds)
-        ])
-        low, high = relevance.amin(dim=1, keepdim=True), relevance.amax(dim=1, keepdim=True)
-        relevance = (relevance - low + 1e-6) / (high - low)
+        patches = (patch_embeds / patch_embeds.norm(dim=-1, keepdim=True)).split(crops)
+        relevance = []
+        for image, text in zip(patches, text_embeds):
+            r = (-(image @ (text / text.norm(dim=-1, keepdim=True)).T)).mean(dim=-1)  # [crops, n]
+            relevance.append((r - r.min() + 1e-6) / (r.max() - r.min()))
+        relevance = torch.cat(relevance)
         kernel = relevance.unsqueeze(2) * similarity * relevance.unsqueeze(1)
-        chosen = greedy_map(kernel, self.tokens)
-        return projected.gather(1, chosen.unsqueeze(-1).expand(-1, -1, projected.shape[-1]))
+        return greedy_map(kernel, self.tokens)

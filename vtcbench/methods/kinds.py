@@ -81,6 +81,14 @@ class MethodKind:
         """Hooks the engine adds, beyond the language model's, while it is entered."""
         return []
 
+    def plan(self, engine: CompressionEngine) -> dict[int, int | None]:
+        """The engine's layer actions: the method's own plan."""
+        return engine.method.plan(engine.n_layers)
+
+    def validation_counts(self, engine: CompressionEngine, n_image: list[int]) -> set[int]:
+        """The visual-token counts a prefill's samples check the method's settings against."""
+        return set(n_image)
+
     def prepare(self, engine: CompressionEngine, inputs: dict) -> dict:
         """The model inputs under this method (`engine.prepare`): unchanged for in-LLM methods."""
         return dict(inputs)
@@ -121,13 +129,28 @@ class MethodKind:
 @dataclass(frozen=True)
 class PreLLMKind(MethodKind):
     """Methods that map the projector's output [images, n, d] to fewer tokens [images, n', d]
-    (`Method.pre_llm`): the prompt then carries n' placeholders per image."""
+    (`Method.pre_llm`): the prompt then carries n' placeholders per image.
+
+    On AnyRes crops (LLaVA-NeXT, methods that select per crop): the model's processor writes the
+    prompt and packs the projected crops itself, so the prompt keeps its placeholders; the hooks
+    select in each crop and lay the kept tokens out per image as the official code does
+    (`engine.crop_tokens`, `family.crop_layout`), and a layer-0 action puts them in place of
+    each image's tokens with compacted positions (`methods.base.crop_replacement`)."""
 
     needs_fixed_grid: bool = True
+
+    def plan(self, engine: CompressionEngine) -> dict[int, int | None]:
+        return {0: None} if _on_crops(engine) else {}
+
+    def validation_counts(self, engine: CompressionEngine, n_image: list[int]) -> set[int]:
+        """On crops: each crop's patches (the count per crop is the setting)."""
+        return {engine.facts.image_tokens // engine.facts.vision_crops} if _on_crops(engine) else set(n_image)
 
     def engine_hooks(self, engine: CompressionEngine) -> list[RemovableHandle]:
         method = engine.method
         projector = engine.family.projector(engine.model)
+        if _on_crops(engine):
+            return [_image_sizes_hook(engine), *_tower_hooks(engine, projector)]
 
         def after_projector(module, args, output):
             with engine.overhead():
@@ -140,7 +163,11 @@ class PreLLMKind(MethodKind):
 
     def prepare(self, engine: CompressionEngine, inputs: dict) -> dict:
         """Shrink each image's run of placeholder tokens to what the method outputs: pooling
-        before the LLM makes the prompt itself shorter."""
+        before the LLM makes the prompt itself shorter (on crops: unchanged, its `image_sizes`
+        recorded, as `generate` may cut the crops before the model's own forward)."""
+        if _on_crops(engine):
+            engine.image_sizes = inputs.get("image_sizes")
+            return dict(inputs)
         per_image = engine.facts.image_tokens
         kept = engine.method.pre_llm_tokens(per_image)
         input_ids = inputs["input_ids"]
@@ -159,7 +186,7 @@ class PreLLMKind(MethodKind):
     def check_prefill(self, engine: CompressionEngine, image_mask: torch.Tensor, pixel_values: torch.Tensor | None) -> None:
         """A prompt that still carries the full runs of placeholders was not prepared."""
         pooled = engine.method.pre_llm_tokens(engine.facts.image_tokens)
-        if pixel_values is not None and int(image_mask.sum()) != pixel_values.shape[0] * pooled:
+        if pixel_values is not None and not _on_crops(engine) and int(image_mask.sum()) != pixel_values.shape[0] * pooled:
             raise VtcbenchError(
                 f"{engine.method.name} shortens the prompt to {pooled} image tokens per image; "
                 "pass the inputs through engine.prepare(inputs) first"
@@ -177,7 +204,11 @@ class QuestionPreLLMKind(PreLLMKind):
 
     def prepare(self, engine: CompressionEngine, inputs: dict) -> dict:
         is_image = image_token_mask(inputs["input_ids"], engine.image_token_id)
-        engine.images_per_prompt = (is_image.sum(dim=1) // engine.facts.image_tokens).tolist()
+        if _on_crops(engine):  # each image's run is its own: count the runs
+            starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+            engine.images_per_prompt = starts.sum(dim=1).tolist()
+        else:
+            engine.images_per_prompt = (is_image.sum(dim=1) // engine.facts.image_tokens).tolist()
         return super().prepare(engine, inputs)
 
     def engine_hooks(self, engine: CompressionEngine) -> list[RemovableHandle]:
@@ -187,6 +218,7 @@ class QuestionPreLLMKind(PreLLMKind):
         layer, projector = family.tower_feature_layer(model), family.projector(model)
         side = family.text_side(model, method.clip)
         seen: dict[str, torch.Tensor] = {}
+        crops = _on_crops(engine)
 
         def read_layer(module, args, output):
             seen["output"] = seam.layer_output(output)
@@ -200,14 +232,24 @@ class QuestionPreLLMKind(PreLLMKind):
                 )
             with engine.overhead():
                 counts = engine.images_per_prompt
+                per_image = [1] * output.shape[0]
+                if crops:
+                    per_image = [1 + rows * cols for rows, cols in family.crop_grids(model.config, _image_sizes(engine))]
                 questions = [q for q, n in zip(_prompt_questions(engine, len(counts)), counts) for _ in range(n)]
-                if len(questions) != output.shape[0]:
-                    raise VtcbenchError(f"{method.name}: {output.shape[0]} images reached the projector for prompts holding "
+                if len(questions) != len(per_image):
+                    raise VtcbenchError(f"{method.name}: {len(per_image)} images reached the projector for prompts holding "
                                         f"{len(questions)}; pass the inputs through engine.prepare(inputs) first")
                 texts = [side.embed_text(method.query(question)) for question in questions]
-                return method.pre_llm_question(output, side.embed_patches(patches), texts)
+                slots = method.question_slots(output, side.embed_patches(patches), texts, per_image)
+                kept = output.gather(1, slots.unsqueeze(-1).expand(-1, -1, output.shape[-1]))
+                if not crops:
+                    return kept
+                tokens = kept.flatten(0, 1)  # on crops the model packs every patch; the kept ones go in at layer 0
+                engine.crop_tokens = [tokens[order] for order in family.crop_layout(model.config, _image_sizes(engine), slots)]
+                return None
 
-        return [layer.register_forward_hook(read_layer), projector.register_forward_hook(after_projector)]
+        hooks = [layer.register_forward_hook(read_layer), projector.register_forward_hook(after_projector)]
+        return [_image_sizes_hook(engine), *hooks] if crops else hooks
 
 
 def _prompt_questions(engine: CompressionEngine, batch: int) -> list[str]:
@@ -248,6 +290,7 @@ def _tower_hooks(engine: CompressionEngine, projector: nn.Module) -> list[Remova
     family, method, model = engine.family, engine.method, engine.model
     layer = family.tower_feature_layer(model)
     seen: dict[str, torch.Tensor] = {}
+    crops = _on_crops(engine)
 
     def read_layer(module, args, kwargs, output):
         seen["input"], seen["output"] = seam.hidden_states(args, kwargs), seam.layer_output(output)
@@ -262,12 +305,46 @@ def _tower_hooks(engine: CompressionEngine, projector: nn.Module) -> list[Remova
         with engine.overhead():
             tower = TowerFeatures(output, lambda: family.tower_cls_attention(layer, hidden),
                                   lambda: family.tower_cls_query_keys(family.tower_feature_layer(model, after=1), output))
-            selected = method.pre_projector(tower)
+            if crops:  # the model packs every crop's patches: the selection goes first, padded, its slots kept
+                selected, seen["slots"] = method.select_patches(tower)
+                selected = torch.cat([selected, selected.new_zeros(args[0].shape[0], args[0].shape[1] - selected.shape[1], selected.shape[2])], dim=1)
+            else:
+                selected = method.pre_projector(tower)
         if isinstance(selected, tuple):
             selected, engine.tower_kept = selected
         return (selected, *args[1:])
 
-    return [layer.register_forward_hook(read_layer, with_kwargs=True), projector.register_forward_pre_hook(before_projector)]
+    def after_projector(module, args, output):
+        slots = seen.pop("slots")
+        with engine.overhead():
+            tokens = output[:, : slots.shape[1]].flatten(0, 1)
+            engine.crop_tokens = [tokens[order] for order in family.crop_layout(model.config, _image_sizes(engine), slots)]
+
+    hooks = [layer.register_forward_hook(read_layer, with_kwargs=True), projector.register_forward_pre_hook(before_projector)]
+    return hooks + [projector.register_forward_hook(after_projector)] if crops else hooks
+
+
+def _on_crops(engine: CompressionEngine) -> bool:
+    """Whether a per-crop selection runs on AnyRes crops (LLaVA-NeXT) rather than one fixed grid."""
+    return engine.method.selects_per_crop and engine.family.anyres_crops
+
+
+def _image_sizes(engine: CompressionEngine) -> torch.Tensor:
+    """The crops' image sizes of the prefill under way, or one line saying how to give them."""
+    if engine.image_sizes is None:
+        raise VtcbenchError(f"{engine.method.name} selects in each AnyRes crop: pass the inputs, with their "
+                            "image_sizes, through engine.prepare(inputs) first")
+    return engine.image_sizes
+
+
+def _image_sizes_hook(engine: CompressionEngine) -> RemovableHandle:
+    """Record each prefill's `image_sizes` (the crops the model cuts each image into)."""
+
+    def hook(module, args, kwargs):
+        if kwargs.get("pixel_values") is not None:
+            engine.image_sizes = kwargs.get("image_sizes")
+
+    return engine.multimodal.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @dataclass(frozen=True)

@@ -90,7 +90,7 @@ class PruMergePlus(Method):
     def plan(self, n_layers: int) -> dict[int, int | None]:
         return {0: None}  # drop each image's padding at the language model's input
 
-    def image_tokens_per_layer(self, n_image: int, n_layers: int) -> list[int]:
+    def image_tokens_per_layer(self, n_image: int, n_layers: int, crops: int = 1) -> list[int]:
         raise VtcbenchError(
             f"{self.name} keeps {self.adaptive}: its visual tokens per layer are known only from the images; "
             "`vtcbench run` records each sample's and costs it"

@@ -23,11 +23,17 @@ Differences: the official code reads the eager attention weights and a patched a
 here both come from recomputing the layer's CLS row and keys on its input, so the tower may run
 under any attention backend. With `contextual=0` no tokens are merged (the official code divides
 by it). Its 128- and 192-token settings (108+20, 162+30) are in the paper, not in the released
-code. The official code also runs LLaVA-NeXT (`visionzip/llava_arch.py`,
-`restore_image_features_sorted`: each crop's kept patches restored to raster order over the crop
-grid, without unpadding or row newlines, then each crop's CLS and contextual tokens), a layout of
-its own that the engine's pre-LLM path, which needs one fixed grid, does not build yet: LLaVA-NeXT
-is refused, as is the Qwen line (no CLS).
+code.
+
+LLaVA-NeXT, as the official `visionzip/llava_arch.py` (`prepare_inputs_labels_for_multimodal_visionzip`,
+`restore_image_features_sorted`): each crop selected alone (dominant + contextual per crop, so
+the defaults give 64 x 5 = 320 on the 5-crop image; `--budget tokens=640` gives the paper's
+108+20 per crop); the base crop's tokens as selected, then the tiles' dominant patches in raster
+order over the whole tile grid (no unpadding, no newline tokens), then every tile's CLS, then
+every tile's contextual tokens (`family.crop_layout`). The model packs every crop's patches, so
+the projector maps the selection padded to the crop and the laid-out tokens replace the image's
+tokens at the language model's input, positions compacted (what the official shorter prompt
+gives). The Qwen line is refused (no CLS).
 """
 
 import dataclasses
@@ -85,21 +91,22 @@ class VisionZip(TowerSelection):
 
     def selection_macs(self, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[int]) -> int:
         """CLS's query and every key at the feature layer, CLS's attention row, the key
-        similarities of the merged tokens to the targets and their one-hot sums."""
+        similarities of the merged tokens to the targets and their one-hot sums (per crop)."""
         c = facts.vision_hidden_size
         merged = facts.vision_n_tokens - self.dominant - self.contextual
-        return self.cls_row_macs(facts) + merged * self.contextual * (c // facts.vision_n_heads + c)
+        return facts.vision_crops * (self.cls_row_macs(facts) + merged * self.contextual * (c // facts.vision_n_heads + c))
 
     @torch.no_grad()
-    def pre_projector(self, tower: TowerFeatures) -> torch.Tensor:
+    def select_patches(self, tower: TowerFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = tower.output  # [images, 1 + n, width]
         images, length, width = hidden.shape
         top = tower.cls_attention[:, :, 1:].sum(dim=1).topk(self.dominant - 1, dim=1).indices + 1
         chosen = torch.cat([top.new_zeros(images, 1), top], dim=1)
         rest = torch.ones(images, length, dtype=torch.bool, device=hidden.device).scatter(1, chosen, torch.zeros_like(chosen, dtype=torch.bool))
         dominant = hidden[~rest].view(images, self.dominant, width)
+        slots = chosen.sort(dim=1).values - 1  # CLS (token 0) first: -1
         if not self.contextual:
-            return dominant
+            return dominant, slots
         metric = tower.keys.mean(dim=1)[rest].view(images, length - self.dominant, -1)
         metric = metric / metric.norm(dim=-1, keepdim=True)
         others = hidden[rest].view(images, length - self.dominant, width)
@@ -111,4 +118,4 @@ class VisionZip(TowerSelection):
         assign.scatter_(2, similarity.argmax(dim=2, keepdim=True), 1)
         counts = assign.sum(dim=1).clamp(min=1)[..., None]
         contextual = others[:, targets] + assign.transpose(1, 2) @ others[:, merged] / counts
-        return torch.cat([dominant, contextual], dim=1)
+        return torch.cat([dominant, contextual], dim=1), torch.cat([slots, slots.new_full((images, self.contextual), -2)], dim=1)

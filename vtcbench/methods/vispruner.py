@@ -21,9 +21,15 @@ from the layer's input, so the tower may run under any attention backend. The pr
 only the chosen patches (the official maps all and masks; a per-token MLP gives the same). Its
 argparse default keeps all 576 tokens; the default here is the README's 64-token setting.
 Settings where the number of remaining tokens is odd crash the official pairing; they are
-refused. The official code also runs LLaVA-NeXT (a selection per crop, its mask carried through
-unpadding and row newlines); the engine's pre-LLM path needs one fixed grid and refuses
-LLaVA-NeXT for now, as it refuses the Qwen line (no CLS).
+refused.
+
+LLaVA-NeXT, as the official `prepare_inputs_labels_for_multimodal`, whose `mm_patch_merge_type`
+is stripped of `_unpad`: `tokens` per crop (base and tiles, 320 on the 5-crop image at the
+defaults), laid out as the base crop's, then the tiles' in raster order over the whole tile grid,
+without unpadding or newline tokens (`family.crop_layout`). The model packs every crop's patches,
+so the projector maps the selection padded to the crop, and the laid-out tokens replace the
+image's tokens at the language model's input, positions compacted (the official shorter prompt).
+The Qwen line is refused (no CLS).
 """
 
 from collections.abc import Iterable
@@ -101,12 +107,12 @@ class VisPruner(TowerSelection):
         return self.tokens
 
     def selection_macs(self, facts: ModelFacts, n_image: int, image_tokens_per_layer: list[int]) -> int:
-        """CLS's query, the layer's keys and CLS's row; each round's A x B similarities."""
+        """CLS's query, the layer's keys and CLS's row; each round's A x B similarities (per crop)."""
         c = facts.vision_hidden_size
-        return self.cls_row_macs(facts) + sum((remaining // 2) ** 2 * c for remaining, _ in self.rounds(n_image))
+        return facts.vision_crops * (self.cls_row_macs(facts) + sum((remaining // 2) ** 2 * c for remaining, _ in self.rounds(n_image)))
 
     @torch.no_grad()
-    def pre_projector(self, tower: TowerFeatures) -> torch.Tensor:
+    def select_patches(self, tower: TowerFeatures) -> tuple[torch.Tensor, torch.Tensor]:
         patches = tower.output[:, 1:]  # [images, n, width]
         images, n, _ = patches.shape
         rows = torch.arange(images, device=patches.device)[:, None]
@@ -126,4 +132,4 @@ class VisPruner(TowerSelection):
             residual = torch.cat([residual[:, ::2][rows.expand(-1, distinct.shape[1]), distinct], residual[:, 1::2]], dim=-1)
         chosen = torch.cat([important, residual], dim=-1) if diverse > 0 else important
         chosen = chosen.sort(dim=-1).values
-        return patches[rows.expand(-1, chosen.shape[1]), chosen]
+        return patches[rows.expand(-1, chosen.shape[1]), chosen], chosen

@@ -45,7 +45,7 @@ class Voco(Method):
     def __post_init__(self) -> None:
         check_positive(self.name, "voco_tokens", self.voco_tokens)
 
-    def image_tokens_per_layer(self, n_image: int, n_layers: int) -> list[int]:
+    def image_tokens_per_layer(self, n_image: int, n_layers: int, crops: int = 1) -> list[int]:
         """The papers' convention, per question once the image is compressed: every layer's text
         attends to K VoCo entries instead of N image tokens. The compression pass itself (N image
         tokens + K VoCo tokens through all layers, see `compression_pass_tokens`) runs once per

@@ -75,7 +75,15 @@ def method_overhead_macs(
         # the score layer's input, before any action at that layer (PyramidDrop scores, then drops)
         entering = image_tokens_per_layer[score_layer - 1] if score_layer else method.pre_llm_tokens(n_image)
         total += method.score_layer_macs(facts, entering + text_tokens, text_tokens)
-    return total + method.selection_macs(facts, n_image, image_tokens_per_layer)
+    # a selection per crop is costed by the method from one crop's patches, times the nominal crops
+    per_crop = facts.image_tokens // facts.vision_crops if method.selects_per_crop else n_image
+    return total + method.selection_macs(facts, per_crop, image_tokens_per_layer)
+
+
+def _projected(method: Method, facts: ModelFacts, n_image: int) -> int:
+    """Tokens the projector maps: on AnyRes crops every crop's patches, as the model packs them
+    all (a per-crop selection hands it its selection padded), else `Method.projector_tokens`."""
+    return n_image if method.selects_per_crop and facts.vision_crops > 1 else method.projector_tokens(n_image)
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,7 @@ def analytic_flops(
     if convention not in CONVENTIONS:
         raise choices_error("FLOPs convention", convention, list(CONVENTIONS))
     n_image = facts.image_tokens if image_tokens is None else image_tokens
-    counts = method.image_tokens_per_layer(n_image, facts.n_layers) if image_tokens_per_layer is None else image_tokens_per_layer
+    counts = method.image_tokens_per_layer(n_image, facts.n_layers, facts.vision_crops) if image_tokens_per_layer is None else image_tokens_per_layer
     visual_total = sum(counts)
     tera = TERA / CONVENTIONS[convention]
     total = sum(layer_macs(n + text_tokens, facts) for n in counts) / tera
@@ -143,7 +151,7 @@ def analytic_flops(
         tflops_vision_encoder=vision_encoder_macs(facts) / tera,
         tflops_projector=(
             fused_projector_macs(method, facts, n_image) if isinstance(method, FusingMethod)
-            else projector_macs(facts) * method.projector_tokens(n_image) // n_image
+            else projector_macs(facts) * _projected(method, facts, n_image) // n_image
         ) / tera,
         tflops_method_overhead=overhead,
         tflops_language_model=total + lm_head + (overhead if method.kind.in_llm else 0),
