@@ -215,6 +215,17 @@ def select_mask(mask: torch.Tensor | None, index: torch.Tensor, *, rows: bool) -
     return mask.gather(3, index[:, None, None, :].expand(batch, heads, mask.shape[2], -1))
 
 
+def images_in_inputs(kwargs: dict) -> int | None:
+    """How many images a multimodal forward's inputs carry: one row of `pixel_values` each, or,
+    where `generate` encoded them first (transformers >= 5.24: `mm_encoder_outputs`, no pixels),
+    one entry of the encoded images' `pooler_output` each; None without either."""
+    if kwargs.get("pixel_values") is not None:
+        return int(kwargs["pixel_values"].shape[0])
+    encoded = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+    features = getattr(encoded, "pooler_output", None)
+    return len(features) if isinstance(features, (list, tuple)) else None
+
+
 def image_features(multimodal: nn.Module, pixel_values: torch.Tensor, **kwargs) -> list[torch.Tensor]:
     """Projected image features per image: `get_image_features` returns a tensor, a tuple of
     tensors, or (5.x) an output whose `pooler_output` holds them."""

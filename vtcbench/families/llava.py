@@ -345,9 +345,11 @@ class LlavaFamily(ModelFamily):
         return (side, side) if side * side == n_image else None
 
     def images_in_batch(self, inputs: dict) -> int | None:
-        """One row of `pixel_values` per image (LLaVA-NeXT: its crops in the second dimension)."""
-        pixel_values = inputs.get("pixel_values")
-        return None if pixel_values is None else int(pixel_values.shape[0])
+        """One row of `pixel_values` per image (LLaVA-NeXT: its crops in the second dimension), or
+        one encoded image each where `generate` encoded them first."""
+        from vtcbench import transformers_seam as seam
+
+        return seam.images_in_inputs(inputs)
 
     def collate_pixels(self, pixels: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """One batch's image inputs from each prompt's processor output: pixel values stacked;

@@ -29,7 +29,7 @@ appends an extra token summing no patch, all zeros; it is left out here, so an i
 more than its N placeholders. Fewer than 33 patches merge N - 1 neighbours. The prompt keeps its N placeholders per image and the padded projected tokens are
 dropped at the language model's input with compact positions (`ADAPTIVE_PRE_LLM`), which is what
 a prompt shortened per image computes; the projector maps N tokens per image, not the kept ones.
-LLaVA-NeXT (per crop) and the Qwen line (no CLS) are refused.
+LLaVA-NeXT (the official code has no AnyRes path) and the Qwen line (no CLS) are refused.
 """
 
 from dataclasses import dataclass
