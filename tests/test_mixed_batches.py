@@ -118,6 +118,16 @@ def test_run_batches_llava_next_images_of_different_sizes_together(tiny_next, tm
             assert record["image_tokens_per_layer"] == get_method(name, **params).image_tokens_per_layer(record["image_tokens"], N_LAYERS)
         else:  # 16 per crop, 3 or 5 crops
             assert record["image_tokens_per_layer"][0] in (48, 80) and len(set(record["image_tokens_per_layer"])) == 1
+    if name == "vispruner":  # the run costs the counts its engine applied (each image its own crops), not 16 x 5
+        from vtcbench.families import model_facts
+        from vtcbench.profilers.flops import analytic_flops
+        from vtcbench.runner import summarize
+
+        (entry,) = summarize({"results": {}}, lmm.run, lmm.method, tiny_next[0], ["toy"])["tasks"].values()
+        applied = [sum(r["image_tokens_per_layer"][i] for r in records) / len(records) for i in range(N_LAYERS)]
+        assert entry["mean_image_tokens_per_layer"] == pytest.approx(applied) and applied[0] < 80
+        expected = analytic_flops(lmm.method, model_facts(tiny_next[0]), model="x", image_tokens_per_layer=applied)
+        assert entry["tflops_image"] == pytest.approx(expected.tflops_image)
 
 
 @pytest.mark.parametrize("case", ["fastv-first", "pdrop", "llavolta", "random-first"])
