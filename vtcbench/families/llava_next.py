@@ -77,7 +77,9 @@ class LlavaNextFamily(LlavaFamily):
             row = (tile // cols) * side + tiles.clamp(min=0) // side
             column = (tile % cols) * side + tiles.clamp(min=0) % side
             # patches first by their raster place on the tile grid, then CLS, then merged tokens, tile by tile
-            key = torch.where(tiles >= 0, row * cols * side + column, rows * cols * side * side + (-1 - tiles) * tiles.numel() + tile * per_crop + torch.arange(per_crop))
+            raster = row * cols * side + column
+            after = rows * cols * side * side + (-1 - tiles) * tiles.numel() + tile * per_crop + torch.arange(per_crop)
+            key = torch.where(tiles >= 0, raster, after)
             order = key.flatten().argsort() + (start + 1) * per_crop
             layouts.append(torch.cat([base, order]).to(slots.device))
             start += crops

@@ -410,8 +410,11 @@ class TowerSelection(Method):
 def crop_replacement(ctx: LayerContext) -> Replace:
     """Layer 0 on AnyRes crops: each sample's image tokens replaced by its images' laid-out
     selections (`ctx.crop_tokens`), in the first slots of its run, positions compacted after."""
-    if ctx.crop_tokens is None or ctx.image_runs is None:
-        raise VtcbenchError("a per-crop selection needs each image's crops and prompts whose images' placeholders do not touch")
+    if ctx.image_runs is None:
+        raise VtcbenchError("a per-crop selection lays out each image alone, and two images' placeholders touch in this "
+                            "batch's prompts; separate them with text")
+    if ctx.crop_tokens is None:
+        raise RuntimeError("the tower hooks recorded no per-crop selection before the language model")
     images = iter(ctx.crop_tokens)
     rows = [torch.cat([next(images) for _ in runs]) for runs in ctx.image_runs]
     counts = [len(row) for row in rows]
