@@ -87,6 +87,7 @@ class _Request:
     n_image: list[int]  # N0 of each sample
     #: per sample, each image's token count in order (None where two images' runs touch)
     image_runs: list[list[int]] | None = None
+    video_mask: torch.Tensor | None = None  # [batch, seq] the video tokens among the image tokens, if any
     original_length: int = 0  # padded prompt length before any compression
     lm_index: torch.Tensor | None = None  # layer-0 space in original indices, if layer 0 acted
     lm_filler: torch.Tensor | None = None  # its filler slots (columns masked at decode), if any
@@ -121,6 +122,8 @@ class CompressionEngine:
         self.n_layers = len(self.layers)
         self.facts = self.family.facts(model.config)
         self.image_token_id = self.family.image_token_id(model.config)
+        #: videos' tokens are visual tokens too: the engine compresses them as image tokens
+        self.video_token_id = self.family.video_token_id(model.config)
         # the method against this model, once per engine: its family, its kind, and (where every
         # image has one grid) its hyperparameters; a prefill checks each new visual-token count once
         self.family.check_method(method)
@@ -132,8 +135,10 @@ class CompressionEngine:
         self.compact = method.position_policy == "compact" and self.family.position_rows == 1
         self.plan = method.kind.plan(self)
         self.score_layers = {score: action for action, score in self.plan.items() if score is not None}
-        #: per sample, the visual tokens that entered each decoder layer at the last prefill
+        #: per sample, the visual tokens (an image's or a video's) that entered each decoder layer
+        #: at the last prefill, and of them the video tokens (zeros without a video)
         self.applied_image_tokens_per_sample: list[list[int]] = []
+        self.applied_video_tokens_per_sample: list[list[int]] = []
         #: set `record_kept = True` to have each prefill record, per layer where the kept image
         #: tokens change (0: all of them), which ones each sample keeps, as ranks among its
         #: original image tokens (raster order); a pooling method's pooled tokens appear as their
@@ -233,8 +238,15 @@ class CompressionEngine:
                 raise VtcbenchError("the engine locates image tokens from input_ids; pass input_ids, not inputs_embeds")
             return
         image_mask = image_token_mask(input_ids, self.image_token_id)
+        video_mask = None if self.video_token_id is None else input_ids == self.video_token_id
+        if video_mask is not None and bool(video_mask.any()):
+            image_mask = image_mask | video_mask
+        else:
+            video_mask = None
         n_image = image_mask.sum(dim=1).tolist()
         self.applied_image_tokens_per_sample = [[n] * self.n_layers for n in n_image]
+        n_video = [0] * len(n_image) if video_mask is None else video_mask.sum(dim=1).tolist()
+        self.applied_video_tokens_per_sample = [[n] * self.n_layers for n in n_video]
         if not any(n_image):
             return
         self.method.kind.check_prefill(self, image_mask, kwargs.get("pixel_values"))
@@ -252,7 +264,8 @@ class CompressionEngine:
         valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
         grid = self.facts.image_tokens if self.family.fixed_image_grid else None
         runs = _image_runs(image_mask, grid, self.family.images_in_batch(kwargs))
-        self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image, image_runs=runs)
+        self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image, image_runs=runs,
+                                 video_mask=video_mask)
         if self.prompt_length is not None:  # a teacher-forced answer must not change a sample's key (random's draw)
             self._request._sample_keys = _sample_keys(input_ids[:, : self.prompt_length], valid[:, : self.prompt_length])
         return
@@ -471,6 +484,11 @@ class CompressionEngine:
         )
         for applied, count in zip(self.applied_image_tokens_per_sample, counts):
             applied[layer:] = [count] * (self.n_layers - layer)
+        if request.video_mask is not None:  # a merged token counts as its anchor's modality
+            original = new_space.index0 if request.lm_index is None else request.lm_index.gather(1, new_space.index0)
+            videos = (request.video_mask.gather(1, original) & new_space.is_image).sum(dim=1).tolist()
+            for applied, count in zip(self.applied_video_tokens_per_sample, videos):
+                applied[layer:] = [count] * (self.n_layers - layer)
         if self.record_kept:
             self.kept_image_tokens[layer] = self._image_ranks(request, new_space)
             if isinstance(action, Replace) and action.groups is not None:

@@ -295,7 +295,8 @@ class VtcbenchLMM(lmms):
 
             kind = next(type(v).__name__ for v in flat if not isinstance(v, Image.Image))
             raise VtcbenchError(f"task {short_name(request.task_name)!r} gives {kind} visuals (video or other media); "
-                                "vtcbench evaluates image tasks: video inputs are not supported yet")
+                                "vtcbench run evaluates image tasks (the engine compresses Qwen videos, but lmms-eval's "
+                                "video loading is not wired yet)")
         return self.family.evaluation_images(flat, self.model.config)
 
     # -- encoding and batching ------------------------------------------------------------------------

@@ -21,8 +21,9 @@ the shortened prompt computes. So it runs on every family:
 
 - LLaVA-NeXT: over each image's whole token sequence as the model packs it (base crop, then the
   unpadded tiles with a newline token per row), as the official LLaVA-NeXT path selects;
-- the Qwen line, which the official code does not run: over each image's merged tokens; on
-  M-RoPE the kept tokens keep their 3-D ids, as every compacting method does here.
+- the Qwen line, which the official code does not run: over each image's merged tokens (a
+  video's: its run of tokens; Qwen3-VL gives each frame pair a run of its own); on M-RoPE the
+  kept tokens keep their 3-D ids, as every compacting method does here.
 
 Differences: the official code selects on the first image of a batch and applies its indices
 to every row (its scripts run batch size 1); here each image is selected on its own. Once every
