@@ -8,7 +8,8 @@ model answers prompts with it (`session`) and what `vtcbench profile` measures. 
 - `NONE` (vanilla) and `IN_LLM` (drops and merges inside the language model): the engine's hooks
   around transformers' `generate`;
 - `PRE_LLM` (pooling or fusing before the LLM): the engine also maps the projector's output and
-  shortens each image's run of placeholders; it needs a fixed grid of image tokens;
+  shortens each image's run of placeholders; it needs a fixed grid of image tokens, except for a
+  selection per crop on LLaVA-NeXT's AnyRes crops (a layer-0 replacement, `PreLLMKind`);
 - `QUESTION_PRE_LLM` (a pre-LLM selection conditioned on each prompt's question through the
   tower's text side, CDPruner): as `PRE_LLM`, with the question and the tower's patches;
 - `ADAPTIVE_PRE_LLM` (a selection before the projector whose count depends on the image,
