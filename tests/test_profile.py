@@ -122,3 +122,28 @@ def test_train_refuses_a_method_that_cannot_be_trained(monkeypatch):
 def test_real_weights_with_changed_shape_are_refused():
     result = runner.invoke(app, ["profile", "--model", "llava-1.5-7b", "--layers", "2"])
     assert result.exit_code == 2 and "--random-weights" in result.stderr
+
+
+@pytest.mark.parametrize(("name", "params"), [("fastv", {"layer": 1, "drop_ratio": 0.5}), ("vispruner", {"tokens": 16, "important_ratio": 0.5})])
+def test_profile_on_llava_next_uses_its_nominal_image(tiny_next, name, params):
+    """LLaVA-NeXT's synthetic image is a pinpoint with the most tiles, with as many placeholders as
+    the processor writes for an image of that size (newlines included); the FLOPs' counts are those
+    the engine applies (a per-crop selection: its count in each of the 5 crops)."""
+    from PIL import Image
+
+    from vtcbench.engine import compress
+    from vtcbench.families import family_of
+    from vtcbench.methods import get_method
+    from vtcbench.profilers.session import Shape, profile, synthetic_inputs
+
+    model, processor = tiny_next
+    family, method = family_of(model), get_method(name, **params)
+    n = family.synthetic_image_tokens(model.config)
+    height, width = family._nominal_image(model.config)
+    written = processor(images=[Image.new("RGB", (width, height))], text=["<image>"], return_tensors="pt")["input_ids"]
+    assert n == int((written == model.config.image_token_index).sum()) > family.facts(model.config).image_tokens
+    record = profile(model, "tiny-next", method, Shape(image_tokens=n, text_tokens=8, new_tokens=2, batch=2), iterations=1, warmup=0)
+    with torch.no_grad(), compress(model, method) as engine:
+        model(**engine.prepare(synthetic_inputs(model, Shape(image_tokens=n, text_tokens=8, new_tokens=2, batch=1))))
+    assert record.flops["image_tokens_per_layer"] == engine.applied_image_tokens_per_layer
+    assert record.latency_ms["llm_prefill"].median_ms > 0

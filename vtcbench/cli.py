@@ -274,7 +274,8 @@ def profile(
         loaded = random_model(config, dtype=dtype, attn_implementation=attn, device=device)
     else:
         loaded, processor = load_model(model, dtype=dtype, attn_implementation=attn, device=device, **dispatch)
-    shape = Shape(image_tokens=facts.image_tokens, text_tokens=text_tokens, new_tokens=new_tokens, batch=batch)
+    shape = Shape(image_tokens=family_of(config).synthetic_image_tokens(config), text_tokens=text_tokens, new_tokens=new_tokens,
+                  batch=batch)
     record = compression.kind.profile(loaded, model, compression, processor, shape, warmup=warmup, iterations=iterations,
                                       min_seconds=min_seconds, train=train)
     if fmt == "json":

@@ -292,6 +292,11 @@ class ModelFamily:
         would hand them to the model (extra keys such as a grid description included)."""
         raise NotImplementedError  # abstract
 
+    def synthetic_image_tokens(self, config: Any) -> int:
+        """The placeholders `synthetic_pixels`' image takes in a prompt: the nominal count (LLaVA-NeXT
+        adds its newline tokens)."""
+        return self.facts(config).image_tokens
+
     def image_span(self, config: Any, n_tokens: int) -> list[int]:
         """The token ids one image of `n_tokens` visual tokens occupies in a prompt."""
         return [self.image_token_id(config)] * n_tokens

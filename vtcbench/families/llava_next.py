@@ -90,5 +90,25 @@ class LlavaNextFamily(LlavaFamily):
         tiles = max(math.ceil(h / size) * math.ceil(w / size) for h, w in config.image_grid_pinpoints)
         return 1 + tiles
 
+    def _nominal_image(self, config: Any) -> tuple[int, int]:
+        """(height, width) of the pinpoint with the most tiles: the nominal image's 5 crops."""
+        size = config.vision_config.image_size
+        return tuple(max(config.image_grid_pinpoints, key=lambda p: math.ceil(p[0] / size) * math.ceil(p[1] / size)))
+
     def synthetic_pixels(self, config: Any, batch: int, generator: torch.Generator) -> dict:
-        raise VtcbenchError("profile builds synthetic inputs for a fixed image grid; llava_next's AnyRes count varies per image")
+        """The nominal image (a pinpoint with the most tiles): its crops and its size."""
+        size, (height, width) = config.vision_config.image_size, self._nominal_image(config)
+        return {
+            "pixel_values": torch.randn(batch, self.crops(config), 3, size, size, generator=generator),
+            "image_sizes": torch.tensor([[height, width]] * batch),
+        }
+
+    def synthetic_image_tokens(self, config: Any) -> int:
+        """The nominal image's placeholders: the base crop, then its tiles' rows as the model packs
+        them (transformers' own `unpad_image`; a pinpoint needs no unpadding), a newline each."""
+        from transformers.models.llava_next.modeling_llava_next import unpad_image
+
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        (rows, cols), = self.crop_grids(config, torch.tensor([self._nominal_image(config)]))
+        height, width = unpad_image(torch.zeros(1, rows * side, cols * side), torch.tensor(self._nominal_image(config))).shape[1:]
+        return side * side + height * (width + 1)

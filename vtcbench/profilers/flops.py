@@ -128,7 +128,13 @@ def analytic_flops(
     if convention not in CONVENTIONS:
         raise choices_error("FLOPs convention", convention, list(CONVENTIONS))
     n_image = facts.image_tokens if image_tokens is None else image_tokens
-    counts = method.image_tokens_per_layer(n_image, facts.n_layers, facts.vision_crops) if image_tokens_per_layer is None else image_tokens_per_layer
+    if image_tokens_per_layer is None:
+        # a selection per crop keeps its count in each of the nominal crops, whatever the prompt's
+        # placeholders (LLaVA-NeXT's newline tokens among them)
+        per_crop = method.selects_per_crop and facts.vision_crops > 1
+        counts = method.image_tokens_per_layer(facts.image_tokens if per_crop else n_image, facts.n_layers, facts.vision_crops)
+    else:
+        counts = image_tokens_per_layer
     visual_total = sum(counts)
     tera = TERA / CONVENTIONS[convention]
     total = sum(layer_macs(n + text_tokens, facts) for n in counts) / tera
