@@ -28,8 +28,9 @@ the shortened prompt computes. So it runs on every family:
 Differences: the official code selects on the first image of a batch and applies its indices
 to every row (its scripts run batch size 1); here each image is selected on its own. Once every
 distinct token is chosen (equal tokens: LLaVA-NeXT's newlines, at a high ratio) the official
-greedy picks a chosen token again and duplicates it in the sequence; here a token is chosen once. A prompt
-whose image placeholders touch on LLaVA-NeXT (its images then cannot be told apart) is refused.
+greedy picks a chosen token again and duplicates it in the sequence; here a token is chosen
+once. A LLaVA-NeXT prompt whose images' placeholders touch (its images cannot be told apart) is
+refused.
 """
 
 import itertools
