@@ -85,8 +85,8 @@ class _Request:
     input_ids: torch.Tensor
     valid: torch.Tensor  # [batch, seq] bool: not padding
     n_image: list[int]  # N0 of each sample
-    #: per sample, each image's token count in order (None where two images' runs touch)
-    image_runs: list[list[int]] | None = None
+    grid: int | None = None  # image tokens per image on a fixed grid (splits runs of several images)
+    images: int | None = None  # images the inputs carry, where their runs may touch (else None)
     video_mask: torch.Tensor | None = None  # [batch, seq] the video tokens among the image tokens, if any
     original_length: int = 0  # padded prompt length before any compression
     lm_index: torch.Tensor | None = None  # layer-0 space in original indices, if layer 0 acted
@@ -100,6 +100,15 @@ class _Request:
     embeddings0: torch.Tensor | None = None  # the language model's input embeddings at prefill (layer-0 space)
     decoding: bool = False
     _sample_keys: list[int] | None = None
+    _image_runs: list[list[int]] | None = None
+    _image_runs_done: bool = False
+
+    def image_runs(self) -> list[list[int]] | None:
+        """Per sample, each image's token count in order (None where two images' runs touch),
+        computed on first use: it copies the mask to the host, so only methods that read it pay."""
+        if not self._image_runs_done:
+            self._image_runs, self._image_runs_done = count_image_runs(self.image_mask, self.grid, self.images), True
+        return self._image_runs
 
     def sample_keys(self) -> list[int]:
         """A stable key per sample (CRC-32 of its unpadded prompt ids), computed on first use:
@@ -263,9 +272,8 @@ class CompressionEngine:
         attention_mask = kwargs.get("attention_mask")
         valid = torch.ones_like(image_mask) if attention_mask is None else attention_mask.bool()
         grid = self.facts.image_tokens if self.family.fixed_image_grid else None
-        runs = _image_runs(image_mask, grid, self.family.images_in_batch(kwargs))
-        self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image, image_runs=runs,
-                                 video_mask=video_mask)
+        self._request = _Request(image_mask=image_mask, input_ids=input_ids, valid=valid, n_image=n_image, grid=grid,
+                                 images=self.family.images_in_batch(kwargs), video_mask=video_mask)
         if self.prompt_length is not None:  # a teacher-forced answer must not change a sample's key (random's draw)
             self._request._sample_keys = _sample_keys(input_ids[:, : self.prompt_length], valid[:, : self.prompt_length])
         return
@@ -423,7 +431,7 @@ class CompressionEngine:
             index0=space.index0,
             embeddings0=request.embeddings0,
             tower_kept=self.tower_kept,
-            image_runs=request.image_runs if layer == 0 else None,
+            runs_fn=request.image_runs if layer == 0 else None,
             crop_tokens=self.crop_tokens if layer == 0 else None,
             valid=space.valid,
             query=space.query,
@@ -654,7 +662,7 @@ def _row_nonzero(mask: torch.Tensor, count: int) -> torch.Tensor:
     return (~mask).to(torch.uint8).argsort(dim=1, stable=True)[:, :count]
 
 
-def _image_runs(image_mask: torch.Tensor, grid: int | None, images: int | None) -> list[list[int]] | None:
+def count_image_runs(image_mask: torch.Tensor, grid: int | None = None, images: int | None = None) -> list[list[int]] | None:
     """Per sample, the token count of each image: its runs of consecutive image tokens, a run of
     whole `grid`s split into images of one grid each (a fixed grid); None when the batch holds
     `images` images and the runs count otherwise (two images' placeholders touch)."""

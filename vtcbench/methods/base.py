@@ -105,13 +105,18 @@ class LayerContext:
     #: [images, grid] bool, batch order: the real tokens of each image's run after a tower
     #: selection whose count depends on the image (`ADAPTIVE_PRE_LLM`); None otherwise
     tower_kept: torch.Tensor | None = None
-    #: at layer 0, per sample, each image's token count in order (None where two images'
-    #: placeholders touch, or after layer 0)
-    image_runs: list[list[int]] | None = None
+    #: at layer 0, the engine's `image_runs` on demand (None after layer 0)
+    runs_fn: Callable[[], list[list[int]] | None] | None = None
     #: at layer 0, a per-crop selection's tokens of each image (batch order) laid out as its
     #: official AnyRes code lays them out (`family.crop_layout`); None otherwise
     crop_tokens: list[torch.Tensor] | None = None
     _scores: torch.Tensor | None = field(default=None, repr=False)
+
+    @property
+    def image_runs(self) -> list[list[int]] | None:
+        """At layer 0, per sample, each image's token count in order; None where two images'
+        placeholders touch (or after layer 0)."""
+        return None if self.runs_fn is None else self.runs_fn()
 
     @property
     def sample_keys(self) -> list[int]:

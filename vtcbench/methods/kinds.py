@@ -206,8 +206,9 @@ class QuestionPreLLMKind(PreLLMKind):
     def prepare(self, engine: CompressionEngine, inputs: dict) -> dict:
         is_image = image_token_mask(inputs["input_ids"], engine.image_token_id)
         if _on_crops(engine):  # each image's run is its own: count the runs
-            starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
-            engine.images_per_prompt = starts.sum(dim=1).tolist()
+            from vtcbench.engine import count_image_runs
+
+            engine.images_per_prompt = [len(runs) for runs in count_image_runs(is_image)]
         else:
             engine.images_per_prompt = (is_image.sum(dim=1) // engine.facts.image_tokens).tolist()
         return super().prepare(engine, inputs)
