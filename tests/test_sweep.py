@@ -185,3 +185,22 @@ def test_bad_input_is_refused_before_anything_loads(tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_a_branch_cache_shares_the_trunk_prefix_and_decoding_leaves_it_untouched():
+    """Branches hold the trunk's prompt entries by reference (no copy per branch, which separate
+    runs never pay); a decode step's update makes new tensors, so one branch cannot change another's."""
+    import torch
+
+    from vtcbench import transformers_seam as seam
+
+    config = load_config("tiny")
+    layers = config.text_config.num_hidden_layers
+    prefix = [(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8)) for _ in range(layers - 1)]
+    saved = [(k.clone(), v.clone()) for k, v in prefix]
+    first, second = seam.branch_cache(config, prefix), seam.branch_cache(config, prefix)
+    assert all(first.layers[i].keys is prefix[i][0] and second.layers[i].values is prefix[i][1] for i in range(layers - 1))
+    assert seam.cache_layer_lengths(first)[: layers - 1] == [5] * (layers - 1)
+    first.update(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8), 0)
+    assert first.layers[0].keys.shape[-2] == 6 and second.layers[0].keys.shape[-2] == 5
+    assert all(torch.equal(k, sk) and torch.equal(v, sv) for (k, v), (sk, sv) in zip(prefix, saved))

@@ -111,13 +111,21 @@ def cache_prefix(cache: Cache, n_layers: int) -> list[tuple[torch.Tensor, torch.
 
 
 def branch_cache(config, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
-    """A new cache for `config`'s model whose first layers hold `prefix`. `DynamicCache.update`
-    concatenates, so the prefix is copied once here, as it would be at the first decode step."""
-    from transformers.cache_utils import DynamicCache
+    """A new cache for `config`'s model whose first layers hold `prefix`, by reference: a
+    `DynamicLayer`'s update concatenates into new tensors and never writes into those it holds,
+    so every branch shares the trunk's entries without a copy (the sweep would otherwise copy the
+    prefix once per branch, a cost no separate run has). Other layer kinds (sliding windows, which
+    count what they were given) are filled by their own update."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
 
     cache = DynamicCache(config=config)
     for index, (keys, values) in enumerate(prefix):
-        cache.update(keys, values, index)
+        layer = cache.layers[index] if index < len(cache.layers) else None
+        if type(layer) is DynamicLayer:
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        else:
+            cache.update(keys, values, index)
     return cache
 
 
