@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
-from sweep_cost import WIDTHS, build_model
+from sweep_cost import WIDTHS, build_model, timed
 
 from vtcbench.families import family_of, model_facts
 from vtcbench.profilers.flops import layer_macs
@@ -30,23 +29,27 @@ from vtcbench.sweep import DEFAULT_RATIOS
 @torch.no_grad()
 def forward(stack, rows: list[int], packed: bool = False) -> None:
     """The layers on sequences of `rows` tokens: one left-padded batch, or one packed row."""
+    weight = next(stack.parameters())
+    on = {"device": weight.device}
     width = stack.config.hidden_size
     if packed:
         total = sum(rows)
-        mask = torch.full((total, total), float("-inf"))
+        mask = torch.full((total, total), torch.finfo(weight.dtype).min, dtype=weight.dtype, **on)
         start = 0
         for length in rows:
-            mask[start : start + length, start : start + length] = torch.full((length, length), float("-inf")).triu(1)
+            mask[start : start + length, start : start + length].triu_(1)  # causal within the branch
             start += length
-        positions = torch.cat([torch.arange(length) for length in rows])[None]
-        stack(inputs_embeds=torch.randn(1, total, width), attention_mask=mask[None, None], position_ids=positions, use_cache=False)
+        positions = torch.cat([torch.arange(length, **on) for length in rows])[None]
+        embeds = torch.randn(1, total, width, dtype=weight.dtype, **on)
+        stack(inputs_embeds=embeds, attention_mask=mask[None, None], position_ids=positions, use_cache=False)
         return
     longest = max(rows)
-    padding = torch.ones(len(rows), longest, dtype=torch.long)
+    padding = torch.ones(len(rows), longest, dtype=torch.long, **on)
     for row, length in enumerate(rows):
         padding[row, : longest - length] = 0
     positions = (padding.cumsum(dim=1) - 1).clamp(min=0)
-    stack(inputs_embeds=torch.randn(len(rows), longest, width), attention_mask=padding, position_ids=positions, use_cache=False)
+    embeds = torch.randn(len(rows), longest, width, dtype=weight.dtype, **on)
+    stack(inputs_embeds=embeds, attention_mask=padding, position_ids=positions, use_cache=False)
 
 
 def main() -> None:
@@ -70,13 +73,7 @@ def main() -> None:
         way()
     for _ in range(args.iterations):
         for name, way in ways.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            way()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            seconds[name].append(time.perf_counter() - started)
+            seconds[name].append(timed(way))
     separate = statistics.median(seconds["separate"])
     print(f"{device}, hidden {stack.config.hidden_size}, 16 layers, branches of {', '.join(map(str, lengths))} tokens; "
           f"medians of {args.iterations}")
@@ -86,11 +83,7 @@ def main() -> None:
     facts = model_facts(model)
     rates = []
     for length in (lengths[0], lengths[len(lengths) // 2], 576 + 64):
-        times = []
-        for _ in range(args.iterations):
-            started = time.perf_counter()
-            forward(stack, [length])
-            times.append(time.perf_counter() - started)
+        times = [timed(lambda length=length: forward(stack, [length])) for _ in range(args.iterations)]
         rates.append(f"{length} tokens {len(stack.layers) * layer_macs(length, facts) / statistics.median(times) / 1e9:.0f}")
     print("GMAC/s of one forward: " + ", ".join(rates) + " (576 + 64: a vanilla prompt)")
 

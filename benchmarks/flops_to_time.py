@@ -8,7 +8,7 @@ method's own overhead (scoring + rebuilding the sequence) as a share of its pref
 Default shape: on a GPU, llava-1.5-7b (random weights, fp16). On CPU, a model that fits this
 machine: llava-1.5-7b's 32 decoder layers and 576 image tokens at a quarter of the width
 (hidden 1024, ffn 2752, 8 heads of 128) and a 2-layer vision tower, since only the language
-model's prefill is timed. Run: python benchmarks/flops_to_time.py [--iterations 5] [--full-width]
+model's prefill is timed. Run: python benchmarks/flops_to_time.py [--iterations 5] [--full-width] [--batch 1]
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ def arguments(doc: str, iterations: int) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=iterations)
     parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=1, help="prompts per forward (a GPU is host-bound at 1)")
     parser.add_argument("--full-width", action="store_true", help="on CPU too, the real 7B width (needs ~28 GB)")
     return parser.parse_args()
 
@@ -77,7 +78,7 @@ def bench_model(args: argparse.Namespace):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build_model(device, args.full_width)
     facts = model_facts(model)
-    shape = Shape(image_tokens=facts.image_tokens, text_tokens=args.text_tokens, new_tokens=1, batch=1)
+    shape = Shape(image_tokens=facts.image_tokens, text_tokens=args.text_tokens, new_tokens=1, batch=args.batch)
     return device, model, facts, synthetic_inputs(model, shape)
 
 
@@ -106,7 +107,7 @@ def main() -> None:
     flops = {name: analytic_flops(m, facts, model="bench", text_tokens=args.text_tokens).tflops_total for name, m in methods.items()}
     width = f"hidden {facts.hidden_size}, ffn {facts.intermediate_size}, {facts.n_layers} layers"
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
-          f"{model.dtype}, {width}, {facts.image_tokens} image + {args.text_tokens} text tokens, "
+          f"{model.dtype}, {width}, batch {args.batch} of {facts.image_tokens} image + {args.text_tokens} text tokens, "
           f"{args.iterations} iterations, medians")
     print(f"{'method':<9} {'prefill ms':>11} {'speedup':>8} {'FLOPs speedup':>14} {'ratio':>6} {'overhead ms':>12} {'overhead/prefill':>17}")
     base = statistics.median(prefill["vanilla"])

@@ -1,23 +1,29 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared run of at most 8 minutes on a machine with a CUDA GPU, no internet,
+# The GPU check: one prepared run of at most 10 minutes (about 4 on an H200) on a machine with a CUDA GPU, no internet,
 # its own CUDA torch, and vtcbench's pure-Python dependencies brought along as wheels.
 #
 #   here (PyPI reachable):  bash benchmarks/gpu_check.sh --fetch-wheels   # into .whl/ (git-ignored)
 #   there (the GPU):        bash benchmarks/gpu_check.sh                  # prints one summary
 #
-# It runs, each under its own time limit: the engine's invariants in bfloat16 under sdpa and
-# flash_attention_2 where installed (tests/test_gpu.py; with two GPUs visible, also a model split
-# over both by --device-map against the same model on one); benchmarks/flops_to_time.py at the full
-# 7B width with random weights (fp16); and `vtcbench profile` of vanilla, fastv and pdrop on
-# llava-1.5-7b's architecture with random weights (bf16, sdpa). Logs and JSON go to $OUT (or
-# gpu-check/), the summary to stdout.
+# It runs, each under its own time limit, the most telling first: the engine's invariants in
+# bfloat16 under eager, sdpa and flash_attention_2 where installed (tests/test_gpu.py; with two GPUs
+# visible, also a model split over both by --device-map against the same model on one); every
+# family's invariants and M-RoPE oracles in float32 on CUDA (tests/test_family_matrix.py);
+# benchmarks/sweep_cost.py at an eighth, a quarter and the full 7B width; benchmarks/method_overhead.py
+# and benchmarks/flops_to_time.py at the full 7B width with random weights (fp16); and `vtcbench
+# profile` of vanilla, fastv and pdrop on llava-1.5-7b's architecture with random weights (bf16,
+# sdpa). Logs and JSON go to $OUT (or gpu-check/), the summary to stdout and summary.txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check}
 mkdir -p "$out"
 # vtcbench's imports that a CUDA image with torch and transformers' usual companions may lack, at
 # the versions of requirements/lock.txt (Python 3.12 wheels; --no-deps: each need is named here).
-WHEELS=(transformers tokenizers huggingface_hub safetensors fvcore iopath yacs termcolor typer rich shellingham)
+# lmms_eval and what importing its model API pulls in serve the sweep's benchmark; pydantic, typer's
+# parameter coercion.
+WHEELS=(transformers tokenizers huggingface_hub safetensors fvcore iopath yacs termcolor typer rich shellingham
+        pydantic pydantic_core annotated-types typing-inspection
+        lmms_eval loguru dill pytz sniffio truststore httpx2 httpcore2 anyio h11)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   rm -rf .whl && mkdir .whl
@@ -49,10 +55,18 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log
 }
 
 : >"$out/steps.txt"
-step invariants 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-step flops_to_time 150 python3 benchmarks/flops_to_time.py --iterations 10
+step invariants 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py
+VTCBENCH_TEST_DEVICE=cuda step family_matrix 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_family_matrix.py \
+  -k "keep_all or mixed_batch or cached_decode or oracle"
+for width in eighth quarter full; do
+  step "sweep_$width" 75 python3 benchmarks/sweep_cost.py --samples 3 --repeats 3 --width "$width"
+done
+for batch in 1 8; do  # at batch 1 a 7B prefill is host-bound on a fast GPU: time cannot follow FLOPs there
+  step "method_overhead_b$batch" 60 python3 benchmarks/method_overhead.py --iterations 5 --batch "$batch"
+  step "flops_to_time_b$batch" 50 python3 benchmarks/flops_to_time.py --iterations 10 --batch "$batch"
+done
 for method in vanilla fastv pdrop; do
-  step "profile_$method" 90 python3 -m vtcbench.cli profile --method "$method" --model llava-1.5-7b --random-weights \
+  step "profile_$method" 35 python3 -m vtcbench.cli profile --method "$method" --model llava-1.5-7b --random-weights \
     --dtype bfloat16 --attn sdpa --new-tokens 32 --iterations 10 --format json
 done
 
@@ -65,17 +79,26 @@ print(f"\n== vtcbench GPU check: {torch.cuda.get_device_name()}, torch {torch.__
           ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True, text=True
       ).stdout.strip() if shutil.which("nvidia-smi") else "unknown"))
 print((out / "steps.txt").read_text().rstrip())
-tail = (out / "invariants.log").read_text().strip().splitlines()
-print("invariants:", tail[-1] if tail else "(no output)")
-print("flops_to_time:\n" + "\n".join("  " + line for line in (out / "flops_to_time.log").read_text().splitlines()[-6:]))
+def lines(name: str, last: int) -> str:
+    log = out / f"{name}.log"
+    text = log.read_text().strip().splitlines() if log.exists() else ["(not run)"]
+    return "\n".join("  " + line for line in text[-last:])
+for name in ("invariants", "family_matrix"):
+    print(f"{name}:\n" + lines(name, 1))
+for width in ("eighth", "quarter", "full"):
+    print(f"sweep_cost --width {width}:\n" + lines(f"sweep_{width}", 8))
+for batch in (1, 8):
+    print(f"method_overhead --batch {batch}:\n" + lines(f"method_overhead_b{batch}", 16))
+    print(f"flops_to_time --batch {batch}:\n" + lines(f"flops_to_time_b{batch}", 6))
 print(f"{'profile':<9} {'prefill ms':>10} {'ttft ms':>8} {'decode ms/tok':>13} {'KV MiB':>7} {'peak GiB':>8} {'J/sample':>8} "
       f"{'TFLOPs img':>10} {'fvcore/dispatch':>15}")
 for method in ("vanilla", "fastv", "pdrop"):
-    lines = [line for line in (out / f"profile_{method}.log").read_text().splitlines() if line.startswith("{")]
-    if not lines:
+    log = out / f"profile_{method}.log"
+    records = [line for line in log.read_text().splitlines() if line.startswith("{")] if log.exists() else []
+    if not records:
         print(f"{method:<9} failed (see profile_{method}.log)")
         continue
-    record = json.loads(lines[-1])
+    record = json.loads(records[-1])
     latency, memory, energy = record["latency_ms"], record["memory"], record["energy"]
     fvcore = record["fvcore"]["language_model_macs"]
     agreement = f"{fvcore / record['opcount']['language_model_macs']:.4f}" if fvcore else "n/a"

@@ -10,7 +10,7 @@ is printed beside it.
 Shape: as benchmarks/flops_to_time.py, llava-1.5-7b (random weights) on a GPU; on CPU its 32
 decoder layers and 576 image tokens at a quarter of the width (hidden 1024, ffn 2752, 8 heads)
 and a 2-layer CLIP tower; CDPruner's text tower has CLIP ViT-L/14-336's text shape (random
-weights, 12 layers of width 768 on one 77-token chunk). Run: python benchmarks/method_overhead.py [--iterations 3] [--full-width]
+weights, 12 layers of width 768 on one 77-token chunk). Run: python benchmarks/method_overhead.py [--iterations 3] [--full-width] [--batch 1]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
 
     width = f"hidden {facts.hidden_size}, ffn {facts.intermediate_size}, {facts.n_layers} layers"
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} ({torch.get_num_threads()} threads), "
-          f"{model.dtype}, {width}, {facts.image_tokens} image + {args.text_tokens} text tokens, "
+          f"{model.dtype}, {width}, batch {args.batch} of {facts.image_tokens} image + {args.text_tokens} text tokens, "
           f"{args.iterations} iterations, medians")
     print(f"{'method':<10} {'prefill ms':>11} {'selection ms':>13} {'share':>7} {'selection TFLOPs':>17}  goal {GOAL:.0%}")
     for name, method in methods.items():

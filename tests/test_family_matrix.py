@@ -13,6 +13,8 @@ M-RoPE positions and DeepStack features) are at the end.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -25,6 +27,11 @@ from vtcbench.families import family_of
 from vtcbench.methods import METHODS, get_method
 from vtcbench.models import MODELS, load_model
 
+#: where the toys run; `VTCBENCH_TEST_DEVICE=cuda` runs the invariants and oracles on a GPU in float32
+#: (benchmarks/gpu_check.sh), with cuDNN's TF32 convolutions (the Qwen towers' patch embedding) off
+DEVICE = os.environ.get("VTCBENCH_TEST_DEVICE", "cpu")
+if DEVICE == "cuda":
+    torch.backends.cudnn.allow_tf32 = False
 TOYS = sorted(alias for alias, spec in MODELS.items() if spec.toy)
 ATTENTION = ("eager", "sdpa")
 # (width, height): 16, 12, 4 and 24 (Qwen3-VL: 20) visual tokens on the Qwen toys; 64 each on LLaVA's
@@ -68,7 +75,7 @@ _models: dict = {}
 
 def toy(alias: str, attn: str):
     if (alias, attn) not in _models:
-        _models[alias, attn] = load_model(alias, random_weights=True, attn_implementation=attn)
+        _models[alias, attn] = load_model(alias, random_weights=True, attn_implementation=attn, device=DEVICE)
     return _models[alias, attn]
 
 
@@ -80,7 +87,7 @@ def _inputs(model, processor, indices: list[int]) -> dict:
     family = family_of(model)
     texts = [family.prompt(QUESTIONS[i], 1, system=family.system_prompt(model.config)) for i in indices]
     images = [_image(SIZES[i], seed=i) for i in indices]
-    return dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
+    return dict(processor(images=images, text=texts, padding=True, return_tensors="pt").to(DEVICE))
 
 
 def _generate(model, inputs: dict, method, new_tokens: int = NEW_TOKENS):
@@ -219,7 +226,8 @@ def test_mrope_methods_equal_an_oracle_on_the_gathered_3d_positions(alias, case)
     image_token = family_of(model).image_token_id(model.config)
     n_image = int((inputs["input_ids"] == image_token).sum())
     tokens, logits, _ = _generate(model, inputs, get_method(case.split("-")[0], **params), new_tokens=4)
-    expected_tokens, expected_logits = mrope_oracle_greedy(model, inputs, image_token, plan(n_image), 4)
+    with torch.device(DEVICE):  # (the oracle's own tensors)
+        expected_tokens, expected_logits = mrope_oracle_greedy(model, inputs, image_token, plan(n_image), 4)
     assert tokens[0].tolist() == expected_tokens
     torch.testing.assert_close(logits[0], torch.stack(expected_logits), atol=1e-4, rtol=1e-4)
 
