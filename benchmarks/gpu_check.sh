@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The GPU check: one prepared run of at most 10 minutes (about 4 on an H200) on a machine with a CUDA GPU, no internet,
-# its own CUDA torch, and vtcbench's pure-Python dependencies brought along as wheels.
+# The GPU check: one prepared run of at most 10 minutes (about 5 on an H200) on a machine with a
+# CUDA GPU, no internet, its own CUDA torch, and vtcbench's pure-Python dependencies brought along
+# as wheels.
 #
 #   here (PyPI reachable):  bash benchmarks/gpu_check.sh --fetch-wheels   # into .whl/ (git-ignored)
 #   there (the GPU):        bash benchmarks/gpu_check.sh                  # prints one summary
@@ -8,7 +9,8 @@
 # It runs, each under its own time limit, the most telling first: the engine's invariants in
 # bfloat16 under eager, sdpa and flash_attention_2 where installed (tests/test_gpu.py; with two GPUs
 # visible, also a model split over both by --device-map against the same model on one); every
-# family's invariants and M-RoPE oracles in float32 on CUDA (tests/test_family_matrix.py);
+# family's invariants and M-RoPE oracles in float32 on CUDA (tests/test_family_matrix.py); `vtcbench
+# run` of the shipped vtc-tiny (fastv) and vtc-tiny-qwen (vanilla) on the GPU;
 # benchmarks/sweep_cost.py at an eighth, a quarter and the full 7B width; benchmarks/method_overhead.py
 # and benchmarks/flops_to_time.py at the full 7B width with random weights (fp16); and `vtcbench
 # profile` of vanilla, fastv and pdrop on llava-1.5-7b's architecture with random weights (bf16,
@@ -19,11 +21,12 @@ out=${OUT:-gpu-check}
 mkdir -p "$out"
 # vtcbench's imports that a CUDA image with torch and transformers' usual companions may lack, at
 # the versions of requirements/lock.txt (Python 3.12 wheels; --no-deps: each need is named here).
-# lmms_eval and what importing its model API pulls in serve the sweep's benchmark; pydantic, typer's
-# parameter coercion.
+# lmms_eval and what its evaluator imports serve `vtcbench run` and the sweep's benchmark; pydantic,
+# typer's parameter coercion.
 WHEELS=(transformers tokenizers huggingface_hub safetensors fvcore iopath yacs termcolor typer rich shellingham
         pydantic pydantic_core annotated-types typing-inspection
-        lmms_eval loguru dill pytz sniffio truststore httpx2 httpcore2 anyio h11)
+        lmms_eval loguru dill pytz sniffio truststore httpx2 httpcore2 anyio h11
+        datasets evaluate multiprocess nltk numexpr python-dotenv tenacity wcwidth zstandard chardet defusedxml)
 
 if [ "${1:-}" = "--fetch-wheels" ]; then
   rm -rf .whl && mkdir .whl
@@ -58,6 +61,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit, log to $out/NAME.log
 step invariants 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.py
 VTCBENCH_TEST_DEVICE=cuda step family_matrix 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_family_matrix.py \
   -k "keep_all or mixed_batch or cached_decode or oracle"
+# the README's main job and the shipped Qwen model through lmms-eval on the GPU (float32): the
+# accuracy the CPU gives (overall 0.798 for fastv on vtc-tiny, 0.76 for vtc-tiny-qwen)
+step run_vtc_tiny 90 python3 -m vtcbench.cli run --method fastv --out "$out/runs"
+step run_vtc_tiny_qwen 90 python3 -m vtcbench.cli run --model vtc-tiny-qwen --method vanilla --out "$out/runs"
 for width in eighth quarter full; do
   step "sweep_$width" 75 python3 benchmarks/sweep_cost.py --samples 3 --repeats 3 --width "$width"
 done
@@ -85,6 +92,8 @@ def lines(name: str, last: int) -> str:
     return "\n".join("  " + line for line in text[-last:])
 for name in ("invariants", "family_matrix"):
     print(f"{name}:\n" + lines(name, 1))
+for name in ("run_vtc_tiny", "run_vtc_tiny_qwen"):
+    print(f"{name}:\n" + lines(name, 4))
 for width in ("eighth", "quarter", "full"):
     print(f"sweep_cost --width {width}:\n" + lines(f"sweep_{width}", 8))
 for batch in (1, 8):

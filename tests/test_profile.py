@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from vtcbench.cli import app
 from vtcbench.methods import METHODS
 from vtcbench.profilers.latency import Latency, PhaseTimer
+from vtcbench.provenance import tf32_use
 
 runner = CliRunner()
 TINY = ["--model", "tiny", "--random-weights", "--iterations", "2", "--warmup", "0", "--new-tokens", "3"]
@@ -52,6 +53,7 @@ def test_profile_reports_every_phase_memory_energy_and_provenance():
     for key in ("device", "driver", "torch", "transformers", "dtype", "attention", "git_revision"):
         assert key in provenance
     assert provenance["attention"] == "sdpa" and provenance["dtype"] == "float32"
+    assert provenance["tf32"] is None  # a CPU never rounds float32 to TF32
     assert record["flops"]["image_tokens_per_layer"] == [64, 64, 32, 32]
     flops = record["flops"]
     analytic = flops["tflops_language_model"] * 1e12
@@ -147,3 +149,17 @@ def test_profile_on_llava_next_uses_its_nominal_image(tiny_next, name, params):
         model(**engine.prepare(synthetic_inputs(model, Shape(image_tokens=n, text_tokens=8, new_tokens=2, batch=1))))
     assert record.flops["image_tokens_per_layer"] == engine.applied_image_tokens_per_layer
     assert record.latency_ms["llm_prefill"].median_ms > 0
+
+
+def test_provenance_names_where_cuda_float32_may_round_to_tf32():
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    try:
+        matmul.allow_tf32, cudnn.allow_tf32 = False, True  # PyTorch's defaults
+        assert tf32_use() == "cudnn"
+        matmul.allow_tf32 = True
+        assert tf32_use() == "matmul+cudnn"
+        matmul.allow_tf32, cudnn.allow_tf32 = False, False
+        assert tf32_use() == "off"
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = saved

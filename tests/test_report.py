@@ -239,6 +239,17 @@ def test_provenance_differences_are_flagged(results):
     assert "fedcba987654 (pdrop (layers=1,2,3, keep_ratio=0.25))" in notes
 
 
+def test_a_difference_in_tf32_use_is_flagged(tmp_path):
+    """(Runs that record no TF32 use, as on a CPU, leave it out: the checked-in tables show no TF32.)"""
+    write_run(tmp_path, f"{MODEL}__vanilla__0000000000", "vanilla", {}, "vanilla", provenance={**PROVENANCE, "tf32": "cudnn"})
+    write_run(tmp_path, f"{MODEL}__fastv__1111111111", "fastv", {"layer": 2, "drop_ratio": 0.5}, "fastv",
+              provenance={**PROVENANCE, "tf32": "off"})
+    notes = " ".join(_json(tmp_path)["tables"][0]["footnotes"])
+    assert "Compared runs differ in TF32: off (fastv (layer=2, drop_ratio=0.5)); cudnn (vanilla)" in notes
+    notes = " ".join(_json(tmp_path, "--methods", "vanilla")["tables"][0]["footnotes"])
+    assert "Runs: device NVIDIA H100 80GB HBM3, dtype float16, TF32 cudnn, attention sdpa" in notes
+
+
 def test_csv_round_trips_through_pandas(results):
     for options in ((), ("--layout", "inference"), ("--layout", "sweep")):
         # pandas' default float parser may be off by one unit in the last place (pandas 2.2);

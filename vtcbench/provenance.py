@@ -37,8 +37,18 @@ def device_facts(device: torch.device | str) -> dict:
             "device": torch.cuda.get_device_name(device),
             "driver": driver,
             "cuda": torch.version.cuda,
+            "tf32": tf32_use(),
         }
-    return {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)", "driver": None, "cuda": None}
+    cpu = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"device": cpu, "driver": None, "cuda": None, "tf32": None}
+
+
+def tf32_use() -> str:
+    """Where CUDA float32 work may round to TF32's 10-bit mantissa: 'matmul', 'cudnn', both or
+    'off'. PyTorch's defaults allow it in cuDNN's convolutions (the vision towers' patch
+    embeddings), so two float32 runs can differ in it, and a near-tie answer with it."""
+    allowed = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    return "+".join(name for name, on in allowed.items() if on) or "off"
 
 
 def provenance(model: torch.nn.Module, device: torch.device | str) -> dict:

@@ -32,7 +32,7 @@ from vtcbench.results import primary_metric
 
 MME_FULL_SCORE = 2000  # LLaVolta and PyramidDrop average MME's score divided by 2000
 #: provenance fields whose difference between compared runs can move their numbers
-PROVENANCE_FIELDS = (("device", "device"), ("dtype", "dtype"), ("attention", "attention"),
+PROVENANCE_FIELDS = (("device", "device"), ("dtype", "dtype"), ("tf32", "TF32"), ("attention", "attention"),
                      ("transformers", "transformers"), ("git_revision", "git revision"))
 SETTING_FIELDS = ("limit", "seed", "random_weights")
 
@@ -329,7 +329,7 @@ class Context:
                 groups.setdefault(_provenance_value(key, run.provenance.get(key)), []).append(self.label(run))
             if len(groups) > 1:
                 differing.append(f"{title}: " + "; ".join(f"{value} ({', '.join(sorted(set(names)))})" for value, names in groups.items()))
-            else:
+            elif next(iter(groups)) != "-":  # (a field no run records, e.g. TF32 on a CPU, says nothing)
                 common.append(f"{title} {next(iter(groups))}")
         for key in SETTING_FIELDS:
             groups = {}
