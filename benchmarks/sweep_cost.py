@@ -5,10 +5,11 @@ side by side in one run: for each sample, every cell answered separately (what `
 per cell computes: the whole prefill under the cell's method) and all cells answered by the
 sweep (vanilla once, each cell resumed at K), the two in alternating order so drift hits both
 alike, each side `--repeats` times and its fastest run counted (as timeit does: on a shared
-machine, noise only ever adds time). Prints both wall times, their ratio, and the FLOPs floor: the decoder prefill MACs of the
-sweep over the separate runs' (`sweep.shared_flops_ratio`, the figure the design quotes: about
-0.42 for these cells), and the same with the vision encoder, which the sweep also runs once
-rather than once per cell (the floor the measured ratio is held against).
+machine, noise only ever adds time). Prints both wall times, their ratio, and the FLOPs floor:
+the decoder prefill MACs of the sweep over the separate runs' (`sweep.shared_flops_ratio`, the
+figure the design quotes: about 0.42 for these cells), and the same with the vision encoder,
+which the sweep also runs once rather than once per cell (the floor the measured ratio is held
+against).
 
 Default shape on CPU (as benchmarks/flops_to_time.py's): llava-1.5-7b's 32 decoder layers and
 576 image tokens at a quarter of the width (hidden 1024, ffn 2752, 8 heads of 128; `--width
