@@ -56,18 +56,9 @@ def test_vanilla_accuracy_on_the_held_out_split_is_what_training_recorded(vanill
     assert vanilla_scores["text"] >= 0.9  # it reads the one-token letter: it does look at the image
 
 
-#: shipped models below the bar, and why (strict: the test fails once one meets it, to remove it here)
-BELOW_THE_BAR = {
-    "vtc-tiny-qwen": "trained within 30 minutes on this machine's 2 cores (2080 steps of 16), it reaches 75.8% "
-                     "(color 68.0, count 47.2); vtc-tiny's recipe needed ~77k scenes, twice what fits",
-}
-
-
-def test_vanilla_meets_the_shipped_models_bar(vanilla_scores, request):
+def test_vanilla_meets_the_shipped_models_bar(vanilla_scores):
     """>= 90% overall, >= 80% per family: the bar the shipped models are trained to."""
     alias, vanilla_scores = vanilla_scores
-    if alias in BELOW_THE_BAR:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=BELOW_THE_BAR[alias]))
     assert vanilla_scores["overall"] >= 0.90
     assert all(vanilla_scores[family] >= 0.80 for family in FAMILIES), vanilla_scores
 
