@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -71,6 +72,13 @@ def test_a_local_grid_killed_halfway_resumes_to_each_cell_once(tmp_path):
 
     third = subprocess.run([*command, "--status"], env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0 and third.stdout.count(" done ") == 6
+
+    shutil.rmtree(folders[0])  # a removed run folder is not done, whatever its state file said
+    fourth = subprocess.run([*command, "--status"], env=env, capture_output=True, text=True, timeout=300)
+    assert fourth.stdout.count(" done ") == 5 and fourth.stdout.count(" pending ") == 1
+    fifth = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert fifth.returncode == 0 and "6 cells, 5 done, 1 to run (local)" in fifth.stdout
+    assert len(_done(results)) == 6
 
 
 def test_the_slurm_path_through_submitits_debug_executor(tmp_path):

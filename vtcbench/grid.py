@@ -70,12 +70,13 @@ class Grid:
         return self.results / ".grid"
 
     def status(self, cell: Cell) -> str:
-        """done (a summary), failed / running (the cell's state file), or pending."""
+        """done (a summary), failed / running (the cell's state file), or pending (also a cell
+        whose state says done but whose run folder has since been removed: it runs again)."""
         if (self.results / cell.folder / "summary.json").is_file():
             return "done"
         state = self.state_dir / f"{cell.folder}.json"
-        if state.is_file():
-            return json.loads(state.read_text())["status"]
+        if state.is_file() and (status := json.loads(state.read_text())["status"]) != "done":
+            return status
         return "pending"
 
     def log(self, cell: Cell) -> Path:
