@@ -62,7 +62,7 @@ step invariants 90 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_gpu.
 VTCBENCH_TEST_DEVICE=cuda step family_matrix 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_family_matrix.py \
   -k "keep_all or mixed_batch or cached_decode or oracle"
 # the README's main job and the shipped Qwen model through lmms-eval on the GPU (float32): the
-# accuracy the CPU gives (overall 0.798 for fastv on vtc-tiny, 0.76 for vtc-tiny-qwen)
+# accuracy the CPU gives (overall 0.798 for fastv on vtc-tiny, 0.998 for vtc-tiny-qwen)
 step run_vtc_tiny 90 python3 -m vtcbench.cli run --method fastv --out "$out/runs"
 step run_vtc_tiny_qwen 90 python3 -m vtcbench.cli run --model vtc-tiny-qwen --method vanilla --out "$out/runs"
 for width in eighth quarter full; do
