@@ -16,6 +16,7 @@ from task_data import write_all
 from typer.testing import CliRunner
 
 from vtcbench.cli import app
+from vtcbench.lmms_model import VtcbenchLMM
 
 runner = CliRunner()
 TASKS = "gqa,textvqa,pope,mme,docvqa"
@@ -211,6 +212,23 @@ def test_hub_dataset_missing_offline_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     result = invoke(["run", "--model", "tiny", "--random-weights", "--tasks", "pope", "--out", str(tmp_path / "out")])
     _one_line_exit_2(result, "--data-dir")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_video_task_is_refused_in_one_line_and_leaves_nothing(tmp_path, monkeypatch):
+    """lmms-eval's video tasks hand over file paths as visuals. `vtcbench run` answers image tasks
+    (the engine compresses Qwen videos, but lmms-eval's video loading is not wired), so it refuses
+    at the first request, and the run folder, which holds no finished sample, is removed."""
+
+    class Video:  # a vtcshapes row whose image converts to a video's path, as a video task's visual
+        def convert(self, mode: str) -> str:
+            return "clip.mp4"
+
+    monkeypatch.setattr(VtcbenchLMM, "_doc", lambda self, request: {"image": Video(), "question": "What happens?"})
+    result = invoke(["run", "--model", "tiny-qwen2.5-vl", "--random-weights", "--limit", "2", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "it/s]" not in line]  # (lmms-eval's bars)
+    assert len(lines) == 1 and "'vtcshapes' gives str visuals (video or other media)" in lines[0], result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
