@@ -19,6 +19,8 @@ from vtcbench.training import (
     AuxiliaryHeads,
     Encoder,
     TrainConfig,
+    TrainResult,
+    model_card,
     train,
     training_conversations,
     vocabulary,
@@ -74,6 +76,16 @@ def test_train_writes_a_loadable_model_its_log_and_a_model_card(tmp_path):
     model, processor = load_model(str(out))
     assert processor.tokenizer.convert_tokens_to_ids("triangle") != processor.tokenizer.unk_token_id
     assert model.config.text_config.num_hidden_layers == 6
+
+
+@pytest.mark.parametrize("lr, shown", [(TrainConfig.lr, False), (1e-3, True)])
+def test_the_model_cards_command_names_a_learning_rate_other_than_the_default(tmp_path, lr, shown):
+    """The card's command reproduces the run: vtc-tiny-qwen's 1e-3 is not the default 2e-3."""
+    config = TrainConfig(out=tmp_path, model="vtc-tiny-qwen", steps=2, batch_size=16, lr=lr)
+    scores = dict.fromkeys((*shapes.FAMILIES, "overall"), 1.0)
+    result = TrainResult(out=tmp_path, seconds=60.0, steps=2, stages="", accuracy={"vanilla": scores}, time_ratio=None)
+    card = model_card(config, result, n_parameters=1_000)
+    assert ("--batch-size 16 --lr 0.001`" in card) is shown and ("--lr" in card) is shown
 
 
 def test_llavolta_schedule_reports_time_ratio_and_accuracy_with_and_without_compression(tmp_path):

@@ -429,7 +429,9 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
     if config.batch_size != TrainConfig.batch_size:
         command += f" --batch-size {config.batch_size}"
     if config.init:
-        command += f" --init {config.init} --lr {config.lr:g}"
+        command += f" --init {config.init}"
+    if config.init or config.lr != TrainConfig.lr:
+        command += f" --lr {config.lr:g}"
     if config.schedule:
         command += f" --method llavolta --schedule {config.schedule}"
     elif config.method.name != "vanilla":
