@@ -329,8 +329,8 @@ class Context:
                 groups.setdefault(_provenance_value(key, run.provenance.get(key)), []).append(self.label(run))
             if len(groups) > 1:
                 differing.append(f"{title}: " + "; ".join(f"{value} ({', '.join(sorted(set(names)))})" for value, names in groups.items()))
-            elif next(iter(groups)) != "-":  # (a field no run records, e.g. TF32 on a CPU, says nothing)
-                common.append(f"{title} {next(iter(groups))}")
+            elif (value := next(iter(groups))) != "-":  # (a field no run records, e.g. TF32 on a CPU, says nothing)
+                common.append(f"{title} {value}")
         for key in SETTING_FIELDS:
             groups = {}
             for run in runs:
