@@ -12,10 +12,9 @@ that cost instead (`vtcbench run --budget`, docs/methods.md#budgets), vanilla as
 A 16-token mean is out of reach on a 6-layer model for a method acting from layer 2, so the
 single-layer in-LLM methods act from layer 1 (their first legal layer: `BUDGET_SETTINGS`), and
 VisPruner splits its tokens half and half (its default 0.75 cannot pair 16 tokens of 64).
-PruMerge+ runs at its own count (it has no knob: each image sets it) where the model runs it
-(not on the shipped models: vtc-tiny's projector reads its tower's last layer, and PruMerge+ the
-layer after it). CDPruner is left out: it reads the question through the CLIP text tower its
-vision tower was trained with, and the shipped models' towers were trained from scratch without one.
+PruMerge+ runs at its own count (it has no knob: each image sets it). CDPruner reads the question
+through the CLIP the model's tower belongs to: vtc-tiny's is the shipped `vtc-tiny-clip`
+(`MODEL_SETTINGS`; `python -m vtcbench.tiny_clip`); the Qwen line has none and refuses it.
 """
 
 from __future__ import annotations
@@ -33,6 +32,8 @@ BUDGET_SETTINGS = {
     "dart": {"layer": "1"}, "fastv": {"layer": "1"}, "kmeans": {"layer": "1"}, "llavolta": {"layer": "1"},
     "random": {"layer": "1"}, "vispruner": {"important_ratio": "0.5"},
 }
+#: settings a model needs, with or without --budget: the CLIP checkpoint its tower comes from
+MODEL_SETTINGS = {"vtc-tiny": {"cdpruner": {"clip": "vtc-tiny-clip"}}}
 
 
 def main() -> None:
@@ -53,16 +54,17 @@ def main() -> None:
     model_config = load_config(args.model)
     if args.budget:
         default = ["vanilla", *(name for name, cls in sorted(REGISTRY.items())
-                                if (cls.budget_knobs or cls.adaptive) and not cls.reads_text_side)]
+                                if cls.budget_knobs or cls.adaptive)]
     else:
         default = list(METHODS)
     methods = args.methods.split(",") if args.methods else [m for m in default if _runs_on(get_method(m), model_config)]
     rows = []
     for method in methods:
-        params = {}
+        params = dict(MODEL_SETTINGS.get(args.model, {}).get(method, {}))
         budgeted = args.budget and method != "vanilla" and not REGISTRY[method].adaptive
         if budgeted:
-            solved = solve(method, BUDGET_SETTINGS.get(method, {}), parse_budget(args.budget), model_facts(model_config))
+            settings = {**BUDGET_SETTINGS.get(method, {}), **params}
+            solved = solve(method, settings, parse_budget(args.budget), model_facts(model_config))
             params = solved.method.params()
             print(solved.describe())
         run_config = RunConfig(

@@ -882,14 +882,16 @@ def test_prumerge_plus_keeps_no_extra_token_when_it_keeps_every_patch():
 
 
 def test_prumerge_plus_refuses_a_tower_read_at_its_last_layer_before_loading():
-    """vtc-tiny's projector reads its tower's last layer: there is no next layer to take the
-    attention from."""
+    """vtc-tiny as `vtcbench train` builds it reads its tower's last layer: there is no next layer
+    to take the attention from (the shipped one has it, from `vtcbench.tiny_clip`)."""
     from vtcbench.methods import check_before_loading
     from vtcbench.models import load_config
+    from vtcbench.training import TrainConfig, trained_config
 
     with pytest.raises(VtcbenchError, match="^prumerge_plus reads the queries and keys of the tower layer after [^\n]+$"):
-        check_before_loading(get_method("prumerge_plus"), load_config("vtc-tiny"))
+        check_before_loading(get_method("prumerge_plus"), trained_config(TrainConfig(out="unused")))
     check_before_loading(get_method("prumerge_plus"), load_config("llava-1.5-7b"))  # layer 23 after -2
+    check_before_loading(get_method("prumerge_plus"), load_config("vtc-tiny"))  # layer 4 after -2
 
 
 def test_prumerge_plus_keeps_its_top_patch_when_no_patch_is_an_outlier():

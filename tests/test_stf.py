@@ -48,7 +48,8 @@ def test_unfold_uses_the_official_channel_order():
 def test_feature_layer_rule_gives_the_paper_list_for_24_layers_and_scales_down():
     assert default_feature_layers(24, -2) == PAPER_FEATURE_LAYERS
     assert default_feature_layers(12, -2) == (-2, 10, 8, 6, 4, 2)  # every 2nd of 12, as every 3rd of 24
-    assert default_feature_layers(3, -1) == (-1, 2, 1)  # vtc-tiny: all three layers
+    assert default_feature_layers(3, -1) == (-1, 2, 1)  # vtc-tiny as trained: all three layers
+    assert default_feature_layers(4, -2) == (-2, 2, 1)  # the shipped vtc-tiny (its CLIP layer 4 after): the same three
     assert default_feature_layers(2, -2) == (-2,)  # the tiny test tower: -2 is hidden state 1, the only other one
 
 
@@ -300,7 +301,7 @@ def test_training_stf_writes_a_folder_that_runs_with_stf(tmp_path):
                                init="vtc-tiny", method=get_method("stf")))
     assert set(result.accuracy) == {result.log[-1]["method"]}  # no vanilla row: the projector fuses
     config = load_config(str(tmp_path / "m"))
-    assert config.vtcbench_projector["type"] == "stf" and list(config.vision_feature_layer) == [-1, 2, 1]
+    assert config.vtcbench_projector["type"] == "stf" and list(config.vision_feature_layer) == [-2, 2, 1]
     run = runner.invoke(app, ["generate", "--model", str(tmp_path / "m"), "--method", "stf", "--max-new-tokens", "1"])
     assert run.exit_code == 0 and "16x6" in run.output, run.output
 

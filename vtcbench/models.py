@@ -92,7 +92,7 @@ MODELS: dict[str, ModelSpec] = {
         ModelSpec("qwen3-vl-8b", "Qwen/Qwen3-VL-8B-Instruct", "Qwen3-VL-8B-Instruct.json", "qwen3_vl",
                   "Qwen3-VL 8B Instruct: ViT with DeepStack features, interleaved M-RoPE, q/k norms"),
         ModelSpec("vtc-tiny", None, "vtc-tiny.json", "llava",
-                  "vtcbench's own LLaVA trained on vtcshapes (3-layer CLIP, 6-layer LLaMA, 64 image tokens), shipped",
+                  "vtcbench's own LLaVA trained on vtcshapes (4-layer CLIP read at -2, 6-layer LLaMA, 64 image tokens), shipped",
                   packaged=True),
         ModelSpec("vtc-tiny-qwen", None, "vtc-tiny-qwen.json", "qwen2_vl",
                   "vtcbench's own Qwen2.5-VL trained on vtcshapes (3-block windowed ViT, 6-layer M-RoPE decoder, "

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -245,10 +246,19 @@ class TrainResult:
     log: list[dict] = field(default_factory=list)
 
 
+def trained_config(config: TrainConfig) -> Any:
+    """The architecture training builds: the model's config, its tower trimmed to what the losses
+    reach when the weights start random."""
+    model_config = load_config(config.model)
+    if config.init is None:
+        family_of(model_config).trim_tower_for_training(model_config)
+    return model_config
+
+
 def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -> TrainResult:
     """Train from seeded random weights (or `config.init`'s); save model, processor, log and model
     card to `config.out`."""
-    model_config = load_config(config.model)
+    model_config = trained_config(config)
     facts = model_facts(model_config)
     stage_list = stages(config.schedule, config.method, config.steps, facts.n_layers)
     for stage in stage_list:
@@ -458,7 +468,7 @@ def model_card(config: TrainConfig, result: TrainResult, n_parameters: int) -> s
         if config.compressed
         else ""
     )
-    model_config = load_config(config.model)
+    model_config = trained_config(config)
     family = family_of(model_config)
     facts, model_class = model_facts(model_config), family.model_class(model_config).__name__
     tower, projector, decoder = family.card_parts(model_config, facts)

@@ -191,6 +191,10 @@ class ModelFamily:
         """How many tower layers follow the one whose output the projector reads."""
         raise VtcbenchError(f"the {self.name} family exposes no vision-tower layer to methods")
 
+    def trim_tower_for_training(self, config: Any) -> None:
+        """Drop from `config` (in place) the tower layers training from random weights cannot
+        reach; none by default."""
+
     def tower_cls_attention(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """From a tower layer's input [images, tokens, width]: CLS's softmax attention row per head
         `[images, heads, tokens]` and every key per head `[images, heads, tokens, head_dim]`."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import math
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -66,6 +68,15 @@ CLIP_TEXT_TOWERS: dict[str, TextTowerFacts] = {
 }
 
 
+#: CLIP checkpoints shipped in the package, by the name `--set clip=` takes
+SHIPPED_CLIPS = {"vtc-tiny-clip": Path(__file__).resolve().parents[1] / "weights" / "vtc-tiny-clip"}
+
+
+def clip_source(source: str) -> str:
+    """Where a CLIP checkpoint loads from: a shipped one's folder, else `source` itself."""
+    return str(SHIPPED_CLIPS.get(source, source))
+
+
 @functools.cache
 def _clip_text_parts(source: str, device: str) -> tuple[Any, nn.Module]:
     """(tokenizer, CLIPModel without its vision model) of `source`, in float32 on `device`, once
@@ -74,34 +85,45 @@ def _clip_text_parts(source: str, device: str) -> tuple[Any, nn.Module]:
     from transformers import AutoTokenizer, CLIPModel
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        clip = CLIPModel.from_pretrained(source, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(clip_source(source))
+        clip = CLIPModel.from_pretrained(clip_source(source), dtype=torch.float32)
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise VtcbenchError(f"cannot load the CLIP checkpoint {source!r} (its text tower and visual projection): {first}") from None
+        raise VtcbenchError(f"cannot load the CLIP checkpoint {source!r} (its text tower and visual projection): {first}; "
+                            f"shipped: {', '.join(SHIPPED_CLIPS)}") from None
     clip.vision_model = None  # the LLaVA model's own tower gives the patches
     return tokenizer, clip.eval().requires_grad_(False).to(device)
 
 
-def write_random_clip(
-    folder: Any, tower_width: int, *, layers: int = 2, width: int = 32, heads: int = 2, ffn: int = 64, projection: int = 16
-) -> str:
-    """A random-weight CLIP checkpoint in `folder` (tests and benchmarks, offline) whose visual
-    projection reads a tower of `tower_width`, with a word-level tokenizer that wraps a text in
-    start and end tokens as CLIP's does (words it does not know are `<unk>`): CDPruner's text side."""
+def clip_tokenizer(words: Iterable[str]) -> Any:
+    """A word-level tokenizer of `words` that wraps a text in start and end tokens as CLIP's does
+    (words it does not know are `<unk>`; `!`, CLIP's padding id 0, pads)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    words = "! <unk> how many what is are there the in of color shape image picture a circle circles square triangle red blue green ? , .".split()
-    vocab = {word: index for index, word in enumerate(words)}
+    vocab = {word: index for index, word in enumerate(dict.fromkeys(["!", "<unk>", *words]))}
     start, end = vocab.setdefault("<|startoftext|>", len(vocab)), vocab.setdefault("<|endoftext|>", len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer.post_processor = processors.TemplateProcessing(
         single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", start), ("<|endoftext|>", end)]
     )
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<unk>",
-                            pad_token="!").save_pretrained(folder)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                                   unk_token="<unk>", pad_token="!")
+
+
+def write_random_clip(
+    folder: Any, tower_width: int, *, layers: int = 2, width: int = 32, heads: int = 2, ffn: int = 64, projection: int = 16
+) -> str:
+    """A random-weight CLIP checkpoint in `folder` (tests and benchmarks, offline) whose visual
+    projection reads a tower of `tower_width`, with a `clip_tokenizer` of a few question words:
+    CDPruner's text side."""
+    from transformers import CLIPConfig, CLIPModel
+
+    words = "how many what is are there the in of color shape image picture a circle circles square triangle red blue green ? , .".split()
+    tokenizer = clip_tokenizer(words)
+    tokenizer.save_pretrained(folder)
+    vocab, start, end = tokenizer.get_vocab(), tokenizer.bos_token_id, tokenizer.eos_token_id
     text = dict(vocab_size=len(vocab), hidden_size=width, intermediate_size=ffn, num_hidden_layers=layers,
                 num_attention_heads=heads, max_position_embeddings=77, eos_token_id=end, bos_token_id=start, pad_token_id=0)
     vision = dict(hidden_size=tower_width, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=56, patch_size=7)
@@ -239,7 +261,7 @@ class LlavaFamily(ModelFamily):
         from transformers import AutoConfig
 
         try:
-            config = AutoConfig.from_pretrained(source)
+            config = AutoConfig.from_pretrained(clip_source(source))
         except OSError:
             raise VtcbenchError(f"cannot read the CLIP checkpoint {source!r}'s config (offline, only a local folder or the hub's cache)") from None
         text = config.text_config
@@ -250,6 +272,15 @@ class LlavaFamily(ModelFamily):
         (index, *_) = self.feature_layers(config)
         layers = config.vision_config.num_hidden_layers
         return layers - index % (layers + 1)
+
+    def trim_tower_for_training(self, config: Any) -> None:
+        """The layers after the projector's feature layer get no gradient from `vtcbench train`'s
+        losses (LLaVA-1.5's come from CLIP's own training; `vtcbench.tiny_clip` trains vtc-tiny's
+        that way), so a model trained from scratch is built without them and reads its last layer."""
+        after = self.tower_layers_after_feature(config)
+        if after and isinstance(config.vision_feature_layer, int):
+            config.vision_config.num_hidden_layers -= after
+            config.vision_feature_layer = -1
 
     def tower_cls_query_keys(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP's `q_proj` of CLS and `k_proj` of every token (biases included, before the

@@ -44,7 +44,7 @@ PAPER_FEATURE_LAYERS: tuple[int, ...] = (-2, 21, 18, 15, 12, 9, 6, 3)  # 24-laye
 def default_feature_layers(depth: int, own_layer: int) -> tuple[int, ...]:
     """The model's own feature layer, then every s-th hidden state from depth - s down to 1, with
     s = max(1, round(depth / 8)), the paper's spacing scaled to the depth: (-2, 21, 18, ..., 3) for
-    24 layers and LLaVA's -2, (-2, 10, 8, 6, 4, 2) for 12, (-1, 2, 1) for vtc-tiny's 3 layers and -1
+    24 layers and LLaVA's -2, (-2, 10, 8, 6, 4, 2) for 12, (-2, 2, 1) for vtc-tiny's 4 layers and -2
     (hidden-state index i is the output of layer i, 0 the patch embeddings; the own layer is not
     repeated)."""
     stride = max(1, round(depth / 8))
