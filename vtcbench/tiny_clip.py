@@ -190,6 +190,7 @@ def card_section(record: dict, llava: nn.Module) -> str:
   {record['seconds'] / 60:.1f} min on {record['threads']} CPU threads.
 - Held-out retrieval, top-1 among 100 ({record['held_out_scenes']} scenes): image to caption {100 * found['image_to_text']:.1f}%,
   caption to image {100 * found['text_to_image']:.1f}%.
+- With the new layer the model has {sum(p.numel() for p in llava.parameters()) / 1e6:.2f}M parameters.
 """
 
 
