@@ -58,7 +58,8 @@ def test_the_clip_step_keeps_the_features_the_projector_reads(extended):
     assert after.config.vision_config.num_hidden_layers == 4 and after.config.vision_feature_layer == -2
     images = pixels([s.scene for s in held_out_split(2)])
     with torch.no_grad():
-        features = [torch.cat(list(model.get_image_features(pixel_values=images).pooler_output)) for model in (before, after)]
+        features = [family_of(model).vision_tower(model)(images, output_hidden_states=True).hidden_states[model.config.vision_feature_layer]
+                    for model in (before, after)]
     assert torch.equal(*features)
 
 
@@ -75,9 +76,12 @@ def test_the_clip_checkpoint_holds_the_models_tower_and_records_its_training(ext
     assert "python -m vtcbench.tiny_clip --steps 3 --batch-size 8" in (extended / "model" / "README.md").read_text()
 
 
-def test_the_clip_step_refuses_a_model_not_read_at_its_last_layer(extended, tmp_path):
-    with pytest.raises(SystemExit, match="vision_feature_layer=-2"):
+def test_the_clip_step_refuses_a_model_not_read_at_its_last_layer(extended, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exited:
         tiny_clip.main(["--model", str(extended / "model"), "--out-model", str(tmp_path / "m"), "--out-clip", str(tmp_path / "c")])
+    assert exited.value.code == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert "reads the tower 1 layer(s) before its last" in line
     assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
 
 

@@ -15,7 +15,8 @@ The result is written twice: a `CLIPModel` checkpoint (the `--set clip=` CDPrune
 LLaVA model with the new layer and `post_layernorm` in its tower, read at layer -2 as LLaVA-1.5
 reads CLIP's, so its projector sees exactly the features it was trained on.
 
-Run: python -m vtcbench.tiny_clip --model vtc-tiny --out-model DIR --out-clip DIR [--steps N]
+Run: python -m vtcbench.tiny_clip --model FOLDER --out-model DIR --out-clip DIR [--steps N]
+(FOLDER: what `vtcbench train --model vtc-tiny` wrote)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +34,7 @@ import torch
 from torch import nn
 
 from vtcbench import shapes
-from vtcbench.families import family_of
+from vtcbench.families import family_of, model_facts
 from vtcbench.families.llava import clip_tokenizer
 from vtcbench.models import MODELS, load_model
 from vtcbench.training import held_out_split, pixels, vocabulary
@@ -61,23 +63,12 @@ def scenes(rng: np.random.Generator, n: int, exclude: set[str]) -> list[shapes.S
 def build(llava: nn.Module, words: tuple[str, ...], seed: int) -> tuple[Any, Any]:
     """(CLIPModel, tokenizer): the vision model is `llava`'s tower (copied, frozen) with one new
     layer after it; everything else at CLIP's initialisation."""
-    from transformers import CLIPConfig, CLIPModel
-
     tokenizer = clip_tokenizer(words)
-    tower = family_of(llava).vision_tower(llava)
-    vision = tower.config.to_dict()
-    vision["num_hidden_layers"] += 1
     text = dict(TEXT_TOWER, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=PROJECTION_DIM))
-    missing, _ = clip.vision_model.load_state_dict(getattr(tower, "vision_model", tower).state_dict(), strict=False)
-    new_layer = f"encoder.layers.{vision['num_hidden_layers'] - 1}."
-    assert all(name.startswith(new_layer) for name in missing), missing
-    frozen = [clip.vision_model.embeddings, clip.vision_model.pre_layrnorm, *clip.vision_model.encoder.layers[:-1]]
-    for module in frozen:
-        module.requires_grad_(False)
+        clip = family_of(llava).clip_with_tower(llava, text, PROJECTION_DIM)
     return clip, tokenizer
 
 
@@ -128,20 +119,9 @@ def train(llava: nn.Module, words: tuple[str, ...], steps: int, batch_size: int,
     return clip.eval(), tokenizer, record
 
 
-def extend(llava: nn.Module, clip: nn.Module) -> None:
-    """Give `llava`'s tower the CLIP's new last layer and `post_layernorm`, and read it at layer -2
-    (the features its projector was trained on)."""
-    tower = family_of(llava).vision_tower(llava)
-    vision_model = getattr(tower, "vision_model", tower)
-    vision_model.encoder.layers.append(clip.vision_model.encoder.layers[-1])
-    vision_model.post_layernorm.load_state_dict(clip.vision_model.post_layernorm.state_dict())
-    tower.config.num_hidden_layers = llava.config.vision_config.num_hidden_layers = len(vision_model.encoder.layers)
-    llava.config.vision_feature_layer = -2
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="vtc-tiny", help="a LLaVA whose projector reads its tower's last layer")
+    parser.add_argument("--model", required=True, help="a LLaVA whose projector reads its tower's last layer")
     parser.add_argument("--out-model", type=Path, required=True)
     parser.add_argument("--out-clip", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=1000)
@@ -151,15 +131,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     for out in (args.out_model, args.out_clip):
         if out.exists():
-            raise SystemExit(f"{out} exists; give a new folder")
+            refuse(f"{out} exists; give a new folder")
     llava, _ = load_model(args.model)
-    if llava.config.vision_feature_layer != -1:
-        raise SystemExit(f"{args.model}: vision_feature_layer={llava.config.vision_feature_layer}; this step extends a tower read at its last layer (-1)")
+    after = family_of(llava).tower_layers_after_feature(llava.config)
+    if after:
+        refuse(f"{args.model}: its projector reads the tower {after} layer(s) before its last; this step extends a tower "
+               "read at its last layer, as `vtcbench train` builds it")
     words = (*vocabulary(family_of(llava).system_prompt(llava.config)), *CAPTION_WORDS)
     clip, tokenizer, record = train(llava, words, args.steps, args.batch_size, args.lr, args.seed)
     record["command"] = (f"python -m vtcbench.tiny_clip --steps {args.steps} --batch-size {args.batch_size} "
                          f"--lr {args.lr:g} --seed {args.seed}")
-    extend(llava, clip)
+    family_of(llava).attach_clip_layer(llava, clip)
     clip.save_pretrained(args.out_clip)
     tokenizer.save_pretrained(args.out_clip)
     (args.out_clip / "training.json").write_text(json.dumps(record, indent=1) + "\n")
@@ -174,8 +156,13 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({k: v for k, v in record.items() if k != "log"}))
 
 
+def refuse(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def card_section(record: dict, llava: nn.Module) -> str:
-    layers = llava.config.vision_config.num_hidden_layers
+    layers = model_facts(llava).vision_n_layers
     found = record["retrieval_top1_of_100"]
     return f"""
 ## Its CLIP half: a last tower layer and a text tower (`vtc-tiny-clip`)

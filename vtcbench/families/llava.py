@@ -282,6 +282,35 @@ class LlavaFamily(ModelFamily):
             config.vision_config.num_hidden_layers -= after
             config.vision_feature_layer = -1
 
+    def clip_with_tower(self, model: nn.Module, text: dict[str, Any], projection_dim: int) -> nn.Module:
+        """A `CLIPModel` (CLIP's initialisation under the caller's seed) whose vision model is
+        `model`'s tower, its weights copied and frozen, plus one trainable layer after it, and
+        whose text tower has the `CLIPTextConfig` fields `text`."""
+        from transformers import CLIPConfig, CLIPModel
+
+        tower = self.vision_tower(model)
+        tower = getattr(tower, "vision_model", tower)
+        vision = model.config.vision_config.to_dict()
+        vision["num_hidden_layers"] += 1
+        clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
+        missing, unexpected = clip.vision_model.load_state_dict(tower.state_dict(), strict=False)
+        new_layer = f"encoder.layers.{vision['num_hidden_layers'] - 1}."
+        if unexpected or not all(name.startswith(new_layer) for name in missing):
+            raise VtcbenchError(f"the tower's weights do not fit a CLIP vision model: missing {missing}, unexpected {unexpected}")
+        for module in (clip.vision_model.embeddings, clip.vision_model.pre_layrnorm, *clip.vision_model.encoder.layers[:-1]):
+            module.requires_grad_(False)
+        return clip
+
+    def attach_clip_layer(self, model: nn.Module, clip: nn.Module) -> None:
+        """`model`'s tower gains `clip`'s last vision layer and its `post_layernorm`, and is read at
+        layer -2: the projector's features are those it read at -1 before."""
+        tower = self.vision_tower(model)
+        tower = getattr(tower, "vision_model", tower)
+        tower.encoder.layers.append(clip.vision_model.encoder.layers[-1])
+        tower.post_layernorm.load_state_dict(clip.vision_model.post_layernorm.state_dict())
+        model.config.vision_config.num_hidden_layers = len(tower.encoder.layers)
+        model.config.vision_feature_layer = -2
+
     def tower_cls_query_keys(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP's `q_proj` of CLS and `k_proj` of every token (biases included, before the
         attention's `scale`) of `layer_norm1` of the layer's input."""
