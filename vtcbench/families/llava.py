@@ -89,8 +89,8 @@ def _clip_text_parts(source: str, device: str) -> tuple[Any, nn.Module]:
         clip = CLIPModel.from_pretrained(clip_source(source), dtype=torch.float32)
     except OSError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise VtcbenchError(f"cannot load the CLIP checkpoint {source!r} (its text tower and visual projection): {first}; "
-                            f"shipped: {', '.join(SHIPPED_CLIPS)}") from None
+        raise VtcbenchError(f"cannot load the CLIP checkpoint {source!r} (its text tower and visual projection): "
+                            f"{first.rstrip('.')}; shipped with vtcbench: {', '.join(SHIPPED_CLIPS)}") from None
     clip.vision_model = None  # the LLaVA model's own tower gives the patches
     return tokenizer, clip.eval().requires_grad_(False).to(device)
 
