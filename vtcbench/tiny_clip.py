@@ -38,6 +38,7 @@ from vtcbench.families import family_of, model_facts
 from vtcbench.families.llava import clip_tokenizer
 from vtcbench.models import MODELS, load_model
 from vtcbench.training import held_out_split, pixels, vocabulary
+from vtcbench.transformers_seam import save_checkpoint
 
 #: the text tower: small beside the vision tower (96 wide), as CLIP's is beside ViT-L
 TEXT_TOWER = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77)
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     clip.save_pretrained(args.out_clip)
     tokenizer.save_pretrained(args.out_clip)
     (args.out_clip / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    llava.save_pretrained(args.out_model)
+    save_checkpoint(llava, args.out_model)  # the hub's layout, as `vtcbench train` writes it
     source = Path(args.model) if Path(args.model).is_dir() else Path(MODELS[args.model].source)
     for file in source.iterdir():  # the processor, training record and card as they were
         if file.name not in ("config.json", "model.safetensors"):
