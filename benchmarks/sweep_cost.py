@@ -15,12 +15,16 @@ Default shape on CPU (as benchmarks/flops_to_time.py's): llava-1.5-7b's 32 decod
 576 image tokens at a quarter of the width (hidden 1024, ffn 2752, 8 heads of 128; `--width
 eighth`: 512, 1376, 4) and a 2-layer vision tower, random weights, one new token per answer (the
 prefill is what the sweep shares). On a GPU: --width full.
-Run: python benchmarks/sweep_cost.py [--layer 16] [--samples 3] [--repeats 3] [--width quarter|eighth|full]
+With --profile, it then profiles one more sample's sweep (cProfile, by time spent in each
+function itself): where the time above the floor goes.
+Run: python benchmarks/sweep_cost.py [--layer 16] [--samples 3] [--repeats 3] [--width quarter|eighth|full] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import statistics
 import time
 
@@ -81,6 +85,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each side per sample; the fastest counts")
     parser.add_argument("--width", choices=list(WIDTHS), default="quarter", help="the decoder's width (full: for a GPU)")
+    parser.add_argument("--profile", action="store_true", help="then profile one more sample's sweep")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
@@ -90,8 +95,8 @@ def main() -> None:
     methods = {cell: cell.method("attention", seed=0) for cell in cells}
     separate = {cell: VtcbenchLMM(model, processor, methods[cell], run=None, show_progress=False) for cell in cells}
     sweep = SweepLMM(model, processor, [Branch(c.id, c.layer, methods[c]) for c in cells[1:]], run=None, show_progress=False)
-    samples = jobs(args.samples + 1)
-    warmup, samples = samples[0], samples[1:]
+    samples = jobs(args.samples + 2)
+    warmup, samples, profiled = samples[0], samples[1:-1], samples[-1]
     list(sweep._sweep_generate([warmup]))
     for cell in cells:
         list(separate[cell]._generate_batch([warmup]))
@@ -138,6 +143,12 @@ def main() -> None:
     print(f"(the vision encoder is {vision / (vision + decoder[cells[0]]):.1%} of a vanilla prefill's MACs; "
           f"the sweep runs it once, the separate runs {len(cells)} times)")
     print(f"answers of every cell equal between sweep and separate runs: {agree}")
+    if args.profile:
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: list(sweep._sweep_generate([profiled])))
+        stats = pstats.Stats(profiler)
+        print(f"profile of one sample's sweep: {stats.total_tt:.2f} s; the functions that spent the most in themselves:")
+        stats.sort_stats("tottime").print_stats(8)
 
 
 if __name__ == "__main__":
