@@ -174,7 +174,7 @@ def _place(rng: np.random.Generator, n_objects: int) -> tuple[list[int], int]:
             return cells[:-1], cells[-1]
 
 
-def _random_scene(rng: np.random.Generator, colours: list[str] | None = None) -> Scene:
+def random_scene(rng: np.random.Generator, colours: list[str] | None = None) -> Scene:
     """3-6 objects; `colours` forces the objects' colours (count family)."""
     n = len(colours) if colours is not None else int(rng.integers(3, 7))
     cells, letter_cell = _place(rng, n)
@@ -222,7 +222,7 @@ def _count_scene(rng: np.random.Generator) -> tuple[Scene, tuple[str, str]]:
     total = int(rng.integers(max(3, count), 7))
     colours = [target] * count + [others[rng.integers(len(others))] for _ in range(total - count)]
     colours = [colours[i] for i in rng.permutation(total)]
-    return _random_scene(rng, colours), (f"How many {target} shapes are there?", str(count))
+    return random_scene(rng, colours), (f"How many {target} shapes are there?", str(count))
 
 
 def _ask_text(scene: Scene) -> tuple[str, str]:
@@ -234,7 +234,7 @@ def sample(rng: np.random.Generator, family: str) -> Sample:
     if family in ("color", "presence"):
         ask = _ask_color if family == "color" else _ask_presence
         while True:
-            scene = _random_scene(rng)
+            scene = random_scene(rng)
             asked = ask(scene, rng)
             if asked is not None:
                 return Sample(scene, family, *asked)
@@ -242,7 +242,7 @@ def sample(rng: np.random.Generator, family: str) -> Sample:
         scene, asked = _count_scene(rng)
         return Sample(scene, family, *asked)
     if family == "text":
-        scene = _random_scene(rng)
+        scene = random_scene(rng)
         return Sample(scene, family, *_ask_text(scene))
     raise ValueError(f"unknown family {family!r}; valid: {', '.join(FAMILIES)}")
 
@@ -267,7 +267,7 @@ def conversation(rng: np.random.Generator) -> list[Sample]:
     """Every question the scene answers, in random order: a multi-turn training conversation (LLaVA's
     instruction data asks several questions per image). The count of every colour present, the
     colour of every unique shape, the presence of every shape, and the letter."""
-    scene = _random_scene(rng, _balanced_colours(rng))
+    scene = random_scene(rng, _balanced_colours(rng))
     colours = [c for _, c, _ in scene.objects]
     turns = [
         Sample(scene, "count", f"How many {c} shapes are there?", str(colours.count(c)))

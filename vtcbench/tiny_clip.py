@@ -53,9 +53,10 @@ def caption(scene: shapes.Scene) -> str:
 
 
 def scenes(rng: np.random.Generator, n: int, exclude: set[str]) -> list[shapes.Scene]:
+    """`n` fresh scenes (3-6 objects of any colours), none whose key is in `exclude`."""
     out: list[shapes.Scene] = []
     while len(out) < n:
-        scene = shapes._random_scene(rng)
+        scene = shapes.random_scene(rng)
         if scene.key() not in exclude:
             out.append(scene)
     return out
