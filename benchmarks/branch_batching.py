@@ -23,13 +23,11 @@ import statistics
 
 import torch
 from sweep_cost import WIDTHS, build_model, timed
-
 from transformers import AttentionInterface, AttentionMaskInterface
 
 from vtcbench.families import family_of, model_facts
 from vtcbench.profilers.flops import layer_macs
 from vtcbench.sweep import DEFAULT_RATIOS
-
 
 #: the branches' lengths in the packed row `per_branch_attention` splits (set around a forward)
 SEGMENTS: list[int] = []
