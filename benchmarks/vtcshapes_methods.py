@@ -14,7 +14,7 @@ single-layer in-LLM methods act from layer 1 (their first legal layer: `BUDGET_S
 VisPruner splits its tokens half and half (its default 0.75 cannot pair 16 tokens of 64).
 PruMerge+ runs at its own count (it has no knob: each image sets it). CDPruner reads the question
 through the CLIP the model's tower belongs to: vtc-tiny's is the shipped `vtc-tiny-clip`
-(`MODEL_SETTINGS`; `python -m vtcbench.tiny_clip`); the Qwen line has none and refuses it.
+(`MODEL_SETTINGS`; `vtcbench train-clip`); the Qwen line has none and refuses it.
 """
 
 from __future__ import annotations

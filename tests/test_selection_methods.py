@@ -883,7 +883,7 @@ def test_prumerge_plus_keeps_no_extra_token_when_it_keeps_every_patch():
 
 def test_prumerge_plus_refuses_a_tower_read_at_its_last_layer_before_loading():
     """vtc-tiny as `vtcbench train` builds it reads its tower's last layer: there is no next layer
-    to take the attention from (the shipped one has it, from `vtcbench.tiny_clip`)."""
+    to take the attention from (the shipped one has it, from `vtcbench train-clip`)."""
     from vtcbench.methods import check_before_loading
     from vtcbench.models import load_config
     from vtcbench.training import TrainConfig, trained_config

@@ -1,4 +1,4 @@
-"""vtc-tiny's CLIP half (`vtcbench.tiny_clip`): training builds the tower the language model's
+"""vtc-tiny's CLIP half (`vtcbench train-clip`): training builds the tower the language model's
 losses reach, the CLIP step adds the rest without changing what the projector sees, and the
 shipped model and CLIP checkpoint agree with each other."""
 
@@ -35,8 +35,7 @@ def test_training_from_scratch_builds_the_tower_up_to_the_projectors_layer():
 
 
 def tower_state(model) -> dict[str, torch.Tensor]:
-    tower = family_of(model).vision_tower(model)
-    return getattr(tower, "vision_model", tower).state_dict()
+    return family_of(model).clip_transformer(model).state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +46,9 @@ def extended(tmp_path_factory):
     model = random_model(config, seed=1)
     model.save_pretrained(root / "lm")
     build_local_processor(config, vocabulary("")).save_pretrained(root / "lm")
-    tiny_clip.main(["--model", str(root / "lm"), "--out-model", str(root / "model"), "--out-clip", str(root / "clip"),
-                    "--steps", "3", "--batch-size", "8"])
+    result = CliRunner().invoke(app, ["train-clip", str(root / "lm"), "--out-model", str(root / "model"),
+                                      "--out-clip", str(root / "clip"), "--steps", "3", "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
     return root
 
 
@@ -73,15 +73,17 @@ def test_the_clip_checkpoint_holds_the_models_tower_and_records_its_training(ext
     assert all(torch.equal(value, clip.vision_model.state_dict()[key]) for key, value in tower.items())
     record = json.loads((extended / "clip" / "training.json").read_text())
     assert record["steps"] == 3 and 0 <= record["retrieval_top1_of_100"]["image_to_text"] <= 1
-    assert "python -m vtcbench.tiny_clip --steps 3 --batch-size 8" in (extended / "model" / "README.md").read_text()
+    assert "vtcbench train-clip --steps 3 --batch-size 8" in (extended / "model" / "README.md").read_text()
+    assert not list(extended.glob("*.partial"))
 
 
-def test_the_clip_step_refuses_a_model_not_read_at_its_last_layer(extended, tmp_path, capsys):
-    with pytest.raises(SystemExit) as exited:
-        tiny_clip.main(["--model", str(extended / "model"), "--out-model", str(tmp_path / "m"), "--out-clip", str(tmp_path / "c")])
-    assert exited.value.code == 2
-    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
-    assert "reads the tower 1 layer(s) before its last" in line
+@pytest.mark.parametrize("bad", ["read at -2", "existing out"])
+def test_the_clip_step_refuses_in_one_line_before_writing(extended, tmp_path, bad):
+    model, out_model = (extended / "model", tmp_path / "m") if bad == "read at -2" else (extended / "lm", extended / "clip")
+    result = CliRunner().invoke(app, ["train-clip", str(model), "--out-model", str(out_model), "--out-clip", str(tmp_path / "c")])
+    assert result.exit_code == 2
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert ("reads the tower 1 layer(s) before its last" if bad == "read at -2" else "already exists") in line
     assert not (tmp_path / "m").exists() and not (tmp_path / "c").exists()
 
 

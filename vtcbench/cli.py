@@ -619,6 +619,29 @@ def convert_stf(
     console.print(f"converted {src} -> {run_conversion(src, out, overwrite=overwrite)} (run it with --method stf)")
 
 
+@app.command("train-clip")
+@user_errors
+def train_clip(
+    model: Annotated[str, typer.Argument(help="a LLaVA whose projector reads its tower's last layer (what `vtcbench train` writes)")],
+    out_model: Annotated[Path, typer.Option(help="the model with its tower's new last layer, read at -2")],
+    out_clip: Annotated[Path, typer.Option(help="the CLIPModel checkpoint (CDPruner's --set clip=)")],
+    steps: Annotated[int, typer.Option(help="optimizer steps")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="scenes per step")] = 128,
+    lr: Annotated[float, typer.Option(help="peak learning rate of the one-cycle schedule")] = 1e-3,
+    seed: Annotated[int, typer.Option(help="weights and data stream")] = 0,
+) -> None:
+    """Train a LLaVA's CLIP half (a last tower layer and a text tower, LiT-style; docs/vtc-tiny.md#its-clip-half)."""
+    from vtcbench.tiny_clip import write_clip_half
+
+    def progress(entry: dict) -> None:
+        console.print(f"step {entry['step']}/{steps}: loss {entry['loss']:.4f} ({entry['seconds']:.0f} s)")
+
+    record = write_clip_half(model, out_model, out_clip, steps=steps, batch_size=batch_size, lr=lr, seed=seed, progress=progress)
+    found = record["retrieval_top1_of_100"]
+    console.print(f"trained in {record['seconds'] / 60:.1f} min -> {out_model}, {out_clip}; held-out retrieval, top-1 among 100: "
+                  f"image to caption {100 * found['image_to_text']:.1f}%, caption to image {100 * found['text_to_image']:.1f}%")
+
+
 def _print_training(result) -> None:
     from vtcbench.shapes import FAMILIES
 

@@ -15,17 +15,16 @@ The result is written twice: a `CLIPModel` checkpoint (the `--set clip=` CDPrune
 LLaVA model with the new layer and `post_layernorm` in its tower, read at layer -2 as LLaVA-1.5
 reads CLIP's, so its projector sees exactly the features it was trained on.
 
-Run: python -m vtcbench.tiny_clip --model FOLDER --out-model DIR --out-clip DIR [--steps N]
+Run: vtcbench train-clip FOLDER --out-model DIR --out-clip DIR [--steps N]
 (FOLDER: what `vtcbench train --model vtc-tiny` wrote)
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from vtcbench import shapes
+from vtcbench.errors import VtcbenchError
 from vtcbench.families import family_of, model_facts
 from vtcbench.families.llava import clip_tokenizer
 from vtcbench.models import MODELS, load_model
@@ -92,8 +92,9 @@ def retrieval(clip: nn.Module, tokenizer: Any, held_out: list[shapes.Scene], gro
 
 
 def train(llava: nn.Module, words: tuple[str, ...], steps: int, batch_size: int, lr: float, seed: int,
-          log_every: int = 100) -> tuple[Any, Any, dict]:
-    """Contrastive training of everything but `llava`'s tower; returns (CLIPModel, tokenizer, record)."""
+          log_every: int = 100, progress: Callable[[dict], None] | None = None) -> tuple[Any, Any, dict]:
+    """Contrastive training of everything but `llava`'s tower; returns (CLIPModel, tokenizer, record).
+    `progress` gets each logged step ({step, loss, seconds})."""
     clip, tokenizer = build(llava, words, seed)
     clip.train()
     trainable = [p for p in clip.parameters() if p.requires_grad]
@@ -114,53 +115,50 @@ def train(llava: nn.Module, words: tuple[str, ...], steps: int, batch_size: int,
         scheduler.step()
         if step % log_every == 0 or step == steps:
             log.append({"step": step, "loss": round(loss.item(), 4), "seconds": round(time.perf_counter() - start, 1)})
-            print(json.dumps(log[-1]), flush=True)
+            if progress is not None:
+                progress(log[-1])
     record = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "seconds": time.perf_counter() - start,
               "threads": torch.get_num_threads(), "held_out_scenes": len(held_out),
               "retrieval_top1_of_100": retrieval(clip, tokenizer, held_out), "log": log}
     return clip.eval(), tokenizer, record
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="a LLaVA whose projector reads its tower's last layer")
-    parser.add_argument("--out-model", type=Path, required=True)
-    parser.add_argument("--out-clip", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for out in (args.out_model, args.out_clip):
+def write_clip_half(model: str, out_model: Path, out_clip: Path, *, steps: int = 1000, batch_size: int = 128,
+                    lr: float = 1e-3, seed: int = 0, progress: Callable[[dict], None] | None = None) -> dict:
+    """Train `model`'s CLIP half and write the model with its new layer to `out_model` and the
+    `CLIPModel` to `out_clip`, each through `<folder>.partial` (an interrupted run leaves neither
+    half-written); every check runs first. Returns the training record."""
+    out_model, out_clip = Path(out_model), Path(out_clip)
+    for out in (out_model, out_clip):
         if out.exists():
-            refuse(f"{out} exists; give a new folder")
-    llava, _ = load_model(args.model)
-    after = family_of(llava).tower_layers_after_feature(llava.config)
+            raise VtcbenchError(f"{out} already exists; choose another folder")
+    llava, _ = load_model(model)
+    family = family_of(llava)
+    after = family.tower_layers_after_feature(llava.config)
     if after:
-        refuse(f"{args.model}: its projector reads the tower {after} layer(s) before its last; this step extends a tower "
-               "read at its last layer, as `vtcbench train` builds it")
-    words = (*vocabulary(family_of(llava).system_prompt(llava.config)), *CAPTION_WORDS)
-    clip, tokenizer, record = train(llava, words, args.steps, args.batch_size, args.lr, args.seed)
-    record["command"] = (f"python -m vtcbench.tiny_clip --steps {args.steps} --batch-size {args.batch_size} "
-                         f"--lr {args.lr:g} --seed {args.seed}")
-    family_of(llava).attach_clip_layer(llava, clip)
-    clip.save_pretrained(args.out_clip)
-    tokenizer.save_pretrained(args.out_clip)
-    (args.out_clip / "training.json").write_text(json.dumps(record, indent=1) + "\n")
-    save_checkpoint(llava, args.out_model)  # the hub's layout, as `vtcbench train` writes it
-    source = Path(args.model) if Path(args.model).is_dir() else Path(MODELS[args.model].source)
+        raise VtcbenchError(f"{model}: its projector reads the tower {after} layer(s) before its last; this step extends "
+                            "a tower read at its last layer, as `vtcbench train` builds it")
+    words = (*vocabulary(family.system_prompt(llava.config)), *CAPTION_WORDS)
+    clip, tokenizer, record = train(llava, words, steps, batch_size, lr, seed, progress=progress)
+    record["command"] = f"vtcbench train-clip --steps {steps} --batch-size {batch_size} --lr {lr:g} --seed {seed}"
+    family.attach_clip_layer(llava, clip)
+    partial_model, partial_clip = (out.with_name(out.name + ".partial") for out in (out_model, out_clip))
+    for partial in (partial_model, partial_clip):
+        shutil.rmtree(partial, ignore_errors=True)
+    clip.save_pretrained(partial_clip)
+    tokenizer.save_pretrained(partial_clip)
+    (partial_clip / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    (partial_clip / "README.md").write_text(f"# vtc-tiny-clip: the CLIP of vtc-tiny's tower\n{card_section(record, llava)}")
+    save_checkpoint(llava, partial_model)  # the hub's layout, as `vtcbench train` writes it
+    source = Path(model) if Path(model).is_dir() else Path(MODELS[model].source)
     for file in source.iterdir():  # the processor, training record and card as they were
         if file.name not in ("config.json", "model.safetensors"):
-            shutil.copyfile(file, args.out_model / file.name)
-    card = args.out_model / "README.md"
+            shutil.copyfile(file, partial_model / file.name)
+    card = partial_model / "README.md"
     card.write_text((card.read_text() if card.is_file() else "") + card_section(record, llava))
-    (args.out_clip / "README.md").write_text(f"# vtc-tiny-clip: the CLIP of vtc-tiny's tower\n{card_section(record, llava)}")
-    print(json.dumps({k: v for k, v in record.items() if k != "log"}))
-
-
-def refuse(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
+    partial_clip.rename(out_clip)
+    partial_model.rename(out_model)
+    return record
 
 
 def card_section(record: dict, llava: nn.Module) -> str:
@@ -182,6 +180,3 @@ def card_section(record: dict, llava: nn.Module) -> str:
 - With the new layer the model has {sum(p.numel() for p in llava.parameters()) / 1e6:.2f}M parameters.
 """
 
-
-if __name__ == "__main__":
-    main()

@@ -196,11 +196,11 @@ class ModelFamily:
         reach; none by default."""
 
     def clip_with_tower(self, model: nn.Module, text: dict[str, Any], projection_dim: int) -> nn.Module:
-        """A `CLIPModel` around the model's tower plus one new layer (`vtcbench.tiny_clip`)."""
+        """A `CLIPModel` around the model's tower plus one new layer (`vtcbench train-clip`)."""
         raise VtcbenchError(f"the {self.name} family's tower is not a CLIP vision model")
 
     def attach_clip_layer(self, model: nn.Module, clip: nn.Module) -> None:
-        """Give the model's tower `clip`'s last layer, read after the projector's (`vtcbench.tiny_clip`)."""
+        """Give the model's tower `clip`'s last layer, read after the projector's (`vtcbench train-clip`)."""
         raise VtcbenchError(f"the {self.name} family's tower is not a CLIP vision model")
 
     def tower_cls_attention(self, layer: nn.Module, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

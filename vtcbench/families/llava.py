@@ -204,6 +204,12 @@ class LlavaFamily(ModelFamily):
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return self.multimodal(model).vision_tower
 
+    def clip_transformer(self, model: nn.Module) -> nn.Module:
+        """The tower's CLIP transformer (embeddings, layers, `post_layernorm`), with or without the
+        `CLIPVisionModel` wrapper around it (transformers 5.5 / 5.23+)."""
+        tower = self.vision_tower(model)
+        return getattr(tower, "vision_model", tower)
+
     def projector(self, model: nn.Module) -> nn.Module:
         return self.multimodal(model).multi_modal_projector
 
@@ -215,8 +221,7 @@ class LlavaFamily(ModelFamily):
         LLaVA-1.5's -2), or the one `after` layers later; the tower is `CLIPVisionModel` with or
         without its wrapper (5.5 / 5.23+)."""
         (index, *more) = self.feature_layers(model.config)
-        tower = self.vision_tower(model)
-        layers = getattr(tower, "vision_model", tower).encoder.layers
+        layers = self.clip_transformer(model).encoder.layers
         position = index % (len(layers) + 1)  # hidden_states[0] is the embeddings
         if more or position == 0:
             raise VtcbenchError(f"vision_feature_layer={model.config.vision_feature_layer}: a method reading the tower needs one CLIP layer's output")
@@ -233,8 +238,7 @@ class LlavaFamily(ModelFamily):
         LLaVA tower's own `post_layernorm`, then CLIP's `visual_projection`, in float32 (CDPruner's
         `clip_encoder.py`)."""
         tokenizer, clip = _clip_text_parts(source, str(model.device))
-        tower = self.vision_tower(model)
-        post_layernorm = getattr(tower, "vision_model", tower).post_layernorm
+        post_layernorm = self.clip_transformer(model).post_layernorm
         if clip.visual_projection.in_features != post_layernorm.normalized_shape[0]:
             raise VtcbenchError(
                 f"the CLIP checkpoint {source!r} projects a vision width of {clip.visual_projection.in_features}, this model's "
@@ -275,7 +279,7 @@ class LlavaFamily(ModelFamily):
 
     def trim_tower_for_training(self, config: Any) -> None:
         """The layers after the projector's feature layer get no gradient from `vtcbench train`'s
-        losses (LLaVA-1.5's come from CLIP's own training; `vtcbench.tiny_clip` trains vtc-tiny's
+        losses (LLaVA-1.5's come from CLIP's own training; `vtcbench train-clip` trains vtc-tiny's
         that way), so a model trained from scratch is built without them and reads its last layer."""
         after = self.tower_layers_after_feature(config)
         if after and isinstance(config.vision_feature_layer, int):
@@ -288,8 +292,7 @@ class LlavaFamily(ModelFamily):
         whose text tower has the `CLIPTextConfig` fields `text`."""
         from transformers import CLIPConfig, CLIPModel
 
-        tower = self.vision_tower(model)
-        tower = getattr(tower, "vision_model", tower)
+        tower = self.clip_transformer(model)
         vision = model.config.vision_config.to_dict()
         vision["num_hidden_layers"] += 1
         clip = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
@@ -304,8 +307,7 @@ class LlavaFamily(ModelFamily):
     def attach_clip_layer(self, model: nn.Module, clip: nn.Module) -> None:
         """`model`'s tower gains `clip`'s last vision layer and its `post_layernorm`, and is read at
         layer -2: the projector's features are those it read at -1 before."""
-        tower = self.vision_tower(model)
-        tower = getattr(tower, "vision_model", tower)
+        tower = self.clip_transformer(model)
         tower.encoder.layers.append(clip.vision_model.encoder.layers[-1])
         tower.post_layernorm.load_state_dict(clip.vision_model.post_layernorm.state_dict())
         model.config.vision_config.num_hidden_layers = len(tower.encoder.layers)
