@@ -1,17 +1,17 @@
-"""Would the sweep's branches cost less decoded together? Side by side, the decoder layers a
-sweep's branches run after their branch layer, on the sequences they keep, three ways:
+"""Decoding a sweep's branches together: side by side, the decoder layers a sweep's branches
+run after their branch layer, on the sequences they keep, four ways:
 
-- separate: one forward per branch (what `vtcbench redundancy-sweep` does);
+- separate: one forward per branch;
 - padded batches: the branches in batches of `--group` rows, each left-padded to its longest
   (how a batch of branches with different kept counts runs under the engine);
 - packed: all branches in one row, a block-diagonal causal mask keeping each to its own tokens;
 - packed, attention per branch: the same row, its linear layers and norms on every branch's tokens
-  at once, its attention run branch by branch (a transformers attention function registered
-  through `AttentionInterface`, which splits the row at the branches' boundaries; no mask).
+  at once, its attention run branch by branch (`transformers_seam.packed_layer`, what
+  `vtcbench redundancy-sweep` runs on the CPU; no mask).
 
 The branches are the sweep's default ten retained shares (0.1 .. 0.9 of 576 image tokens, with
 64 text tokens) over llava-1.5-7b's last 16 decoder layers (a branch at K = 16), random weights,
-no cache: the prefill the branches do not share. Medians of `--iterations`, the three taking
+no cache: the prefill the branches do not share. Medians of `--iterations`, the four taking
 turns each round; then the decoder's multiply-accumulates per second on one short, one middle and
 one vanilla-length sequence. Run: python benchmarks/branch_batching.py [--width quarter|eighth|full]
 """
@@ -23,50 +23,32 @@ import statistics
 
 import torch
 from sweep_cost import WIDTHS, build_model, timed
-from transformers import AttentionInterface, AttentionMaskInterface
 
+from vtcbench import transformers_seam as seam
 from vtcbench.families import family_of, model_facts
 from vtcbench.profilers.flops import layer_macs
 from vtcbench.sweep import DEFAULT_RATIOS
 
-#: the branches' lengths in the packed row `per_branch_attention` splits (set around a forward)
-SEGMENTS: list[int] = []
 
-
-def per_branch_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """Causal SDPA on each branch's slice of a packed row ([1, heads, tokens, head_dim]); the
-    output in transformers' layout [1, tokens, heads, head_dim]."""
-    groups = query.shape[1] // key.shape[1]
-    outputs = [
-        torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), is_causal=True, scale=scaling)
-        for q, k, v in zip(query.split(SEGMENTS, dim=2), key.split(SEGMENTS, dim=2), value.split(SEGMENTS, dim=2))
-    ]
-    return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
-
-
-AttentionInterface.register("per_branch", per_branch_attention)
-AttentionMaskInterface.register("per_branch", lambda *args, **kwargs: None)  # each slice is causal on its own
+@torch.no_grad()
+def packed_per_branch(stack, rows: list[int]) -> None:
+    """The layers on one sequence per branch, every layer one packed call (`seam.packed_layer`)."""
+    weight = next(stack.parameters())
+    hidden = [torch.randn(1, length, stack.config.hidden_size, dtype=weight.dtype, device=weight.device) for length in rows]
+    positions = [torch.arange(length, device=weight.device)[None] for length in rows]
+    tables = [stack.rotary_emb(h, p) for h, p in zip(hidden, positions)]
+    for layer in stack.layers:
+        calls = [((h,), {"attention_mask": None, "position_ids": p, "position_embeddings": t}) for h, p, t in zip(hidden, positions, tables)]
+        hidden = seam.packed_layer(layer, calls)
 
 
 @torch.no_grad()
-def forward(stack, rows: list[int], packed: bool = False, per_branch: bool = False) -> None:
+def forward(stack, rows: list[int], packed: bool = False) -> None:
     """The layers on sequences of `rows` tokens: one left-padded batch, or one packed row (its
-    attention masked block-diagonally, or run per branch)."""
+    attention masked block-diagonally)."""
     weight = next(stack.parameters())
     on = {"device": weight.device}
     width = stack.config.hidden_size
-    if per_branch:
-        SEGMENTS[:] = rows
-        positions = torch.cat([torch.arange(length, **on) for length in rows])[None]
-        embeds = torch.randn(1, sum(rows), width, dtype=weight.dtype, **on)
-        implementation = stack.config._attn_implementation
-        stack.config._attn_implementation = "per_branch"
-        try:
-            stack(inputs_embeds=embeds, position_ids=positions, use_cache=False)
-        finally:
-            stack.config._attn_implementation = implementation
-        return
     if packed:
         total = sum(rows)
         mask = torch.full((total, total), torch.finfo(weight.dtype).min, dtype=weight.dtype, **on)
@@ -102,7 +84,7 @@ def main() -> None:
         "separate": lambda: [forward(stack, [length]) for length in lengths],
         f"padded batches of {args.group}": lambda: [forward(stack, lengths[i : i + args.group]) for i in range(0, len(lengths), args.group)],
         "packed": lambda: forward(stack, lengths, packed=True),
-        "packed, attention per branch": lambda: forward(stack, lengths, per_branch=True),
+        "packed, attention per branch": lambda: packed_per_branch(stack, lengths),
     }
     seconds: dict[str, list[float]] = {name: [] for name in ways}
     for name, way in ways.items():  # warm-up

@@ -204,3 +204,53 @@ def test_a_branch_cache_shares_the_trunk_prefix_and_decoding_leaves_it_untouched
     first.update(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8), 0)
     assert first.layers[0].keys.shape[-2] == 6 and second.layers[0].keys.shape[-2] == 5
     assert all(torch.equal(k, sk) and torch.equal(v, sv) for (k, v), (sk, sv) in zip(prefix, saved))
+
+
+def test_branches_run_together_equal_each_run_alone(tiny):
+    """A sweep runs its branches' layers together (`run_together`: packed in one row where they
+    can be): every branch gets the hidden states, the per-layer token counts and the cache
+    entries it gets when it runs alone, to the bit; and a resumed prefill refuses an engine
+    whose hooks are registered."""
+    import torch
+    from conftest import pixels, prompt_ids
+
+    from vtcbench import transformers_seam as seam
+    from vtcbench.engine import Trunk, compress, run_together
+    from vtcbench.methods import get_method
+
+    seam_packed = seam.packed_layer
+
+    model = tiny("sdpa")
+    n_layers = model.config.text_config.num_hidden_layers
+    prompts = [prompt_ids(model, 3, 4, seed=0), prompt_ids(model, 5, 2, seed=1)]
+    inputs = {"input_ids": torch.cat(prompts), "pixel_values": torch.cat([pixels(0), pixels(1)])}
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    branches = [(1, 0.5), (1, 0.75), (2, 0.25), (n_layers - 1, 1.0)]
+    with torch.no_grad():
+        with Trunk(model, {layer for layer, _ in branches}) as trunk:
+            model(**inputs, use_cache=True)
+
+        def resumed():
+            out = []
+            for layer, ratio in branches:
+                engine = compress(model, get_method("pdrop", layers=(layer,), keep_ratio=ratio))
+                cache = trunk.branch_cache(layer)
+                out.append((cache, engine.resume(layer, inputs, trunk, cache)))
+            return out
+
+        alone = resumed()
+        for _, prefill in alone:
+            run_together([prefill])
+        together = resumed()
+        packed = []
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(seam, "packed_layer", lambda layer, calls: packed.append(len(calls)) or seam_packed(layer, calls))
+            run_together([prefill for _, prefill in together])
+    assert packed[0] == 2 and packed[-1] == len(branches)  # layer 1: two branches; the last layer: all
+    for (cache_a, a), (cache_b, b) in zip(alone, together):
+        assert torch.equal(a.hidden, b.hidden)
+        assert a.engine.applied_image_tokens_per_sample == b.engine.applied_image_tokens_per_sample
+        assert all(torch.equal(x.keys, y.keys) and torch.equal(x.values, y.values) for x, y in zip(cache_a.layers, cache_b.layers))
+    engine = compress(model, get_method("pdrop", layers=(1,), keep_ratio=0.5))
+    with engine, pytest.raises(RuntimeError, match="outside `with engine`"):
+        engine.resume(1, inputs, trunk, None)

@@ -206,19 +206,33 @@ class CompressionEngine:
         self._handles.extend(self.method.kind.engine_hooks(self))
         if self.plan:
             hook(self.language_model.register_forward_pre_hook(self._on_language_model, with_kwargs=True))
-            first = min([*self.plan, *self.score_layers])
-            # a layer-0 action (and its scoring) runs in the language model's hook, on the embeddings;
-            # layer 0 is hooked only to score for an action at layer 1 (FastV with K=1)
-            first = first + 1 if 0 in self.plan else first
-            for index in range(first, self.n_layers):
+            for index in self._hooked_layers():
                 hook(self.layers[index].register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
-            for index in range(self.family.layer_additions(self.model.config)):
+            for index in self._addition_layers():
                 hook(self.layers[index].register_forward_hook(self._addition_hook(index)))
+
+    def _hooked_layers(self) -> range:
+        """The decoder layers whose pre-hook applies the plan (none without one)."""
+        if not self.plan:
+            return range(0)
+        first = min([*self.plan, *self.score_layers])
+        # a layer-0 action (and its scoring) runs in the language model's hook, on the embeddings;
+        # layer 0 is hooked only to score for an action at layer 1 (FastV with K=1)
+        return range(first + 1 if 0 in self.plan else first, self.n_layers)
+
+    def _addition_layers(self) -> range:
+        """The decoder layers after which the model adds features (DeepStack; none without a plan)."""
+        return range(self.family.layer_additions(self.model.config) if self.plan else 0)
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the last prefill's bookkeeping (`__exit__` does; a resumed prefill scored without
+        a decode, which would enter the engine, must)."""
         self._request = None
 
     # -- inputs ------------------------------------------------------------------------------------
@@ -536,29 +550,26 @@ class CompressionEngine:
         )
 
     # -- branching -------------------------------------------------------------------------------
-    def prefill_from(self, layer: int, inputs: dict, trunk: Trunk, cache: Cache | None) -> torch.Tensor:
+    def resume(self, layer: int, inputs: dict, trunk: Trunk, cache: Cache | None) -> ResumedPrefill:
         """The prefill of `inputs` under this method, resumed at `layer` from a vanilla trunk.
 
         Layers below the method's first action see the same inputs as vanilla's, so their
-        outputs (and KV caches) are the trunk's: run only `layer` onwards, on the trunk's input
-        to it, through this engine's hooks, exactly as a whole forward under the method would.
-        `cache` holds the trunk's prompt entries of layers < `layer` and receives the rest. The
-        engine is left as after a prefill, so `generate` can continue from `cache`. Returns the
-        last layer's output hidden states.
+        outputs (and KV caches) are the trunk's: only `layer` onwards runs, on the trunk's input
+        to it, with this engine's hook functions called around each layer as a whole forward
+        under the method would have them called. `cache` holds the trunk's prompt entries of
+        layers < `layer` and receives the rest. The hooks are called, not registered, so that
+        the prefills of several engines can share their layers' calls (`run_together`): resume
+        outside the engine's `with`, and enter it afterwards to let `generate` continue from `cache`.
         """
+        if self._handles:
+            raise RuntimeError("a resumed prefill calls the engine's hooks itself: resume outside `with engine`")
         first = min([*self.plan, *self.score_layers], default=self.n_layers)
         if not 0 < layer <= first:
             raise VtcbenchError(f"{self.method.name} acts from layer {first}; a branch can resume at 1..{first}, not {layer}")
         self._on_multimodal(self.multimodal, (), {k: inputs.get(k) for k in ("input_ids", "attention_mask", "pixel_values")})
         self._on_language_model(self.language_model, (), trunk.language_model_kwargs)
         args, kwargs = trunk.layer_inputs[layer]
-        if cache is not None:
-            kwargs = seam.with_cache(kwargs, cache)
-        hidden = seam.hidden_states(args, kwargs)
-        for index in range(layer, self.n_layers):
-            args, kwargs = seam.with_hidden_states(args, kwargs, hidden)
-            hidden = seam.layer_output(self.layers[index](*args, **kwargs))
-        return hidden
+        return ResumedPrefill(self, layer, args, kwargs if cache is None else seam.with_cache(kwargs, cache))
 
     # -- decode ------------------------------------------------------------------------------------
     def _decode_kwargs(self, request: _Request, space: Space, kwargs: dict) -> dict:
@@ -584,6 +595,58 @@ class CompressionEngine:
             emb_out = self.family.rope(self.language_model, cos, pos_out)
             memo = space.decode_memo = (mask, position_ids, mask_out, self.family.layer_position_ids(pos_out), emb_out)
         return dict(kwargs, attention_mask=memo[2], position_ids=memo[3], position_embeddings=memo[4])
+
+
+class ResumedPrefill:
+    """A prefill resumed at some layer (`CompressionEngine.resume`), one decoder layer at a time."""
+
+    def __init__(self, engine: CompressionEngine, layer: int, args: tuple, kwargs: dict):
+        self.engine = engine
+        self.next_layer = layer
+        self._args, self._kwargs = args, kwargs
+        self.hidden = seam.hidden_states(args, kwargs)  # the last layer's output once `done`
+
+    @property
+    def done(self) -> bool:
+        return self.next_layer == self.engine.n_layers
+
+    def layer_call(self) -> tuple[tuple, dict]:
+        """The next layer's (args, kwargs), after the engine's pre-hook (which may act there)."""
+        engine, index = self.engine, self.next_layer
+        args, kwargs = seam.with_hidden_states(self._args, self._kwargs, self.hidden)
+        if index in engine._hooked_layers():
+            changed = engine._layer_hook(index)(engine.layers[index], args, kwargs)
+            if changed is not None:
+                args, kwargs = changed
+        return args, kwargs
+
+    def finish_layer(self, args: tuple, hidden: torch.Tensor) -> None:
+        """Take the next layer's output hidden states, after the engine's post-hook (DeepStack)."""
+        engine, index = self.engine, self.next_layer
+        if index in engine._addition_layers():
+            added = engine._addition_hook(index)(engine.layers[index], args, hidden)
+            hidden = hidden if added is None else added
+        self.hidden = hidden
+        self.next_layer += 1
+
+
+def run_together(prefills: list[ResumedPrefill]) -> None:
+    """Run resumed prefills (a sweep's branches) to their ends, layer by layer: at each decoder
+    layer, the prefills that have reached it run it as one call with their sequences packed in
+    one row (`transformers_seam.packed_layer`: a matrix product on every sequence's tokens at
+    once runs faster per token than on each sequence alone), or one after another where they
+    cannot be packed. Each sequence attends only to its own keys and gets its own cache entries."""
+    while not all(prefill.done for prefill in prefills):
+        index = min(prefill.next_layer for prefill in prefills if not prefill.done)
+        ready = [prefill for prefill in prefills if prefill.next_layer == index]
+        layer = ready[0].engine.layers[index]
+        calls = [prefill.layer_call() for prefill in ready]
+        if seam.can_pack(layer, calls):
+            outputs = seam.packed_layer(layer, calls)
+        else:
+            outputs = [seam.layer_output(layer(*args, **kwargs)) for args, kwargs in calls]
+        for prefill, (args, _), hidden in zip(ready, calls, outputs):
+            prefill.finish_layer(args, hidden)
 
 
 class Trunk:

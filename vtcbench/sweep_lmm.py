@@ -24,7 +24,7 @@ from transformers import StoppingCriteriaList
 
 from vtcbench import transformers_seam as seam
 from vtcbench.attention_share import AttentionShareRecorder, token_groups
-from vtcbench.engine import CompressionEngine, Trunk, clock
+from vtcbench.engine import CompressionEngine, Trunk, clock, run_together
 from vtcbench.errors import VtcbenchError
 from vtcbench.families import family_of
 from vtcbench.generation import EngineSession, StopOnStrings
@@ -100,20 +100,27 @@ class SweepLMM(VtcbenchLMM):
         texts = {VANILLA_CELL: [text for text, _ in vanilla.outputs]}
         tokens = {VANILLA_CELL: vanilla.image_tokens_per_layer}
         separate_s = trunk_s  # what separate runs would spend: vanilla, then every branch run whole
+        resumed = []
         for branch in self.branches:
-            branch_started = clock()
-            if branch.layer == 0:
+            if branch.layer == 0:  # shares nothing with the trunk: runs whole
+                branch_started = clock()
                 answer = self._timed_generate(branch.method, items, max_new_tokens, until)
                 texts[branch.cell], tokens[branch.cell] = [t for t, _ in answer.outputs], answer.image_tokens_per_layer
+                separate_s += clock() - branch_started
             else:
-                with self._engine(branch.method) as engine:
-                    cache = trunk.branch_cache(branch.layer)
-                    hidden = engine.prefill_from(branch.layer, inputs, trunk, cache)
-                    new = self._continue(inputs, cache, hidden, max_new_tokens, until)
-                texts[branch.cell] = [text for text, _ in self._answers(new, until)]
-                tokens[branch.cell] = [list(c) for c in engine.applied_image_tokens_per_sample]
+                cache = trunk.branch_cache(branch.layer)
+                resumed.append((branch, cache, self._engine(branch.method).resume(branch.layer, inputs, trunk, cache)))
                 separate_s += trunk.reached[branch.layer] - started  # the layers the branch shares
-            separate_s += clock() - branch_started
+        branches_started = clock()
+        run_together([prefill for _, _, prefill in resumed])
+        for branch, cache, prefill in resumed:
+            with prefill.engine:
+                new = self._continue(inputs, cache, prefill.hidden, max_new_tokens, until)
+            texts[branch.cell] = [text for text, _ in self._answers(new, until)]
+            tokens[branch.cell] = [list(c) for c in prefill.engine.applied_image_tokens_per_sample]
+        # the branches' own layers, which run together in less time than one by one: an estimate on the low side
+        separate_s += clock() - branches_started
+        texts = {cell: texts[cell] for cell in (VANILLA_CELL, *(b.cell for b in self.branches))}
         sweep_s = clock() - started
         for row, item in enumerate(items):
             record = {
@@ -164,15 +171,23 @@ class SweepLMM(VtcbenchLMM):
             with Trunk(self.model, self._trunk_layers) as trunk, self._engine(VANILLA) as engine:
                 scores = {VANILLA_CELL: continuation_score(self.model(**inputs, use_cache=False).logits, inputs["input_ids"], n_continuation)}
                 tokens = {VANILLA_CELL: list(engine.applied_image_tokens_per_layer)}
+            resumed = []
             for branch in self.branches:
-                with self._engine(branch.method) as engine:
-                    if branch.layer == 0:
+                if branch.layer == 0:
+                    with self._engine(branch.method) as engine:
                         logits = self.model(**engine.prepare(inputs), use_cache=False).logits
-                    else:
-                        hidden = engine.prefill_from(branch.layer, inputs, trunk, None)
-                        logits = seam.output_logits(self.model, self._language_model, hidden, last_only=False)
+                    scores[branch.cell] = continuation_score(logits, inputs["input_ids"], n_continuation)
+                    tokens[branch.cell] = list(engine.applied_image_tokens_per_layer)
+                else:
+                    resumed.append((branch, self._engine(branch.method).resume(branch.layer, inputs, trunk, None)))
+            run_together([prefill for _, prefill in resumed])
+            for branch, prefill in resumed:
+                logits = seam.output_logits(self.model, self._language_model, prefill.hidden, last_only=False)
                 scores[branch.cell] = continuation_score(logits, inputs["input_ids"], n_continuation)
-                tokens[branch.cell] = list(engine.applied_image_tokens_per_layer)
+                tokens[branch.cell] = list(prefill.engine.applied_image_tokens_per_layer)
+                prefill.engine.forget()
+            scores = {cell: scores[cell] for cell in (VANILLA_CELL, *(b.cell for b in self.branches))}
+            tokens = {cell: tokens[cell] for cell in scores}
             record = {"prompt_tokens": int(item.input_ids.shape[0]), "image_tokens": item.image_tokens}
             yield job.index, scores, {**record, "image_tokens_per_layer": tokens}
 

@@ -13,11 +13,15 @@ silently falls back to zero is worse than a crash. A future rename is a one-line
 from __future__ import annotations
 
 import inspect
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from vtcbench.errors import VtcbenchError
 
@@ -337,3 +341,106 @@ def keep_cache_entries(cache: Cache, index: torch.Tensor) -> Cache:
         layer.keys = keys.index_select(-2, index.to(keys.device))
         layer.values = values.index_select(-2, index.to(values.device))
     return cache
+
+
+# -- packed layers ---------------------------------------------------------------------------------
+
+#: the attention implementation a packed call runs under: the layer's own, per sequence
+PACKED_ATTENTION = "vtcbench_packed"
+#: devices where packed calls run: where each sequence's result is checked to equal its own call's
+#: bit for bit (MKL's products; a GPU's kernels may round a packed row's rows differently)
+PACK_ON = ("cpu",)
+
+
+@dataclass
+class _Packing:
+    implementation: str  # the model's attention implementation, which each sequence's slice runs
+    queries: list[int]  # each sequence's new tokens
+    masks: list  # each sequence's attention mask, as its own call would hand it
+    keys: list[int] | None = None  # each sequence's keys (cached + new), set by `_PackedCache.update`
+
+
+_PACKING: ContextVar[_Packing | None] = ContextVar("packing", default=None)
+
+
+def _packed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, **kwargs):
+    """The attention of a packed row ([batch, heads, tokens, head_dim]), each sequence's slice
+    through the model's own implementation with that sequence's mask; transformers' output
+    layout [batch, tokens, heads, head_dim]."""
+    packing = _PACKING.get()
+    if packing is None:
+        raise TransformersConventionError(f"attention implementation {PACKED_ATTENTION!r} was called outside a packed layer")
+    function = ALL_ATTENTION_FUNCTIONS[packing.implementation]
+    keys = packing.keys or packing.queries
+    outputs = [
+        function(module, q, k, v, mask, **kwargs)[0]
+        for q, k, v, mask in zip(query.split(packing.queries, dim=2), key.split(keys, dim=2), value.split(keys, dim=2), packing.masks)
+    ]
+    return torch.cat(outputs, dim=1), None
+
+
+AttentionInterface.register(PACKED_ATTENTION, _packed_attention)
+
+
+class _PackedCache:
+    """The KV caches of a packed call's sequences, as the one cache its attention updates: each
+    sequence's keys and values go to its own cache, which returns them after what it holds."""
+
+    def __init__(self, caches: list[Cache], packing: _Packing):
+        self.caches, self.packing = caches, packing
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = self.packing.queries
+        updated = [
+            cache.update(k, v, layer_idx, *args, **kwargs)
+            for cache, k, v in zip(self.caches, key.split(lengths, dim=-2), value.split(lengths, dim=-2))
+        ]
+        self.packing.keys = [k.shape[-2] for k, _ in updated]
+        return torch.cat([k for k, _ in updated], dim=-2), torch.cat([v for _, v in updated], dim=-2)
+
+
+def can_pack(layer: nn.Module, calls: list[tuple[tuple, dict]]) -> bool:
+    """Whether `packed_layer` can run these calls of one decoder layer as one: under SDPA (whose
+    function a sequence's own call runs too; eager runs a per-model function, flash attention reads
+    packed positions), with one batch size, RoPE tables handed in, and caches for all or none."""
+    states = [hidden_states(args, kwargs) for args, kwargs in calls]
+    if len(calls) < 2 or layer.self_attn.config._attn_implementation != "sdpa" or states[0].device.type not in PACK_ON:
+        return False
+    caches = [find_cache(kwargs) for _, kwargs in calls]
+    return (
+        len({h.shape[0] for h in states}) == 1
+        and all(kwargs.get("position_embeddings") is not None for _, kwargs in calls)
+        and len({cache is None for cache in caches}) == 1
+    )
+
+
+def packed_layer(layer: nn.Module, calls: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    """Several calls of one decoder layer (`can_pack`) as one, their sequences packed in one row:
+    the norms, projections and MLP run on every sequence's tokens at once, the attention of each
+    sequence on its own keys only (`_packed_attention`). Each call's output hidden states.
+
+    A row of a matrix product does not depend on the other rows, so each sequence gets what its
+    own call gives, up to the kernels' choice of method by the number of rows: on the CPU (MKL)
+    the same to the bit for sequences of 8 tokens or more (`tests/test_sweep.py`)."""
+    states = [hidden_states(args, kwargs) for args, kwargs in calls]
+    lengths = [h.shape[1] for h in states]
+    first_args, first_kwargs = calls[0]
+    cos = torch.cat([kwargs["position_embeddings"][0] for _, kwargs in calls], dim=-2)
+    sin = torch.cat([kwargs["position_embeddings"][1] for _, kwargs in calls], dim=-2)
+    packing = _Packing(layer.self_attn.config._attn_implementation, lengths, [kwargs.get("attention_mask") for _, kwargs in calls])
+    kwargs = dict(first_kwargs, attention_mask=None, position_embeddings=(cos, sin))
+    if first_kwargs.get("position_ids") is not None:
+        kwargs["position_ids"] = torch.cat([kwargs_["position_ids"] for _, kwargs_ in calls], dim=-1)
+    caches = [find_cache(kwargs_) for _, kwargs_ in calls]
+    if caches[0] is not None:
+        kwargs = with_cache(kwargs, _PackedCache(caches, packing))
+    args, kwargs = with_hidden_states(first_args, kwargs, torch.cat(states, dim=1))
+    config = layer.self_attn.config
+    implementation, token = config._attn_implementation, _PACKING.set(packing)
+    config._attn_implementation = PACKED_ATTENTION
+    try:
+        output = layer_output(layer(*args, **kwargs))
+    finally:
+        config._attn_implementation = implementation
+        _PACKING.reset(token)
+    return list(output.split(lengths, dim=1))
