@@ -3,9 +3,10 @@
 Ten retained shares (0.1 .. 1.0, attention criterion) at one layer K, on the same prompts,
 side by side in one run: for each sample, every cell answered separately (what `vtcbench run`
 per cell computes: the whole prefill under the cell's method) and all cells answered by the
-sweep (vanilla once, each cell resumed at K), the two in alternating order so drift hits both
-alike, each side `--repeats` times and its fastest run counted (as timeit does: on a shared
-machine, noise only ever adds time). Prints both wall times, their ratio, and the FLOPs floor:
+sweep (vanilla once, each cell resumed at K, the branches' layers packed in one row where they
+can be), and by the sweep with its branches run one after another (`SweepLMM.pack_branches`
+off), the three in rotating order so drift hits them alike, each `--repeats` times and its
+fastest run counted (as timeit does: on a shared machine, noise only ever adds time). Prints both wall times, their ratio, and the FLOPs floor:
 the decoder prefill MACs of the sweep over the separate runs' (`sweep.shared_flops_ratio`, the
 figure the design quotes: about 0.42 for these cells), and the same with the vision encoder,
 which the sweep also runs once rather than once per cell (the floor the measured ratio is held
@@ -94,14 +95,20 @@ def main() -> None:
     cells = [Cell(None, 1.0)] + [Cell(args.layer, r) for r in DEFAULT_RATIOS if r < 1]
     methods = {cell: cell.method("attention", seed=0) for cell in cells}
     separate = {cell: VtcbenchLMM(model, processor, methods[cell], run=None, show_progress=False) for cell in cells}
-    sweep = SweepLMM(model, processor, [Branch(c.id, c.layer, methods[c]) for c in cells[1:]], run=None, show_progress=False)
+    branches = [Branch(c.id, c.layer, methods[c]) for c in cells[1:]]
+    sweep = SweepLMM(model, processor, branches, run=None, show_progress=False)
+    one_by_one = SweepLMM(model, processor, branches, run=None, show_progress=False)
+    one_by_one.pack_branches = False
     samples = jobs(args.samples + 2)
     warmup, samples, profiled = samples[0], samples[1:-1], samples[-1]
-    list(sweep._sweep_generate([warmup]))
+    for lm in (sweep, one_by_one):
+        list(lm._sweep_generate([warmup]))
     for cell in cells:
         list(separate[cell]._generate_batch([warmup]))
 
-    sweep_s, separate_s, agree = [], [], True
+    sides = ("separate", "sweep", "one by one")
+    seconds: dict[str, list[float]] = {side: [] for side in sides}
+    agree = True
     for index, job in enumerate(samples):
         answers: dict = {}
 
@@ -110,18 +117,21 @@ def main() -> None:
                 ((_, text, _),) = separate[cell]._generate_batch([job])
                 answers[cell.id] = text
 
-        def run_sweep(job=job, answers=answers):
-            ((_, texts, _),) = sweep._sweep_generate([job])
-            answers["sweep"] = texts
+        def run_sweep(lm, side, job=job, answers=answers):
+            ((_, texts, _),) = lm._sweep_generate([job])
+            answers[side] = texts
 
-        fastest = {run_separate: float("inf"), run_sweep: float("inf")}
+        functions = {"separate": run_separate, "sweep": lambda: run_sweep(sweep, "sweep"),
+                     "one by one": lambda: run_sweep(one_by_one, "one by one")}
+        fastest = dict.fromkeys(sides, float("inf"))
         for repeat in range(args.repeats):
-            order = (run_separate, run_sweep) if (index + repeat) % 2 == 0 else (run_sweep, run_separate)
-            for function in order:
-                fastest[function] = min(fastest[function], timed(function))
-        separate_s.append(fastest[run_separate])
-        sweep_s.append(fastest[run_sweep])
-        agree &= all(answers["sweep"][cell.id] == answers[cell.id] for cell in cells)
+            shift = (index + repeat) % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                fastest[side] = min(fastest[side], timed(functions[side]))
+        for side in sides:
+            seconds[side].append(fastest[side])
+        agree &= all(answers[side][cell.id] == answers[cell.id] for side in sides[1:] for cell in cells)
+    separate_s, sweep_s = seconds["separate"], seconds["sweep"]
 
     encoded = separate[cells[0]]._encode_jobs([samples[0]])[0]
     n_text = int(encoded.input_ids.shape[0]) - encoded.image_tokens
@@ -137,12 +147,15 @@ def main() -> None:
           f"{len(samples)} samples, one new token each, fastest of {args.repeats} runs per sample and side")
     print(f"separate runs: {sum(separate_s):.2f} s (median per sample {statistics.median(separate_s):.2f} s)")
     print(f"sweep:         {sum(sweep_s):.2f} s (median per sample {statistics.median(sweep_s):.2f} s)")
-    print(f"measured ratio sweep / separate: {measured:.3f}")
+    print(f"sweep, branches one by one: {sum(seconds['one by one']):.2f} s (median per sample "
+          f"{statistics.median(seconds['one by one']):.2f} s; the sweep takes {sum(sweep_s) / sum(seconds['one by one']):.3f} of it)")
+    print(f"measured ratio sweep / separate: {measured:.3f}   (branches one by one: {sum(seconds['one by one']) / sum(separate_s):.3f})")
     print(f"FLOPs floor, decoder prefill:                  {floor:.3f}")
-    print(f"FLOPs floor, decoder prefill + vision encoder: {floor_all:.3f}   measured / floor: {measured / floor_all:.3f}")
+    print(f"FLOPs floor, decoder prefill + vision encoder: {floor_all:.3f}   measured / floor: {measured / floor_all:.3f}"
+          f"   (branches one by one: {sum(seconds['one by one']) / sum(separate_s) / floor_all:.3f})")
     print(f"(the vision encoder is {vision / (vision + decoder[cells[0]]):.1%} of a vanilla prefill's MACs; "
           f"the sweep runs it once, the separate runs {len(cells)} times)")
-    print(f"answers of every cell equal between sweep and separate runs: {agree}")
+    print(f"answers of every cell equal between both sweeps and the separate runs: {agree}")
     if args.profile:
         profiler = cProfile.Profile()
         profiler.runcall(lambda: list(sweep._sweep_generate([profiled])))

@@ -216,6 +216,7 @@ def test_branches_run_together_equal_each_run_alone(tiny):
 
     from vtcbench import transformers_seam as seam
     from vtcbench.engine import Trunk, compress, run_together
+    from vtcbench.families import family_of
     from vtcbench.methods import get_method
 
     seam_packed = seam.packed_layer
@@ -254,3 +255,7 @@ def test_branches_run_together_equal_each_run_alone(tiny):
     engine = compress(model, get_method("pdrop", layers=(1,), keep_ratio=0.5))
     with engine, pytest.raises(RuntimeError, match="outside `with engine`"):
         engine.resume(1, inputs, trunk, None)
+    # a call of fewer rows than MKL computes alike in any product is not packed
+    layer = family_of(model).language_model(model).layers[0]
+    short = [((torch.randn(1, n, model.config.text_config.hidden_size),), {"position_embeddings": (None, None)}) for n in (11, 40)]
+    assert not seam.can_pack(layer, short) and seam.can_pack(layer, [short[1], short[1]])

@@ -630,18 +630,19 @@ class ResumedPrefill:
         self.next_layer += 1
 
 
-def run_together(prefills: list[ResumedPrefill]) -> None:
+def run_together(prefills: list[ResumedPrefill], pack: bool = True) -> None:
     """Run resumed prefills (a sweep's branches) to their ends, layer by layer: at each decoder
     layer, the prefills that have reached it run it as one call with their sequences packed in
     one row (`transformers_seam.packed_layer`: a matrix product on every sequence's tokens at
     once runs faster per token than on each sequence alone), or one after another where they
-    cannot be packed. Each sequence attends only to its own keys and gets its own cache entries."""
+    cannot be packed (or `pack` is off). Each sequence attends only to its own keys and gets its
+    own cache entries."""
     while not all(prefill.done for prefill in prefills):
         index = min(prefill.next_layer for prefill in prefills if not prefill.done)
         ready = [prefill for prefill in prefills if prefill.next_layer == index]
         layer = ready[0].engine.layers[index]
         calls = [prefill.layer_call() for prefill in ready]
-        if seam.can_pack(layer, calls):
+        if pack and seam.can_pack(layer, calls):
             outputs = seam.packed_layer(layer, calls)
         else:
             outputs = [seam.layer_output(layer(*args, **kwargs)) for args, kwargs in calls]

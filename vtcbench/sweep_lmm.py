@@ -62,6 +62,8 @@ class SweepLMM(VtcbenchLMM):
         self.branches = branches
         self.attention_share = attention_share  # record the vanilla answer's attention per token group
         self.cell = VANILLA_CELL
+        #: run the branches' layers packed in one row where they can be (`engine.run_together`)
+        self.pack_branches = True
         self.progress_units = len(branches) + 1
         self._sessions.update({id(b.method): b.method.kind.session(model, processor, b.method) for b in branches})
         self._trunk_layers = {b.layer for b in branches if b.layer > 0}
@@ -112,7 +114,7 @@ class SweepLMM(VtcbenchLMM):
                 resumed.append((branch, cache, self._engine(branch.method).resume(branch.layer, inputs, trunk, cache)))
                 separate_s += trunk.reached[branch.layer] - started  # the layers the branch shares
         branches_started = clock()
-        run_together([prefill for _, _, prefill in resumed])
+        run_together([prefill for _, _, prefill in resumed], self.pack_branches)
         for branch, cache, prefill in resumed:
             with prefill.engine:
                 new = self._continue(inputs, cache, prefill.hidden, max_new_tokens, until)
@@ -180,7 +182,7 @@ class SweepLMM(VtcbenchLMM):
                     tokens[branch.cell] = list(engine.applied_image_tokens_per_layer)
                 else:
                     resumed.append((branch, self._engine(branch.method).resume(branch.layer, inputs, trunk, None)))
-            run_together([prefill for _, prefill in resumed])
+            run_together([prefill for _, prefill in resumed], self.pack_branches)
             for branch, prefill in resumed:
                 logits = seam.output_logits(self.model, self._language_model, prefill.hidden, last_only=False)
                 scores[branch.cell] = continuation_score(logits, inputs["input_ids"], n_continuation)
