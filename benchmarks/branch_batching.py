@@ -13,7 +13,8 @@ The branches are the sweep's default ten retained shares (0.1 .. 0.9 of 576 imag
 64 text tokens) over llava-1.5-7b's last 16 decoder layers (a branch at K = 16), random weights,
 no cache: the prefill the branches do not share. Medians of `--iterations`, the four taking
 turns each round; then the decoder's multiply-accumulates per second on one short, one middle and
-one vanilla-length sequence. Run: python benchmarks/branch_batching.py [--width quarter|eighth|full]
+one vanilla-length sequence, and on a CPU the speed-up of all its threads over one on the short
+and the vanilla-length sequence. Run: python benchmarks/branch_batching.py [--width quarter|eighth|full]
 """
 
 from __future__ import annotations
@@ -104,6 +105,17 @@ def main() -> None:
         times = [timed(lambda length=length: forward(stack, [length])) for _ in range(args.iterations)]
         rates.append(f"{length} tokens {len(stack.layers) * layer_macs(length, facts) / statistics.median(times) / 1e9:.0f}")
     print("GMAC/s of one forward: " + ", ".join(rates) + " (576 + 64: a vanilla prompt)")
+    threads = torch.get_num_threads()
+    if device == "cpu" and threads > 1:  # why: the threads split a product of few rows less well
+        speedups = []
+        for length in (lengths[0], 576 + 64):
+            times = {}
+            for n in (1, threads):
+                torch.set_num_threads(n)
+                times[n] = statistics.median([timed(lambda length=length: forward(stack, [length])) for _ in range(args.iterations)])
+            torch.set_num_threads(threads)
+            speedups.append(f"{length} tokens {times[1] / times[threads]:.2f}x")
+        print(f"{threads} threads' speed-up over 1 on one forward: " + ", ".join(speedups))
 
 
 if __name__ == "__main__":

@@ -259,3 +259,21 @@ def test_branches_run_together_equal_each_run_alone(tiny):
     layer = family_of(model).language_model(model).layers[0]
     short = [((torch.randn(1, n, model.config.text_config.hidden_size),), {"position_embeddings": (None, None)}) for n in (11, 40)]
     assert not seam.can_pack(layer, short) and seam.can_pack(layer, [short[1], short[1]])
+
+
+def test_a_product_row_gets_the_same_bits_beside_other_rows_from_min_packed_rows_on():
+    """What packing rests on: a linear layer's output row for a call of MIN_PACKED_ROWS rows or
+    more is bit-identical whether the call's rows run alone or in one product with other rows
+    (the shapes of vtc-tiny's and llava-1.5-7b's decoder at an eighth of its width)."""
+    import torch
+
+    from vtcbench import transformers_seam as seam
+
+    generator = torch.Generator().manual_seed(0)
+    for k, n in [(128, 128), (128, 352), (352, 128), (512, 512), (512, 1376), (1376, 512)]:
+        weight = torch.randn(n, k, generator=generator)
+        for rows in [seam.MIN_PACKED_ROWS, 13, 16, 33, 64, 121, 582]:
+            alone = torch.randn(1, rows, k, generator=generator)
+            other = torch.randn(1, 137, k, generator=generator)
+            packed = torch.nn.functional.linear(torch.cat([other, alone], dim=1), weight)[:, 137:]
+            assert torch.equal(torch.nn.functional.linear(alone, weight), packed), (k, n, rows)

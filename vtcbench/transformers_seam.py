@@ -351,8 +351,8 @@ PACKED_ATTENTION = "vtcbench_packed"
 #: bit for bit (MKL's products; a GPU's kernels may round a packed row's rows differently)
 PACK_ON = ("cpu",)
 #: the fewest rows (batch x tokens) a sequence's own call may have for it to be packed: MKL gives a
-#: product's row the same bits whatever the other rows from 12 rows on, while 1-3, 5-7 and 9-11
-#: rows take kernels that round differently
+#: product's row the same bits whatever the other rows from 12 rows on (tests/test_sweep.py), while
+#: some smaller counts take kernels that round differently
 MIN_PACKED_ROWS = 12
 
 
