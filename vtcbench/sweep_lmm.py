@@ -2,8 +2,9 @@
 
 Per batch of requests, one vanilla forward (the trunk, which is also the sweep's ratio-1.0
 cell) is recorded at every branch layer K; each cell at K then resumes the prefill there
-(`CompressionEngine.prefill_from`), on a cache that holds the trunk's prompt entries of the
-layers below K, and `generate` continues from that cache. A cell at layer 0 shares nothing with
+(`CompressionEngine.resume`), on a cache that holds the trunk's prompt entries of the layers
+below K, the cells running each layer together (`engine.run_together`: packed in one row where
+they can be), and `generate` continues from each cell's cache. A cell at layer 0 shares nothing with
 the trunk and runs whole. Every cell thus computes what `vtcbench run` with the cell's method
 computes, layer for layer, and skips only the layers it would repeat.
 
