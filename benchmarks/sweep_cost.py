@@ -6,9 +6,10 @@ per cell computes: the whole prefill under the cell's method) and all cells answ
 sweep (vanilla once, each cell resumed at K, the branches' layers packed in one row where they
 can be), and by the sweep with its branches run one after another (`SweepLMM.pack_branches`
 off), the three in rotating order so drift hits them alike, each `--repeats` times and its
-fastest run counted (as timeit does: on a shared machine, noise only ever adds time). Prints both wall times, their ratio, and the FLOPs floor:
-the decoder prefill MACs of the sweep over the separate runs' (`sweep.shared_flops_ratio`, the
-figure the design quotes: about 0.42 for these cells), and the same with the vision encoder,
+fastest run counted (as timeit does: on a shared machine, noise only ever adds time). Prints the
+wall times, the sweeps' ratios to the separate runs, and the FLOPs floor: the decoder prefill
+MACs of the sweep over the separate runs' (`sweep.shared_flops_ratio`, the figure the design
+quotes: about 0.42 for these cells), and the same with the vision encoder,
 which the sweep also runs once rather than once per cell (the floor the measured ratio is held
 against).
 

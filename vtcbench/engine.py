@@ -604,6 +604,7 @@ class ResumedPrefill:
         self.engine = engine
         self.next_layer = layer
         self._args, self._kwargs = args, kwargs
+        self._hooked, self._added = engine._hooked_layers(), engine._addition_layers()
         self.hidden = seam.hidden_states(args, kwargs)  # the last layer's output once `done`
 
     @property
@@ -614,7 +615,7 @@ class ResumedPrefill:
         """The next layer's (args, kwargs), after the engine's pre-hook (which may act there)."""
         engine, index = self.engine, self.next_layer
         args, kwargs = seam.with_hidden_states(self._args, self._kwargs, self.hidden)
-        if index in engine._hooked_layers():
+        if index in self._hooked:
             changed = engine._layer_hook(index)(engine.layers[index], args, kwargs)
             if changed is not None:
                 args, kwargs = changed
@@ -623,7 +624,7 @@ class ResumedPrefill:
     def finish_layer(self, args: tuple, hidden: torch.Tensor) -> None:
         """Take the next layer's output hidden states, after the engine's post-hook (DeepStack)."""
         engine, index = self.engine, self.next_layer
-        if index in engine._addition_layers():
+        if index in self._added:
             added = engine._addition_hook(index)(engine.layers[index], args, hidden)
             hidden = hidden if added is None else added
         self.hidden = hidden

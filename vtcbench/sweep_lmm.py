@@ -123,7 +123,6 @@ class SweepLMM(VtcbenchLMM):
             tokens[branch.cell] = [list(c) for c in prefill.engine.applied_image_tokens_per_sample]
         # the branches' own layers, which run together in less time than one by one: an estimate on the low side
         separate_s += clock() - branches_started
-        texts = {cell: texts[cell] for cell in (VANILLA_CELL, *(b.cell for b in self.branches))}
         sweep_s = clock() - started
         for row, item in enumerate(items):
             record = {
@@ -189,8 +188,6 @@ class SweepLMM(VtcbenchLMM):
                 scores[branch.cell] = continuation_score(logits, inputs["input_ids"], n_continuation)
                 tokens[branch.cell] = list(prefill.engine.applied_image_tokens_per_layer)
                 prefill.engine.forget()
-            scores = {cell: scores[cell] for cell in (VANILLA_CELL, *(b.cell for b in self.branches))}
-            tokens = {cell: tokens[cell] for cell in scores}
             record = {"prompt_tokens": int(item.input_ids.shape[0]), "image_tokens": item.image_tokens}
             yield job.index, scores, {**record, "image_tokens_per_layer": tokens}
 

@@ -434,7 +434,8 @@ def packed_layer(layer: nn.Module, calls: list[tuple[tuple, dict]]) -> list[torc
     first_args, first_kwargs = calls[0]
     cos = torch.cat([kwargs["position_embeddings"][0] for _, kwargs in calls], dim=-2)
     sin = torch.cat([kwargs["position_embeddings"][1] for _, kwargs in calls], dim=-2)
-    packing = _Packing(layer.self_attn.config._attn_implementation, lengths, [kwargs.get("attention_mask") for _, kwargs in calls])
+    config = layer.self_attn.config
+    packing = _Packing(config._attn_implementation, lengths, [kwargs.get("attention_mask") for _, kwargs in calls])
     kwargs = dict(first_kwargs, attention_mask=None, position_embeddings=(cos, sin))
     if first_kwargs.get("position_ids") is not None:
         kwargs["position_ids"] = torch.cat([kwargs_["position_ids"] for _, kwargs_ in calls], dim=-1)
@@ -442,12 +443,11 @@ def packed_layer(layer: nn.Module, calls: list[tuple[tuple, dict]]) -> list[torc
     if caches[0] is not None:
         kwargs = with_cache(kwargs, _PackedCache(caches, packing))
     args, kwargs = with_hidden_states(first_args, kwargs, torch.cat(states, dim=1))
-    config = layer.self_attn.config
-    implementation, token = config._attn_implementation, _PACKING.set(packing)
+    token = _PACKING.set(packing)
     config._attn_implementation = PACKED_ATTENTION
     try:
         output = layer_output(layer(*args, **kwargs))
     finally:
-        config._attn_implementation = implementation
+        config._attn_implementation = packing.implementation
         _PACKING.reset(token)
     return list(output.split(lengths, dim=1))
